@@ -1,0 +1,66 @@
+"""Output schemas of the caption job: caption table, failures table (explicit, versioned).
+
+The caption table has one row per audio window. ``SCHEMA_VERSION`` is stored in every Parquet
+file's metadata; readers check it before trusting column meanings.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+
+# Error types a failure row can carry; README lists them with their meaning.
+ERROR_TYPES = (
+    "read_error",        # object could not be opened/read (permissions, network, missing)
+    "empty_file",        # zero bytes
+    "corrupt",           # container/codec could not be parsed
+    "no_audio_track",    # container has no audio stream
+    "no_audio_samples",  # audio stream decodes to nothing
+    "truncated",         # decoding failed part-way; windows before the fault are kept
+    "unsupported",       # codec/layout not supported by the decoder
+    "timeout",           # decoding exceeded the per-file time limit
+    "too_long",          # duration exceeds the configured limit
+    "model_error",       # encoder/decoder raised on this input
+)
+
+RETRYABLE = frozenset({"read_error", "timeout"})
+
+
+def caption_schema(embedding_dim: int | None) -> pa.Schema:
+    """Schema of caption parts. ``audio_embedding`` is a fixed-size list (CLAP space, L2-normed)
+    so vector indexes can ingest it without reshaping; omitted when embeddings are off."""
+    fields = [
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("source_version", pa.string()),
+        pa.field("window_index", pa.int32(), nullable=False),
+        pa.field("start_s", pa.float64(), nullable=False),
+        pa.field("end_s", pa.float64(), nullable=False),
+        pa.field("caption", pa.string(), nullable=False),
+        pa.field("decoding", pa.string(), nullable=False),
+        pa.field("logprob", pa.float32()),
+        pa.field("clap_similarity", pa.float32()),
+        pa.field("audibility", pa.float32()),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+    if embedding_dim:
+        fields.append(pa.field("audio_embedding", pa.list_(pa.float32(), embedding_dim)))
+    return pa.schema(fields, metadata={b"overheard_schema_version": SCHEMA_VERSION.encode(),
+                                       b"overheard_table": b"captions"})
+
+
+FAILURE_SCHEMA = pa.schema(
+    [
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("source_version", pa.string()),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("error_type", pa.string(), nullable=False),
+        pa.field("message", pa.string(), nullable=False),
+        pa.field("retryable", pa.bool_(), nullable=False),
+        pa.field("windows_kept", pa.int32(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+    ],
+    metadata={b"overheard_schema_version": SCHEMA_VERSION.encode(),
+              b"overheard_table": b"failures"},
+)

@@ -1,0 +1,191 @@
+"""Object-storage helpers over fsspec: local paths, ``s3://`` (s3fs) and any fsspec URL.
+
+Credentials come only from the standard mechanisms (AWS env vars / profiles / instance role
+through s3fs, ``FSSPEC_*`` config); nothing here accepts or logs secrets. ``S3_ENDPOINT_URL``
+(or ``AWS_ENDPOINT_URL``) selects an S3-compatible server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from typing import Iterator
+
+import fsspec
+
+
+def _storage_options(protocol: str) -> dict:
+    if protocol in ("s3", "s3a"):
+        endpoint = os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+        opts: dict = {}
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+        return opts
+    return {}
+
+
+def protocol_of(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def get_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path-without-protocol) for a URI or local path."""
+    proto = protocol_of(uri)
+    fs = fsspec.filesystem(proto, **_storage_options(proto))
+    path = fs._strip_protocol(uri) if proto != "file" else os.path.abspath(uri)
+    return fs, path
+
+
+def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Full URI for a path of ``fs`` (keeps local paths plain)."""
+    proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    if proto in ("file", "local"):
+        return path
+    return f"{proto}://{path}"
+
+
+def join(base: str, *parts: str) -> str:
+    if protocol_of(base) == "file":
+        return os.path.join(base, *parts)
+    return posixpath.join(base, *parts)
+
+
+def open_input(uri: str, block_size: int = 8 << 20):
+    """A seekable binary file object. Remote objects are read with range requests in
+    ``block_size`` blocks (8 MiB: one request per ~10 min of 128 kbit/s AAC), never whole."""
+    fs, path = get_fs(uri)
+    if protocol_of(uri) == "file":
+        return open(path, "rb")
+    return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write so that a reader never sees a partial object: temp file + rename locally;
+    on object stores a single PUT is already atomic (the object appears whole or not at all)."""
+    fs, path = get_fs(uri)
+    if protocol_of(uri) == "file":
+        d = os.path.dirname(path)
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    else:
+        with fs.open(path, "wb") as f:
+            f.write(data)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = get_fs(uri)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def exists(uri: str) -> bool:
+    fs, path = get_fs(uri)
+    return fs.exists(path)
+
+
+def list_files(uri: str, suffixes: tuple[str, ...] = ()) -> Iterator[tuple[str, int, str]]:
+    """Yield (uri, size, version) for every file under a prefix/dir, or matching a glob.
+
+    ``version`` is the object's ETag on object stores and ``mtime:size`` locally; the caption
+    table records it so a user can tell which object version a caption describes.
+    """
+    fs, path = get_fs(uri)
+    if any(ch in path for ch in "*?["):
+        infos = fs.glob(path, detail=True)
+        items = infos.items()
+    elif fs.isfile(path):
+        items = [(path, fs.info(path))]
+    else:
+        items = fs.find(path, detail=True, withdirs=False).items()
+    for p, info in sorted(items):
+        if info.get("type") == "directory":
+            continue
+        name = posixpath.basename(p)
+        if name.startswith("."):
+            continue
+        if suffixes and not name.lower().endswith(suffixes):
+            continue
+        yield unstrip(fs, p), int(info.get("size") or 0), version_of(info)
+
+
+def version_of(info: dict) -> str:
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return str(etag).strip('"')
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    return f"{mtime}:{info.get('size')}"
+
+
+def localize(uri: str, cache_dir: str | None = None) -> str:
+    """Local path for a file or directory URI; remote ones are copied once into a cache.
+
+    The cache key hashes the URI and the remote listing (names, sizes, versions), so a model
+    replaced in place is fetched again, and concurrent actors on one node share one copy
+    (copied into a unique temp dir, then renamed into place).
+    """
+    if protocol_of(uri) == "file":
+        return os.path.abspath(uri)
+    fs, path = get_fs(uri)
+    cache_dir = cache_dir or os.environ.get(
+        "OVERHEARD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "overheard")
+    )
+    if fs.isfile(path):
+        listing = [(posixpath.basename(path), fs.info(path))]
+        is_dir = False
+    else:
+        listing = sorted(
+            (posixpath.relpath(p, path), i) for p, i in fs.find(path, detail=True).items()
+        )
+        is_dir = True
+    h = hashlib.sha256(uri.encode())
+    for rel, info in listing:
+        h.update(f"{rel}|{info.get('size')}|{version_of(info)}".encode())
+    dest = os.path.join(cache_dir, h.hexdigest()[:24])
+    target = os.path.join(dest, "model") if is_dir else os.path.join(dest, listing[0][0])
+    if os.path.exists(target):
+        return target
+    os.makedirs(dest, exist_ok=True)
+    tmp = os.path.join(dest, f".tmp-{uuid.uuid4().hex}")
+    os.makedirs(tmp)
+    try:
+        for rel, _ in listing:
+            src = posixpath.join(path, rel) if is_dir else path
+            out = os.path.join(tmp, rel)
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            fs.get_file(src, out)
+        if is_dir:
+            try:
+                os.rename(tmp, target)
+            except OSError:  # another actor won the race; its copy is identical
+                pass
+        else:
+            os.replace(os.path.join(tmp, listing[0][0]), target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def short_hash(text: str, n: int = 16) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:n]
+
+
+__all__ = [
+    "get_fs", "open_input", "write_bytes_atomic", "read_bytes", "exists", "list_files",
+    "localize", "join", "protocol_of", "short_hash",
+]
