@@ -1,0 +1,1 @@
+"""Ray jobs: one file per job, each with a dataclass config, ``build(cfg)`` and ``main(argv)``."""

@@ -1,0 +1,298 @@
+"""The caption job: media archive (local folder, s3://, any fsspec URL) -> Parquet caption tables.
+
+    overheard caption ./examples/media ./out
+    python -m jobs.caption s3://bucket/archive/ s3://bucket/captions/ --model s3://bucket/models/v1
+
+Stages (Ray Data, streaming; nothing materialises the whole archive):
+    sources (driver: list, skip done)  -> decode_sources  [CPU tasks, generator: windows]
+    -> ClapEmbedder [actor pool, GPU if any] -> Captioner [actor pool, GPU if any]
+    -> driver: SourceAssembler + PartWriter (atomic Parquet parts, failures, run manifest)
+Output layout under OUTPUT:
+    captions/part-<run>-<seq>.parquet   one row per window (schema: overheard.schema)
+    failures/part-<run>-<seq>.parquet   one row per failed source or window
+    runs/<run>/config.json, runs/<run>/manifest.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
+import overheard
+from jobs.config_cli import parse, to_json
+from jobs.sink import PartWriter, SourceAssembler, done_sources
+from overheard import storage
+
+DEFAULT_MODEL = os.path.join(os.path.dirname(overheard.__file__), "assets", "default-model")
+MEDIA_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".mp4",
+                  ".m4v", ".mkv", ".webm", ".mov", ".avi", ".wma", ".aiff", ".aif")
+MANIFEST_SUFFIXES = (".parquet", ".csv")
+URI_COLUMNS = ("uri", "source_uri", "path", "url", "file")
+
+
+@dataclass
+class CaptionConfig:
+    input: str = field(metadata={"help": "folder/prefix, glob, single file, or a manifest "
+                                         ".parquet/.csv with a 'uri' column (local or s3://)"})
+    output: str = field(metadata={"help": "output folder/prefix (local or s3://)"})
+    model: str = field(default=DEFAULT_MODEL, metadata={
+        "help": "model directory holding clap/ (HF ClapModel dir) or clap.pt, and decoder/"})
+    clap: str = field(default="", metadata={
+        "help": "override: HF ClapModel directory or original LAION-CLAP .pt checkpoint"})
+    decoder: str = field(default="", metadata={"help": "override: caption decoder directory"})
+    window: float = field(default=10.0, metadata={"help": "window length, seconds"})
+    hop: float = field(default=0.0, metadata={"help": "hop between window starts (0: = window)"})
+    min_window: float = field(default=0.5, metadata={
+        "help": "drop a trailing partial window shorter than this (a clip shorter than it "
+                "still gets one window)"})
+    pad_mode: str = field(default="repeatpad", metadata={"help": "repeatpad | zeros"})
+    strategy: str = field(default="plain", metadata={"help": "plain | nearest | projection"})
+    search: str = field(default="beam", metadata={"help": "greedy | beam"})
+    num_beams: int = 3
+    temperature: float = field(default=0.01, metadata={"help": "projection decoding temperature"})
+    embeddings: bool = field(default=True, metadata={"help": "write audio_embedding column"})
+    all_files: bool = field(default=False, metadata={
+        "help": "list every file, not only known media extensions"})
+    max_duration: float = field(default=6 * 3600.0, metadata={
+        "help": "sources longer than this (s) fail as too_long"})
+    decode_timeout: float = field(default=1800.0, metadata={"help": "per-source decode limit (s)"})
+    limit: int = field(default=0, metadata={"help": "caption at most this many new sources"})
+    decode_cpus: float = field(default=0.5, metadata={"help": "CPUs per decode task"})
+    encoder_actors: int = 1
+    captioner_actors: int = 1
+    actor_cpus: float = field(default=0.5, metadata={"help": "CPUs reserved per model actor"})
+    gpus_per_actor: float = field(default=-1.0, metadata={
+        "help": "GPUs per model actor; -1: 0.5 when the cluster has GPUs (both pools share a "
+                "card), else 0"})
+    encoder_batch: int = 16
+    captioner_batch: int = 64
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 (GPU)"})
+    torch_threads: int = field(default=1, metadata={"help": "intra-op threads per CPU actor"})
+    rows_per_part: int = 50_000
+    flush_interval: float = field(default=60.0, metadata={
+        "help": "write finished sources at least this often (s): bounds work lost to a kill"})
+    show: int = field(default=20, metadata={"help": "print this many captions at the end"})
+    ray_address: str = field(default="", metadata={"help": "Ray cluster address ('' = local "
+                                                           "or $RAY_ADDRESS)"})
+    run_id: str = ""
+    progress: bool = True
+
+
+def resolve_model(cfg: CaptionConfig) -> tuple[str, str]:
+    """(clap path, decoder path). A model directory holds ``clap/`` or ``clap.pt`` and
+    ``decoder/``; ``--clap``/``--decoder`` override either part."""
+    clap, dec = cfg.clap, cfg.decoder
+    if not clap:
+        d = storage.join(cfg.model, "clap")
+        clap = d if storage.exists(storage.join(d, "config.json")) else storage.join(
+            cfg.model, "clap.pt")
+    if not dec:
+        dec = storage.join(cfg.model, "decoder")
+    for what, path, probe in (("CLAP model", clap, None), ("decoder", dec, "config.json")):
+        target = storage.join(path, probe) if probe else path
+        if not storage.exists(target):
+            raise FileNotFoundError(f"{what} not found at {path} (model={cfg.model})")
+    return clap, dec
+
+
+def list_sources(cfg: CaptionConfig) -> list[tuple[str, str]]:
+    """Sorted (uri, version) pairs from a folder/prefix/glob/file or a manifest table."""
+    fs, path = storage.get_fs(cfg.input)
+    if path.lower().endswith(MANIFEST_SUFFIXES) and fs.isfile(path):
+        with fs.open(path, "rb") as f:
+            t = pq.read_table(f) if path.lower().endswith(".parquet") else pcsv.read_csv(f)
+        col = next((c for c in URI_COLUMNS if c in t.column_names), None)
+        if col is None:
+            raise ValueError(f"manifest {cfg.input} needs one of the columns {URI_COLUMNS}")
+        uris = t.column(col).to_pylist()
+        vers = (t.column("version").to_pylist() if "version" in t.column_names
+                else [""] * len(uris))
+        return sorted({(u, v or "") for u, v in zip(uris, vers) if u})
+    if not fs.exists(path) and not any(ch in path for ch in "*?["):
+        raise FileNotFoundError(f"input not found: {cfg.input}")
+    suffixes = () if cfg.all_files else MEDIA_SUFFIXES
+    return [(u, v) for u, _, v in storage.list_files(cfg.input, suffixes)]
+
+
+def _ray_init(cfg: CaptionConfig):
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address or None, include_dashboard=False,
+                 log_to_driver=True, ignore_reinit_error=True)
+    return ray
+
+
+def build(cfg: CaptionConfig, sources: list[tuple[str, str]], clap: str, decoder: str):
+    """The streaming Ray Data pipeline over ``sources``; returns the Dataset (lazy)."""
+    ray = _ray_init(cfg)
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from actors.captioner import Captioner
+    from actors.clap_embedder import ClapEmbedder
+    from actors.windows import decode_sources
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the driver prints its own files/windows progress
+    gpus = cfg.gpus_per_actor
+    if gpus < 0:
+        gpus = 0.5 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    device = "cuda" if gpus > 0 else "cpu"
+    src = pa.table({"source_uri": [u for u, _ in sources],
+                    "source_version": [v for _, v in sources]})
+    # One block per ~4 sources so decode tasks start while others are still queued.
+    ds = ray.data.from_arrow(src).repartition(max(1, min(len(sources), 1 + len(sources) // 4)))
+    ds = ds.map_batches(
+        decode_sources, batch_size=1, batch_format="pyarrow",
+        fn_kwargs=dict(window_s=cfg.window, hop_s=cfg.hop or None, min_window_s=cfg.min_window,
+                       pad_mode=cfg.pad_mode, max_duration_s=cfg.max_duration or None,
+                       timeout_s=cfg.decode_timeout or None),
+        # fractional CPUs: on a 2-core node whole-CPU actors would leave no CPU for the
+        # reader and Ray Data waits forever (see README, "Resources")
+        num_cpus=cfg.decode_cpus,
+    )
+    ds = ds.map_batches(
+        ClapEmbedder, batch_size=cfg.encoder_batch, batch_format="pyarrow",
+        fn_constructor_kwargs=dict(clap_path=clap, window_s=cfg.window, device=device,
+                                   dtype=cfg.dtype, torch_threads=cfg.torch_threads),
+        compute=ActorPoolStrategy(size=cfg.encoder_actors),
+        num_cpus=cfg.actor_cpus, num_gpus=gpus,
+    )
+    ds = ds.map_batches(
+        Captioner, batch_size=cfg.captioner_batch, batch_format="pyarrow",
+        fn_constructor_kwargs=dict(decoder_path=decoder, strategy=cfg.strategy,
+                                   search=cfg.search, num_beams=cfg.num_beams,
+                                   temperature=cfg.temperature, device=device,
+                                   torch_threads=cfg.torch_threads),
+        compute=ActorPoolStrategy(size=cfg.captioner_actors),
+        num_cpus=cfg.actor_cpus, num_gpus=gpus,
+    )
+    if not cfg.embeddings:
+        ds = ds.drop_columns(["audio_embedding"])
+    return ds
+
+
+def run(cfg: CaptionConfig) -> dict:
+    """Run the job to completion; returns the run manifest (also written to the output)."""
+    t0 = time.time()
+    cfg = dataclasses.replace(cfg, run_id=cfg.run_id or time.strftime("%Y%m%dT%H%M%S") +
+                              "-" + uuid.uuid4().hex[:6])
+    clap, decoder = resolve_model(cfg)      # fail before any work: model missing
+    sources = list_sources(cfg)              # fail before any work: input/credentials
+    run_dir = storage.join(cfg.output, "runs", cfg.run_id)
+    storage.write_bytes_atomic(storage.join(run_dir, "config.json"), to_json(cfg).encode())
+    done = done_sources(cfg.output)
+    todo = [(u, v) for u, v in sources if u not in done]
+    if cfg.limit:
+        todo = todo[: cfg.limit]
+    manifest = dict(run_id=cfg.run_id, status="running", started_at=t0, input=cfg.input,
+                    output=cfg.output, clap=clap, decoder=decoder,
+                    overheard_version=overheard.__version__,
+                    sources_listed=len(sources), sources_skipped_done=sum(1 for u, _ in sources if u in done),
+                    sources_todo=len(todo), sources_captioned=0, sources_failed=0,
+                    windows=0, window_failures=0, audio_hours=0.0, failures_by_type={},
+                    model_ids=[], parts=[])
+    if todo:
+        _stream(cfg, todo, clap, decoder, manifest)
+    manifest["status"] = manifest.get("status_final", "completed")
+    manifest.pop("status_final", None)
+    manifest["wall_s"] = round(time.time() - t0, 3)
+    manifest["windows_per_s"] = round(manifest["windows"] / max(manifest["wall_s"], 1e-9), 3)
+    storage.write_bytes_atomic(storage.join(run_dir, "manifest.json"),
+                               json.dumps(manifest, indent=2, default=str).encode())
+    return manifest
+
+
+def _stream(cfg, todo, clap, decoder, manifest):
+    ds = build(cfg, todo, clap, decoder)
+    asm = SourceAssembler()
+    writer = None
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), unit="file", file=sys.stderr, dynamic_ncols=True)
+    t_start = time.time()
+    model_ids: set[str] = set()
+    try:
+        for tbl in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if writer is None:
+                dim = (tbl.schema.field("audio_embedding").type.list_size
+                       if "audio_embedding" in tbl.column_names else None)
+                writer = PartWriter(cfg.output, cfg.run_id, dim, cfg.rows_per_part,
+                                    cfg.flush_interval)
+            if "audio_embedding" not in tbl.column_names and writer.schema.get_field_index(
+                    "audio_embedding") >= 0:
+                raise RuntimeError("embedding column vanished mid-run")
+            model_ids.update(tbl.column("model_id").unique().to_pylist())
+            for r in asm.add(tbl):
+                writer.add(r)
+                _count(manifest, r)
+                if bar is not None:
+                    bar.update(1)
+                    el = max(time.time() - t_start, 1e-9)
+                    bar.set_postfix(windows=manifest["windows"],
+                                    win_s=f"{manifest['windows'] / el:.1f}",
+                                    failed=manifest["sources_failed"], refresh=False)
+    except KeyboardInterrupt:
+        manifest["status_final"] = "interrupted"
+    finally:
+        if writer is not None:
+            writer.flush()
+            manifest["parts"] = writer.parts
+        if bar is not None:
+            bar.close()
+        manifest["model_ids"] = sorted(m for m in model_ids if m)
+        manifest["sources_incomplete"] = len(asm.pending)
+        if asm.pending and "status_final" not in manifest:
+            manifest["status_final"] = "incomplete"
+
+
+def _count(manifest: dict, r) -> None:
+    manifest["windows"] += r.windows
+    manifest["audio_hours"] = round(manifest["audio_hours"] + r.audio_s / 3600.0, 6)
+    source_failed = any(f["stage"] in ("read", "decode") for f in r.failures)
+    if r.windows and not source_failed:
+        manifest["sources_captioned"] += 1
+    elif r.windows:
+        manifest["sources_captioned"] += 1
+        manifest["sources_failed"] += 1
+    else:
+        manifest["sources_failed"] += 1
+    for f in r.failures:
+        if f["stage"] not in ("read", "decode"):
+            manifest["window_failures"] += 1
+        manifest["failures_by_type"][f["error_type"]] = (
+            manifest["failures_by_type"].get(f["error_type"], 0) + 1)
+
+
+def summary_text(m: dict) -> str:
+    return (f"run {m['run_id']} {m['status']}: {m['sources_captioned']} files captioned, "
+            f"{m['sources_failed']} failed, {m['sources_skipped_done']} already done; "
+            f"{m['windows']} windows ({m['audio_hours']:.3f} h of audio) in {m['wall_s']:.1f} s "
+            f"= {m['windows_per_s']:.2f} windows/s; failures: {m['failures_by_type'] or 'none'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse(CaptionConfig, argv, "overheard caption", "Caption an audio/video archive.")
+    m = run(cfg)
+    if cfg.show:
+        from jobs.show import format_rows, read_captions
+        print(format_rows(read_captions(cfg.output, run_id=m["run_id"]), cfg.show))
+    print(summary_text(m))
+    print(f"captions: {storage.join(cfg.output, 'captions')}  "
+          f"manifest: {storage.join(cfg.output, 'runs', m['run_id'], 'manifest.json')}")
+    return 0 if m["status"] == "completed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""``overheard show OUTPUT``: print caption rows of an output folder (local or s3://)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from jobs.sink import read_table_dir
+from overheard import storage
+
+COLUMNS = ["source_uri", "window_index", "start_s", "end_s", "caption", "decoding", "run_id"]
+
+
+def read_captions(output: str, run_id: str | None = None) -> pa.Table:
+    t = read_table_dir(storage.join(output, "captions"), COLUMNS)
+    if t is None:
+        return pa.table({c: [] for c in COLUMNS})
+    if run_id:
+        t = t.filter(pc.equal(t.column("run_id"), run_id))
+    return t.sort_by([("source_uri", "ascending"), ("window_index", "ascending")])
+
+
+def format_rows(t: pa.Table, limit: int = 20) -> str:
+    lines = []
+    for r in t.slice(0, limit).to_pylist():
+        name = r["source_uri"].rsplit("/", 1)[-1]
+        lines.append(f"{name:<32} {r['start_s']:8.2f}-{r['end_s']:8.2f}s  {r['caption']}")
+    if t.num_rows > limit:
+        lines.append(f"... {t.num_rows - limit} more rows")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="overheard show", description=__doc__)
+    p.add_argument("output")
+    p.add_argument("--run-id", default=None)
+    p.add_argument("--limit", type=int, default=50)
+    a = p.parse_args(argv)
+    print(format_rows(read_captions(a.output, a.run_id), a.limit))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The caption job end to end on real parts: local Ray, real media made by ffmpeg/sox/espeak-ng,
+tiny random-weight CLAP + decoder in their real formats, Parquet read back with pyarrow."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from tests import media_factory as mf
+from overheard.schema import SCHEMA_VERSION, caption_schema
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def expected_windows(duration: float, window: float = 10.0, min_window: float = 0.5) -> int:
+    n, k = 0, 0
+    while k * window < duration - 1e-9:
+        if duration - k * window >= min_window or k == 0:
+            n += 1
+        k += 1
+    return n
+
+
+def read_dir(path: str) -> pa.Table:
+    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files])
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """A small archive: exact-length wav/flac (countable windows), speech mp3, mp4 video,
+    plus every bad input of the media factory."""
+    d = tmp_path_factory.mktemp("archive")
+    mf.make_tone(str(d / "tone 25s.wav"), seconds=25.0, sr=44100, channels=2, freq=440)
+    mf.make_tone(str(d / "long_95s.flac"), seconds=95.0, sr=16000, channels=1, freq=880)
+    mf.make_tone(str(d / "short_0.3s.wav"), seconds=0.3, sr=48000, channels=1, freq=1000)
+    mf.make_speech(str(d / "speech.mp3"), "a man says hello while a bell rings")
+    mf.make_video(str(d / "clip.mp4"), seconds=4.0, with_audio=True)
+    bad = mf.make_bad_inputs(str(d / "bad"))
+    exact = {"tone 25s.wav": 25.0, "long_95s.flac": 95.0, "short_0.3s.wav": 0.3}
+    return d, exact, bad
+
+
+def run_job(args, **kw):
+    from jobs.caption import CaptionConfig, run
+    cfg = CaptionConfig(**dict(args, **kw))
+    return run(cfg)
+
+
+def test_local_archive_end_to_end(ray_local, tiny_model, archive, tmp_path):
+    d, exact, bad = archive
+    out = str(tmp_path / "out")
+    m = run_job(dict(input=str(d), output=out, model=tiny_model, progress=False))
+    caps = read_dir(os.path.join(out, "captions"))
+    dim = caps.schema.field("audio_embedding").type.list_size
+    assert caps.schema.equals(caption_schema(dim), check_metadata=False)
+    assert caps.schema.metadata[b"overheard_schema_version"] == SCHEMA_VERSION.encode()
+    # one row per window, windows of exact-length files counted by hand
+    for name, dur in exact.items():
+        rows = caps.filter(pc.equal(caps["source_uri"], str(d / name)))
+        assert rows.num_rows == expected_windows(dur), name
+        assert rows["window_index"].to_pylist() == list(range(rows.num_rows))
+        starts = rows["start_s"].to_pylist()
+        ends = rows["end_s"].to_pylist()
+        assert starts == [10.0 * i for i in range(rows.num_rows)]
+        assert ends[-1] == pytest.approx(dur, abs=0.01)
+    for name in ("speech.mp3", "clip.mp4"):
+        assert caps.filter(pc.equal(caps["source_uri"], str(d / name))).num_rows >= 1
+    # no duplicates, captions present, embeddings unit length
+    keys = set(zip(caps["source_uri"].to_pylist(), caps["window_index"].to_pylist()))
+    assert len(keys) == caps.num_rows
+    assert all(isinstance(c, str) and c.strip() for c in caps["caption"].to_pylist())
+    emb = np.asarray(caps["audio_embedding"].to_pylist(), dtype=np.float32)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
+    assert set(caps["run_id"].to_pylist()) == {m["run_id"]}
+    assert len(set(caps["model_id"].to_pylist())) == 1
+    # each bad input is a failure row with its expected type, or captioned if it is valid
+    fails = read_dir(os.path.join(out, "failures"))
+    by_uri = {r["source_uri"]: r for r in fails.to_pylist()}
+    for name, etype in bad.items():
+        uri = str(d / "bad" / name)
+        if etype is None:
+            assert caps.filter(pc.equal(caps["source_uri"], uri)).num_rows >= 1, name
+        else:
+            assert uri in by_uri, f"{name} has no failure row"
+            assert by_uri[uri]["error_type"] == etype, (name, by_uri[uri])
+            assert by_uri[uri]["message"]
+    # manifest agrees with the tables
+    man = json.load(open(os.path.join(out, "runs", m["run_id"], "manifest.json")))
+    assert man["status"] == "completed"
+    assert man["windows"] == caps.num_rows
+    n_sources = len(set(caps["source_uri"].to_pylist()) | set(by_uri))
+    assert man["sources_captioned"] + man["sources_failed"] - sum(
+        1 for u in by_uri if caps.filter(pc.equal(caps["source_uri"], u)).num_rows) == n_sources
+    cfg = json.load(open(os.path.join(out, "runs", m["run_id"], "config.json")))
+    assert cfg["input"] == str(d) and cfg["window"] == 10.0
+
+    # rerun: everything is done, nothing new is written
+    m2 = run_job(dict(input=str(d), output=out, model=tiny_model, progress=False))
+    assert m2["sources_todo"] == 0 and m2["windows"] == 0
+    assert read_dir(os.path.join(out, "captions")).num_rows == caps.num_rows
+
+
+def test_deterministic_across_runs(ray_local, tiny_model, archive, tmp_path):
+    d, _, _ = archive
+    tables = []
+    for i in range(2):
+        out = str(tmp_path / f"out{i}")
+        run_job(dict(input=str(d / "tone 25s.wav"), output=out, model=tiny_model,
+                     progress=False))
+        t = read_dir(os.path.join(out, "captions")).sort_by("window_index")
+        tables.append(t)
+    assert tables[0]["caption"].to_pylist() == tables[1]["caption"].to_pylist()
+    assert tables[0]["audio_embedding"].to_pylist() == tables[1]["audio_embedding"].to_pylist()
+
+
+def test_manifest_csv_input_and_limit(ray_local, tiny_model, archive, tmp_path):
+    d, _, _ = archive
+    man = tmp_path / "list.csv"
+    man.write_text(f"uri\n{d / 'tone 25s.wav'}\n{d / 'speech.mp3'}\n{d / 'clip.mp4'}\n")
+    out = str(tmp_path / "out")
+    m = run_job(dict(input=str(man), output=out, model=tiny_model, progress=False, limit=2))
+    assert m["sources_listed"] == 3 and m["sources_todo"] == 2
+    m2 = run_job(dict(input=str(man), output=out, model=tiny_model, progress=False))
+    assert m2["sources_skipped_done"] == 2 and m2["sources_todo"] == 1
+    caps = read_dir(os.path.join(out, "captions"))
+    assert len(set(caps["source_uri"].to_pylist())) == 3
+
+
+def test_missing_input_fails_before_work(tiny_model, tmp_path):
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        run_job(dict(input=str(tmp_path / "nope"), output=str(tmp_path / "o"), model=tiny_model))
+    with pytest.raises(FileNotFoundError, match="decoder not found"):
+        run_job(dict(input=str(tmp_path), output=str(tmp_path / "o"), model=str(tmp_path)))
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_killed_run_restarts_with_exactly_one_row_per_window(ray_local, tiny_model, tmp_path):
+    """SIGKILL the job's driver (as a preempted head or a cancelled `ray job submit` would)
+    after its first part lands; the rerun must end with every window exactly once."""
+    d = tmp_path / "many"
+    d.mkdir()
+    durations = {}
+    for i in range(12):
+        secs = 12.0 + i
+        mf.make_tone(str(d / f"t{i:02d}.wav"), seconds=secs, sr=16000, channels=1,
+                     freq=300 + 50 * i)
+        durations[str(d / f"t{i:02d}.wav")] = secs
+    out = tmp_path / "out"
+    env = dict(os.environ)
+    address = ray_local.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "jobs.caption", str(d), str(out), "--model", tiny_model,
+           "--flush-interval", "0", "--no-progress", "--show", "0", "--ray-address", address]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    caps_dir = out / "captions"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if caps_dir.exists() and any(f.endswith(".parquet") for f in os.listdir(caps_dir)):
+            break
+        if p.poll() is not None:
+            break
+        time.sleep(0.2)
+    killed = p.poll() is None
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert killed, "job finished before it could be killed; make the archive larger"
+    first = read_dir(str(caps_dir))
+    assert 0 < len(set(first["source_uri"].to_pylist())) < len(durations)
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    caps = read_dir(str(caps_dir))
+    keys = list(zip(caps["source_uri"].to_pylist(), caps["window_index"].to_pylist()))
+    assert len(keys) == len(set(keys)), "duplicate rows after restart"
+    want = sum(expected_windows(s) for s in durations.values())
+    assert len(keys) == want
+    for uri, secs in durations.items():
+        assert sum(1 for u, _ in keys if u == uri) == expected_windows(secs)
