@@ -1,0 +1,394 @@
+"""Audio decoding for the caption job: any audio/video container -> mono float32 at CLAP's rate -> windows.
+
+Three layers, each usable alone:
+
+* :func:`iter_audio` streams the first audio stream of a file (path or seekable file object) through
+  FFmpeg (PyAV) and libswresample, yielding float32 chunks of about ``chunk_s`` seconds. It never holds
+  the whole file: a 3-hour file decodes in constant memory.
+* :func:`iter_windows` cuts any chunk stream into fixed-length windows (with their real start/end
+  seconds) and pads the last one.
+* :func:`decode_windows` composes the two and adds the per-file limits (duration, time).
+
+Every failure surfaces as :class:`MediaError` whose ``error_type`` is one of
+``overheard.schema.ERROR_TYPES``; no ``av.error.*`` leaks out. No Ray and no torch here.
+
+Downmix: libswresample's default matrix, exactly what ``ffmpeg -ac 1`` does (samples match the CLI to
+float rounding, see tests/test_media.py). Note its gains: stereo -> mono is ``0.7071 * (L + R)`` (+3 dB
+over the channel mean that librosa-style loaders use) and 7.1 -> mono sums centre, fronts and surrounds
+(a full-scale tone in all 8 channels comes out at ~3.1x), because float output is not re-normalised.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import BinaryIO, Iterable, Iterator
+
+import av
+import av.error
+import numpy as np
+
+TARGET_SR = 48000  # CLAP's rate
+
+PAD_MODES = ("repeatpad", "zeros")
+
+# A clean end of stream this much shorter than the container's declared audio duration is reported as
+# "truncated". mp3 with a LAME/Xing header and ogg declare exact durations; AAC in mp4 decodes ~14 ms
+# *longer* than declared (encoder priming). A VBR mp3 without a header declares an estimate from its
+# bitrate that can be off by several %, hence the generous margin.
+_TRUNCATION_MIN_S = 1.0
+_TRUNCATION_FRAC = 0.10
+# Decoded audio may exceed max_duration_s by this much before "too_long" (AAC priming/padding, ~14 ms).
+_TOO_LONG_SLACK_S = 0.5
+
+
+class MediaError(Exception):
+    """A file that cannot be (fully) decoded.
+
+    ``error_type``: one of ``overheard.schema.ERROR_TYPES``. ``windows_kept``: windows already yielded
+    before the failure (set by :func:`iter_windows`; they stay valid, e.g. for ``truncated``)."""
+
+    def __init__(self, error_type: str, message: str, windows_kept: int = 0):
+        super().__init__(f"{error_type}: {message}")
+        self.error_type = error_type
+        self.message = message
+        self.windows_kept = windows_kept
+
+
+@dataclass
+class Window:
+    """One analysis window. ``start_s``/``end_s``: real audio extent in seconds (``end_s`` is
+    ``min(start_s + window_s, duration)``); ``samples``: float32, exactly ``round(window_s * sr)`` long,
+    padded past ``end_s`` according to ``pad_mode``."""
+
+    index: int
+    start_s: float
+    end_s: float
+    samples: np.ndarray
+
+
+# ----------------------------------------------------------------------------------------------- open
+
+def _source_size(src) -> int | None:
+    """Bytes in ``src`` (path or seekable file object) without moving the file position; None if unknown."""
+    if isinstance(src, (str, os.PathLike)):
+        return os.path.getsize(src)
+    size = getattr(src, "size", None)  # fsspec files know their size without a request
+    if isinstance(size, int):
+        return size
+    try:
+        pos = src.tell()
+        end = src.seek(0, io.SEEK_END)
+        src.seek(pos)
+        return end
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _name(src) -> str:
+    if isinstance(src, (str, os.PathLike)):
+        return os.fspath(src)
+    return str(getattr(src, "path", None) or getattr(src, "name", None) or type(src).__name__)
+
+
+def _open(src) -> "av.container.InputContainer":
+    """Open ``src`` with PyAV, mapping every failure to MediaError (empty_file / read_error / corrupt)."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        raise TypeError("pass a path or a seekable file object (io.BytesIO(data)), not raw bytes")
+    name = _name(src)
+    try:
+        size = _source_size(src)
+    except FileNotFoundError as e:
+        raise MediaError("read_error", f"{name}: no such file") from e
+    except OSError as e:
+        raise MediaError("read_error", f"{name}: {e}") from e
+    if size == 0:
+        raise MediaError("empty_file", f"{name}: zero bytes")
+    if not isinstance(src, (str, os.PathLike)):
+        try:
+            src.seek(0)  # a reused object (e.g. after probe_duration) must be read from its start
+        except (AttributeError, OSError, ValueError):
+            pass
+    try:
+        # metadata_errors="ignore": a bad tag encoding (common in mp3 ID3) must not fail the whole file.
+        return av.open(src if not isinstance(src, os.PathLike) else os.fspath(src), mode="r",
+                       metadata_errors="ignore")
+    except FileNotFoundError as e:
+        raise MediaError("read_error", f"{name}: no such file") from e
+    except PermissionError as e:
+        raise MediaError("read_error", f"{name}: permission denied") from e
+    except av.error.FFmpegError as e:
+        kind = "unsupported" if isinstance(e, (av.error.PatchWelcomeError, av.error.DecoderNotFoundError,
+                                               av.error.DemuxerNotFoundError)) else "corrupt"
+        raise MediaError(kind, f"{name}: cannot parse container ({e.strerror or e})") from e
+    except OSError as e:  # I/O error raised by a Python file object (s3fs network error, ...)
+        raise MediaError("read_error", f"{name}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - PyAV raises plain ValueError/UnicodeDecodeError on odd inputs
+        raise MediaError("corrupt", f"{name}: cannot parse container ({type(e).__name__}: {e})") from e
+
+
+def _declared_duration(container, stream) -> float | None:
+    """Audio duration the container declares, in seconds (stream duration, else container duration)."""
+    if stream.duration is not None and stream.time_base is not None and stream.duration > 0:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None and container.duration > 0:
+        return container.duration / av.time_base
+    return None
+
+
+def probe_duration(src) -> float | None:
+    """Container-declared duration of the first audio stream of ``src`` (path or seekable file object),
+    in seconds; None when undeclared, when there is no audio stream, or when the file cannot be parsed.
+    Reads only the header; a file object is left at position 0."""
+    try:
+        container = _open(src)
+    except MediaError:
+        return None
+    try:
+        if not container.streams.audio:
+            return None
+        return _declared_duration(container, container.streams.audio[0])
+    finally:
+        container.close()
+        if not isinstance(src, (str, os.PathLike)):
+            try:
+                src.seek(0)
+            except (AttributeError, OSError, ValueError):
+                pass
+
+
+# --------------------------------------------------------------------------------------------- decode
+
+def _iter_audio(src, sr: int, chunk_s: float, deadline: float | None,
+                max_duration_s: float | None) -> Iterator[np.ndarray]:
+    """iter_audio plus the duration limit (checked on the declared and on the decoded duration)."""
+    if sr <= 0 or chunk_s <= 0:
+        raise ValueError(f"sr and chunk_s must be > 0, got {sr}, {chunk_s}")
+    name = _name(src)
+    container = _open(src)
+    try:
+        if not container.streams.audio:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise MediaError("no_audio_track", f"{name}: no audio stream (streams: {', '.join(kinds)})")
+        stream = container.streams.audio[0]
+        declared = _declared_duration(container, stream)
+        if max_duration_s is not None and declared is not None and declared > max_duration_s:
+            raise MediaError("too_long", f"{name}: declared duration {declared:.1f} s > limit {max_duration_s:g} s")
+        if stream.codec_context is None:
+            raise MediaError("unsupported", f"{name}: no decoder for audio codec {stream.codec_tag or '?'}")
+
+        chunk_n = max(1, int(round(chunk_s * sr)))
+        limit_n = None if max_duration_s is None else int((max_duration_s + _TOO_LONG_SLACK_S) * sr)
+        pending: list[np.ndarray] = []
+        pending_n = 0
+        total_n = 0  # samples emitted + pending, at rate sr
+        resampler = None
+        in_fmt = None
+
+        def convert(frames) -> None:
+            nonlocal pending_n, total_n
+            for out in frames:
+                a = out.to_ndarray().reshape(-1)  # packed flt mono: shape (1, n)
+                if a.size:
+                    pending.append(a)
+                    pending_n += a.size
+                    total_n += a.size
+
+        def flush(final: bool) -> Iterator[np.ndarray]:
+            nonlocal pending, pending_n
+            if pending_n >= chunk_n or (final and pending_n):
+                chunk = pending[0] if len(pending) == 1 else np.concatenate(pending)
+                pending, pending_n = [], 0
+                yield chunk.astype(np.float32, copy=False)
+
+        def where() -> str:
+            return f"{name}: at {total_n / sr:.2f} s"
+
+        try:
+            for packet in container.demux(stream):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise MediaError("timeout", f"{where()}: decode deadline passed")
+                for frame in packet.decode():
+                    # swr is configured from the first frame; a mid-stream change of rate/layout/format
+                    # (seen in concatenated or broadcast streams) needs a fresh resampler, after
+                    # draining the old one so its buffered tail is not lost.
+                    fmt = (frame.format.name, frame.layout.name, frame.sample_rate, len(frame.layout.channels))
+                    if fmt != in_fmt:
+                        if resampler is not None:
+                            convert(resampler.resample(None))
+                        resampler = av.AudioResampler(format="flt", layout="mono", rate=sr)
+                        in_fmt = fmt
+                    frame.pts = None  # we concatenate samples; timestamps gaps are not filled
+                    convert(resampler.resample(frame))
+                if limit_n is not None and total_n > limit_n:
+                    raise MediaError("too_long", f"{where()}: decoded duration exceeds limit {max_duration_s:g} s")
+                yield from flush(False)
+            if resampler is not None:
+                convert(resampler.resample(None))  # swr keeps a filter-length tail (~1-2 ms) until flushed
+        except MediaError:
+            raise
+        except av.error.FFmpegError as e:
+            msg = e.strerror or str(e)
+            if total_n == 0 and not pending_n:
+                raise MediaError("corrupt", f"{name}: audio stream does not decode ({msg})") from e
+            try:
+                if resampler is not None:
+                    convert(resampler.resample(None))
+            except (av.error.FFmpegError, ValueError):
+                pass
+            yield from flush(True)
+            raise MediaError("truncated", f"{where()}: decode failed ({msg})") from e
+        except OSError as e:
+            raise MediaError("read_error", f"{where()}: read failed ({e})") from e
+        except (ValueError, RuntimeError) as e:  # PyAV-level errors that are not FFmpegError
+            kind = "truncated" if total_n else "unsupported"
+            raise MediaError(kind, f"{where()}: {type(e).__name__}: {e}") from e
+
+        if limit_n is not None and total_n > limit_n:
+            raise MediaError("too_long", f"{where()}: decoded duration exceeds limit {max_duration_s:g} s")
+        yield from flush(True)
+        if total_n == 0 and (not stream.rate or not stream.channels):
+            # e.g. random bytes named .flac: FFmpeg picks the demuxer by extension and reports a
+            # 0-channel, 0-Hz stream that yields no packets worth decoding.
+            raise MediaError("corrupt", f"{name}: audio stream has no usable parameters "
+                                        f"({stream.channels} channels, {stream.rate} Hz) and decodes to nothing")
+        # A clean EOF well before the declared duration: bytes were cut (e.g. an mp3 cut mid-file
+        # decodes without any decoder error, just fewer frames).
+        if declared is not None and total_n > 0:
+            got = total_n / sr
+            if declared - got > max(_TRUNCATION_MIN_S, _TRUNCATION_FRAC * declared):
+                raise MediaError("truncated", f"{name}: stream ends at {got:.2f} s, container declares {declared:.2f} s")
+    finally:
+        container.close()
+
+
+def iter_audio(src, sr: int = TARGET_SR, chunk_s: float = 10.0,
+               deadline: float | None = None) -> Iterator[np.ndarray]:
+    """Stream the first audio stream of ``src`` as mono float32 at ``sr`` Hz.
+
+    ``src``: local path (str / PathLike) or a seekable binary file object (``open(..., 'rb')``, fsspec /
+    s3fs file, ``io.BytesIO``). Yields 1-D float32 arrays of about ``chunk_s`` seconds (the last one
+    shorter); their concatenation equals ``ffmpeg -i src -ac 1 -ar sr -f f32le -`` to float rounding.
+    Memory: one chunk plus one decoded frame; the file is never held whole.
+
+    ``deadline``: a ``time.monotonic()`` value, checked per packet; past it -> MediaError("timeout").
+
+    Raises MediaError: ``empty_file`` (zero bytes), ``read_error`` (missing / I/O error),
+    ``corrupt`` (container unparseable or nothing decodes), ``no_audio_track``, ``unsupported``,
+    ``truncated`` (decode error after some samples, or clean EOF more than max(1 s, 10 %) before the
+    declared duration; chunks before the fault are yielded first, the message says at which second),
+    ``timeout``.
+    """
+    return _iter_audio(src, sr, chunk_s, deadline, None)
+
+
+# -------------------------------------------------------------------------------------------- windows
+
+def _pad(real: np.ndarray, n: int, pad_mode: str) -> np.ndarray:
+    """``real`` (len <= n) padded to n samples. repeatpad: tile ``floor(n / len)`` whole copies, then
+    zeros (LAION-CLAP's ``repeatpad``); zeros: zeros after the audio."""
+    if real.size == n:
+        return real.astype(np.float32, copy=True)
+    out = np.zeros(n, dtype=np.float32)
+    if pad_mode == "repeatpad" and real.size:
+        reps = n // real.size
+        out[: reps * real.size] = np.tile(real, reps)
+    else:
+        out[: real.size] = real
+    return out
+
+
+def iter_windows(chunks: Iterable[np.ndarray], sr: int, window_s: float = 10.0, hop_s: float | None = None,
+                 min_window_s: float = 0.5, pad_mode: str = "repeatpad") -> Iterator[Window]:
+    """Cut a stream of 1-D float32 chunks (at ``sr`` Hz) into windows starting at 0, hop, 2*hop, ...
+
+    ``hop_s`` defaults to ``window_s`` (no overlap); ``hop_s < window_s`` overlaps, ``> window_s`` skips.
+    Full windows are yielded as soon as their samples arrive. At the end, the first window not yet
+    yielded that starts inside the audio is yielded (padded) if it holds >= ``min_window_s`` of audio,
+    or if no window was yielded at all (a clip shorter than ``min_window_s`` still gets one window).
+    Windows are not emitted once a yielded window reached the end of the audio (with overlap, later
+    windows would only repeat its tail).
+
+    Padding: ``"repeatpad"`` repeats the real audio whole ``floor(window/len)`` times then zero-fills
+    (LAION-CLAP), ``"zeros"`` zero-fills. Deterministic. Buffers at most window + one chunk samples.
+
+    If ``chunks`` raises MediaError, the error propagates with ``windows_kept`` = windows yielded; for
+    ``truncated`` the audio before the fault is windowed first (same end-of-stream rules).
+    """
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+    win_n = int(round(window_s * sr))
+    hop_n = win_n if hop_s is None else int(round(hop_s * sr))
+    min_n = int(round(min_window_s * sr))
+    if win_n <= 0 or hop_n <= 0:
+        raise ValueError(f"window_s and hop_s must give >= 1 sample at {sr} Hz")
+
+    buf = np.zeros(0, dtype=np.float32)
+    buf_start = 0  # absolute index of buf[0]
+    received = 0   # absolute samples received so far
+    k = 0          # index of the next window (starts at k * hop_n)
+    reached_end = False
+
+    def make(real: np.ndarray, start: int) -> Window:
+        return Window(index=k, start_s=start / sr, end_s=(start + real.size) / sr,
+                      samples=_pad(real, win_n, pad_mode))
+
+    def tail() -> Iterator[Window]:
+        nonlocal k
+        start = k * hop_n
+        if start < received:
+            real = buf[start - buf_start: received - buf_start]
+            if real.size >= min_n or k == 0:
+                yield make(real, start)
+                k += 1
+
+    try:
+        for chunk in chunks:
+            chunk = np.asarray(chunk, dtype=np.float32).reshape(-1)
+            if chunk.size == 0:
+                continue
+            received += chunk.size
+            buf = np.concatenate([buf, chunk]) if buf.size else chunk
+            while k * hop_n + win_n <= received:
+                start = k * hop_n
+                yield Window(index=k, start_s=start / sr, end_s=(start + win_n) / sr,
+                             samples=buf[start - buf_start: start - buf_start + win_n].astype(np.float32, copy=True))
+                k += 1
+            # Drop samples no future window needs (with hop > window that can be past the buffer).
+            drop = min(k * hop_n, received) - buf_start
+            if drop > 0:
+                buf = buf[drop:]
+                buf_start += drop
+        reached_end = k > 0 and (k - 1) * hop_n + win_n >= received
+        if not reached_end:
+            yield from tail()
+    except MediaError as e:
+        if e.error_type == "truncated" and not (k > 0 and (k - 1) * hop_n + win_n >= received):
+            yield from tail()
+        e.windows_kept = k
+        raise
+
+
+def decode_windows(src, sr: int = TARGET_SR, window_s: float = 10.0, hop_s: float | None = None,
+                   min_window_s: float = 0.5, pad_mode: str = "repeatpad",
+                   max_duration_s: float | None = None, timeout_s: float | None = None) -> Iterator[Window]:
+    """Decode ``src`` (path or seekable file object) into windows: ``iter_windows(iter_audio(src))``.
+
+    ``max_duration_s``: MediaError("too_long") when the declared duration, or the decoded one (+0.5 s
+    slack), exceeds it. ``timeout_s``: wall-clock budget from the first ``next()``, -> "timeout".
+    Raises MediaError("no_audio_samples") when the audio stream decodes to nothing; all other errors as
+    in :func:`iter_audio` / :func:`iter_windows`.
+    """
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    # Chunks of <= 10 s keep the window buffer at <= window + 10 s (3.8 MB for 10-s windows at 48 kHz).
+    chunk_s = min(window_s, 10.0) if window_s > 0 else 10.0
+    n = 0
+    for w in iter_windows(_iter_audio(src, sr, chunk_s, deadline, max_duration_s),
+                          sr, window_s=window_s, hop_s=hop_s, min_window_s=min_window_s, pad_mode=pad_mode):
+        n += 1
+        yield w
+    if n == 0:
+        raise MediaError("no_audio_samples", f"{_name(src)}: audio stream decoded to 0 samples")

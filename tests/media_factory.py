@@ -1,0 +1,160 @@
+"""Real media for tests, generated with ffmpeg / sox / espeak-ng subprocesses (no mocks).
+
+Every generator is deterministic (fixed frequencies, fixed seeds, ``-fflags +bitexact`` so no encoder
+version string or timestamp lands in the bytes) and fast: a few seconds of audio each.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+FFMPEG = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y"]
+BITEXACT = ["-fflags", "+bitexact", "-flags:a", "+bitexact"]
+
+# Audio codec per extension (ffmpeg's defaults are right for most; opus needs 48 kHz input).
+_AUDIO_CODEC = {
+    ".wav": ["-c:a", "pcm_s16le"],
+    ".flac": ["-c:a", "flac"],
+    ".mp3": ["-c:a", "libmp3lame", "-b:a", "128k"],
+    ".ogg": ["-c:a", "libvorbis", "-q:a", "3"],
+    ".opus": ["-c:a", "libopus", "-b:a", "64k"],
+    ".m4a": ["-c:a", "aac", "-b:a", "128k"],
+    ".aac": ["-c:a", "aac", "-b:a", "128k"],
+}
+# Video container -> (video codec args, audio codec args).
+_VIDEO_CODECS = {
+    ".mp4": (["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"], ["-c:a", "aac", "-b:a", "96k"]),
+    ".mov": (["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"], ["-c:a", "aac", "-b:a", "96k"]),
+    ".mkv": (["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"], ["-c:a", "libvorbis"]),
+    ".webm": (["-c:v", "libvpx", "-deadline", "realtime", "-cpu-used", "8", "-b:v", "200k"], ["-c:a", "libopus"]),
+}
+
+
+def run(cmd: list[str]) -> None:
+    """Run a generator command; raise with its stderr on failure."""
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr[-2000:]}")
+
+
+def have_tools() -> bool:
+    """True when ffmpeg, sox and espeak-ng are all on PATH."""
+    return all(shutil.which(t) for t in ("ffmpeg", "sox", "espeak-ng"))
+
+
+def _audio_args(path: Path) -> list[str]:
+    ext = path.suffix.lower()
+    if ext not in _AUDIO_CODEC:
+        raise ValueError(f"no audio codec configured for {ext!r}")
+    return _AUDIO_CODEC[ext]
+
+
+def make_tone(path, seconds: float = 2.0, sr: int = 48000, channels: int = 1, freq: float = 440.0) -> Path:
+    """Write a sine tone of ``seconds`` at ``sr`` Hz with ``channels`` channels to ``path`` (codec from
+    the extension: wav/flac/mp3/ogg/opus/m4a, or mp4/mkv/webm/mov as audio-only). Channel c carries
+    ``freq * (1 + c/4)`` Hz so stereo/multichannel content differs per channel (a downmix bug shows).
+    Amplitude 0.25 per channel so an 8-channel swr downmix (gain up to ~3.1x) stays below 1.0. Returns path."""
+    path = Path(path)
+    inputs: list[str] = []
+    for c in range(channels):
+        inputs += ["-f", "lavfi", "-i", f"sine=frequency={freq * (1 + c / 4):g}:sample_rate={sr}:duration={seconds:g}"]
+    if channels == 1:
+        graph = "[0:a]volume=2.0[out]"  # lavfi sine is 1/8 full scale; x2 -> 0.25
+    else:
+        ins = "".join(f"[{c}:a]" for c in range(channels))
+        graph = f"{ins}amerge=inputs={channels},volume=2.0[out]"
+    ext = path.suffix.lower()
+    codec = _VIDEO_CODECS[ext][1] if ext in _VIDEO_CODECS else _audio_args(path)
+    # Opus only encodes at 8/12/16/24/48 kHz: let ffmpeg convert to 48 kHz for .opus/.webm.
+    rate = [] if ext in (".opus", ".webm") else ["-ar", str(sr)]
+    run(FFMPEG + inputs + ["-filter_complex", graph, "-map", "[out]", *codec, *rate, *BITEXACT, str(path)])
+    return path
+
+
+def make_speech(path, text: str = "The quick brown fox jumps over the lazy dog.") -> Path:
+    """Speak ``text`` with espeak-ng (22.05 kHz mono WAV) and transcode to ``path``'s format. Returns path."""
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".espeak.wav")
+    run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(tmp), text])
+    try:
+        if path.suffix.lower() == ".wav":
+            os.replace(tmp, path)
+        else:
+            run(FFMPEG + ["-i", str(tmp), *_audio_args(path), *BITEXACT, str(path)])
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def make_video(path, seconds: float = 2.0, with_audio: bool = True, sr: int = 44100, freq: float = 880.0) -> Path:
+    """Write a ``testsrc`` video (160x120, 10 fps) to ``path`` (.mp4/.mkv/.webm/.mov), with a sine
+    audio track at ``sr`` Hz unless ``with_audio`` is False. Returns path."""
+    path = Path(path)
+    vcodec, acodec = _VIDEO_CODECS[path.suffix.lower()]
+    cmd = FFMPEG + ["-f", "lavfi", "-i", f"testsrc=duration={seconds:g}:size=160x120:rate=10"]
+    if with_audio:
+        cmd += ["-f", "lavfi", "-i", f"sine=frequency={freq:g}:sample_rate={sr}:duration={seconds:g}",
+                *vcodec, *acodec, "-shortest"]
+    else:
+        cmd += [*vcodec, "-an"]
+    run(cmd + [*BITEXACT, str(path)])
+    return path
+
+
+def _cut(src: Path, dst: Path, keep_frac: float) -> Path:
+    data = src.read_bytes()
+    dst.write_bytes(data[: int(len(data) * keep_frac)])
+    return dst
+
+
+def make_bad_inputs(directory) -> dict[str, str | None]:
+    """Write awkward inputs into ``directory``; return ``{file name: expected MediaError.error_type}``,
+    with ``None`` for inputs that are odd but valid and must decode.
+
+    Truncation behaviour measured with FFmpeg 5.1: an mp3 cut at 30 % ends cleanly (no decoder error)
+    but 4+ s short of its LAME-header duration -> "truncated" by the duration check; a faststart mp4 cut
+    at 50 % fails in avcodec_send_packet part-way -> "truncated"; an mp4 with its moov atom at the end
+    cut at 50 % has no index at all -> "corrupt".
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    out: dict[str, str | None] = {}
+
+    (d / "empty.wav").write_bytes(b"")
+    out["empty.wav"] = "empty_file"
+
+    rng = random.Random(1234)
+    (d / "random_bytes.flac").write_bytes(bytes(rng.getrandbits(8) for _ in range(4096)))
+    out["random_bytes.flac"] = "corrupt"
+
+    full_mp3 = make_tone(d / "_full.mp3", seconds=6.0, sr=44100, channels=2)
+    _cut(full_mp3, d / "truncated.mp3", 0.3)
+    full_mp3.unlink()
+    out["truncated.mp3"] = "truncated"
+
+    full_mp4 = make_video(d / "_fast.mp4", seconds=6.0)
+    run(FFMPEG + ["-i", str(full_mp4), "-c", "copy", "-movflags", "+faststart", *BITEXACT, str(d / "_fast2.mp4")])
+    _cut(d / "_fast2.mp4", d / "truncated_faststart.mp4", 0.5)
+    _cut(full_mp4, d / "truncated_moov_at_end.mp4", 0.5)
+    full_mp4.unlink()
+    (d / "_fast2.mp4").unlink()
+    out["truncated_faststart.mp4"] = "truncated"
+    out["truncated_moov_at_end.mp4"] = "corrupt"
+
+    make_video(d / "video_no_audio.mp4", seconds=1.0, with_audio=False)
+    out["video_no_audio.mp4"] = "no_audio_track"
+
+    make_tone(d / "sr_1khz.wav", seconds=1.0, sr=1000, freq=100.0)
+    out["sr_1khz.wav"] = None
+    make_tone(d / "sr_192khz.wav", seconds=1.0, sr=192000, freq=3000.0)
+    out["sr_192khz.wav"] = None
+    make_tone(d / "eight_channels.wav", seconds=1.0, sr=48000, channels=8)
+    out["eight_channels.wav"] = None
+    make_tone(d / "café – sound bite ü 01.flac", seconds=1.0, sr=44100)
+    out["café – sound bite ü 01.flac"] = None
+    return out
