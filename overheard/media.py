@@ -21,11 +21,10 @@ over the channel mean that librosa-style loaders use) and 7.1 -> mono sums centr
 from __future__ import annotations
 
 import io
-import math
 import os
 import time
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import av
 import av.error
@@ -174,6 +173,8 @@ def _iter_audio(src, sr: int, chunk_s: float, deadline: float | None,
             kinds = sorted({s.type for s in container.streams}) or ["none"]
             raise MediaError("no_audio_track", f"{name}: no audio stream (streams: {', '.join(kinds)})")
         stream = container.streams.audio[0]
+        if deadline is not None and time.monotonic() > deadline:  # opening an s3 object can be slow
+            raise MediaError("timeout", f"{name}: decode deadline passed while opening")
         declared = _declared_duration(container, stream)
         if max_duration_s is not None and declared is not None and declared > max_duration_s:
             raise MediaError("too_long", f"{name}: declared duration {declared:.1f} s > limit {max_duration_s:g} s")
@@ -274,7 +275,8 @@ def iter_audio(src, sr: int = TARGET_SR, chunk_s: float = 10.0,
     shorter); their concatenation equals ``ffmpeg -i src -ac 1 -ar sr -f f32le -`` to float rounding.
     Memory: one chunk plus one decoded frame; the file is never held whole.
 
-    ``deadline``: a ``time.monotonic()`` value, checked per packet; past it -> MediaError("timeout").
+    ``deadline``: a ``time.monotonic()`` value, checked after opening and before each packet; past it
+    -> MediaError("timeout"). (A single blocking read is not interrupted; a packet is ~20-100 ms of audio.)
 
     Raises MediaError: ``empty_file`` (zero bytes), ``read_error`` (missing / I/O error),
     ``corrupt`` (container unparseable or nothing decodes), ``no_audio_track``, ``unsupported``,
