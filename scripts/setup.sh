@@ -18,4 +18,5 @@ PY=${PYTHON:-python3}
 FL=()
 for d in $(.venv/bin/python -m pip config list 2>/dev/null | sed -n "s/.*find-links='\(.*\)'/\1/p" | sort -u); do FL+=(--find-links "$d"); done
 .venv/bin/uv pip install -q --python .venv/bin/python --compile-bytecode "${FL[@]}" -e '.[test]'
+bash scripts/setup_laion_ref.sh  # throwaway laion-clap venv for the CLAP conversion proof (tests/test_clap.py)
 echo "overheard: environment ready in .venv"
