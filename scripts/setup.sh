@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
 for t in ffmpeg sox espeak-ng; do command -v "$t" >/dev/null || need+=("$t"); done
+[ -d /usr/share/buckle/wav ] || need+=(bucklespring-data)  # recorded keyboard sounds (overheard.soundworld)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -qq

@@ -1,0 +1,496 @@
+"""Contrastive training of a tiny LAION-CLAP-architecture model on the sound world (Ray Train).
+
+    python -m training.clap_contrastive --out-dir build/soundworld-clap --n-train 800 --n-eval 100
+
+1. Data (driver + Ray tasks): scenes from ``overheard.soundworld`` (train and held-out splits,
+   deterministic by ``world_seed``) -> log-mel features with ``ClapFeatureExtractor``
+   (``truncation="rand_trunc"``, ``padding="repeatpad"``; scenes are exactly 10 s so no crop) ->
+   cached as float16 ``.npy`` + captions JSON under ``data_dir`` (reused when present). A BPE
+   tokenizer is trained on the training captions (``overheard.tokenizer.train_bpe_tokenizer``).
+2. Training (``TorchTrainer``, DDP over CPU workers or GPUs): a small ``ClapModel`` (HTSAT audio
+   tower with 8x8 patches, 2-layer RoBERTa text tower), symmetric InfoNCE with CLAP's two
+   learnable logit scales, negatives gathered across workers. One random reference caption per
+   clip per epoch. Every epoch: held-out retrieval metrics + ``ray.train.report`` with a
+   checkpoint (weights + optimiser + epoch). Rerunning with the same ``run_name`` and
+   ``storage_path`` resumes from the latest checkpoint at the next epoch; worker failures are
+   retried (``FailureConfig(max_failures)``).
+3. Output: an HF model directory (config.json, model.safetensors, preprocessor_config.json,
+   tokenizer files) that ``overheard.clap.ClapEncoder(dir)`` loads, plus ``soundworld_metrics.json``
+   (final retrieval metrics, modality gap, loss curve, timings).
+
+On a multi-node cluster ``data_dir`` must be on storage every worker can read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Config:
+    out_dir: str = "build/soundworld-clap"       # final HF model directory
+    data_dir: str = ""                           # feature cache; default: build/soundworld-cache
+    storage_path: str = ""                       # Ray Train run storage; default: <out_dir>-runs
+    run_name: str = "soundworld-clap"            # same name + storage_path => resume
+    world_seed: int = 0
+    n_train: int = 800
+    n_eval: int = 100
+    epochs: int = 20
+    batch_size: int = 32                         # global batch (split across workers)
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 30
+    seed: int = 0
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+    num_to_keep: int = 2
+    prep_tasks: int = 2                          # parallel Ray tasks generating scenes + features
+    # model
+    vocab_size: int = 1000                       # BPE target size (actual may be smaller)
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 2
+    text_intermediate: int = 128
+    audio_hidden: int = 32                       # patch_embeds_hidden_size (doubles per stage)
+    audio_depths: list = field(default_factory=lambda: [1, 1, 1])
+    audio_heads: list = field(default_factory=lambda: [2, 4, 8])
+    patch_size: int = 8
+    projection_dim: int = 128
+
+
+TINY = dict(n_train=32, n_eval=16, epochs=2, batch_size=16, warmup_steps=2, lr=3e-3,
+            audio_hidden=16, audio_heads=[1, 2, 4], text_hidden=32, text_intermediate=64,
+            vocab_size=400, projection_dim=64)
+
+
+# ----------------------------------------------------------------------------- model
+def feature_extractor():
+    from transformers import ClapFeatureExtractor
+
+    return ClapFeatureExtractor(truncation="rand_trunc", padding="repeatpad")
+
+
+def clap_config(cfg: Config, vocab_size: int):
+    from transformers import ClapAudioConfig, ClapConfig, ClapTextConfig
+
+    depths = list(cfg.audio_depths)
+    audio = ClapAudioConfig(
+        patch_size=cfg.patch_size, patch_stride=cfg.patch_size, patch_embeds_hidden_size=cfg.audio_hidden,
+        depths=depths, num_attention_heads=list(cfg.audio_heads)[: len(depths)],
+        hidden_size=cfg.audio_hidden * 2 ** (len(depths) - 1), window_size=8,
+        projection_dim=cfg.projection_dim, enable_fusion=False)
+    text = ClapTextConfig(
+        vocab_size=vocab_size, hidden_size=cfg.text_hidden, num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads, intermediate_size=cfg.text_intermediate,
+        max_position_embeddings=80, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        projection_dim=cfg.projection_dim)
+    return ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(),
+                      projection_dim=cfg.projection_dim)
+
+
+def build_model(cfg: Config, vocab_size: int):
+    import torch
+    from transformers import ClapModel
+
+    torch.manual_seed(cfg.seed)
+    return ClapModel(clap_config(cfg, vocab_size))
+
+
+def clip_loss(a, t, scale_a, scale_t):
+    """Symmetric InfoNCE as CLAP: CE(scale_a * A T^T) and CE(scale_t * T A^T), matched on the diagonal."""
+    import torch.nn.functional as F
+    import torch
+
+    labels = torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (F.cross_entropy(scale_a * a @ t.T, labels) + F.cross_entropy(scale_t * t @ a.T, labels))
+
+
+# ----------------------------------------------------------------------------- metrics
+def _chance_a2t(n_audio: int, per: int, k: int) -> float:
+    total = n_audio * per
+    return 1.0 - math.comb(total - per, k) / math.comb(total, k)
+
+
+def retrieval_metrics(audio, text, per: int = 5, source_sets: list | None = None) -> dict:
+    """Audio->text / text->audio recall and modality-gap statistics of L2-normalised embeddings.
+
+    ``audio`` (N, D), ``text`` (N*per, D) with captions of clip i at rows i*per..i*per+per-1.
+    a2t R@k: an own caption among the k nearest captions; t2a R@k: own clip among k nearest clips.
+    ``a2t_sources_R@1``: the nearest caption describes a clip with the same set of sources.
+    Gap: ``gap_norm`` = |mean(audio) - mean(text)|, ``cos_paired`` = mean cosine of a clip with its
+    captions, ``cos_unpaired`` = mean cosine with other clips' captions.
+    """
+    audio = np.asarray(audio, dtype=np.float64)
+    text = np.asarray(text, dtype=np.float64)
+    audio /= np.linalg.norm(audio, axis=1, keepdims=True) + 1e-12
+    text /= np.linalg.norm(text, axis=1, keepdims=True) + 1e-12
+    n = audio.shape[0]
+    owner = np.repeat(np.arange(n), per)
+    sim = audio @ text.T                                   # (N, N*per)
+    order = np.argsort(-sim, axis=1, kind="stable")
+    own = owner[order] == np.arange(n)[:, None]
+    first = own.argmax(axis=1)                             # rank of the best own caption
+    out: dict = {"n_audio": n, "n_text": n * per}
+    for k in (1, 5, 10):
+        out[f"a2t_R@{k}"] = float(np.mean(first < k))
+        out[f"a2t_R@{k}_chance"] = _chance_a2t(n, per, k)
+    rank_t = np.argsort(-sim.T, axis=1, kind="stable")
+    first_t = (rank_t == owner[:, None]).argmax(axis=1)
+    for k in (1, 5, 10):
+        out[f"t2a_R@{k}"] = float(np.mean(first_t < k))
+        out[f"t2a_R@{k}_chance"] = min(1.0, k / n)
+    if source_sets is not None:
+        top = owner[order[:, 0]]
+        out["a2t_sources_R@1"] = float(np.mean([source_sets[i] == source_sets[j] for i, j in enumerate(top)]))
+        sets = [frozenset(s) for s in source_sets]
+        freq = {s: sets.count(s) / n for s in set(sets)}
+        out["a2t_sources_R@1_chance"] = float(sum(f * f for f in freq.values()))
+    paired = sim[owner, np.arange(n * per)]
+    out["cos_paired"] = float(paired.mean())
+    out["cos_unpaired"] = float((sim.sum() - paired.sum()) / (sim.size - paired.size))
+    out["gap_norm"] = float(np.linalg.norm(audio.mean(0) - text.mean(0)))
+    out["cos_audio_audio"] = float(((audio @ audio.T).sum() - n) / (n * n - n))
+    out["cos_text_text"] = float(((text @ text.T).sum() - n * per) / ((n * per) ** 2 - n * per))
+    return out
+
+
+# ----------------------------------------------------------------------------- data
+def _prep_chunk(world_seed: int, split: str, indices: list[int]):
+    from overheard import soundworld as sw
+
+    fe = feature_extractor()
+    feats, rows = [], []
+    for i in indices:
+        s = sw.clip_seed(world_seed, split, i)
+        audio, caps, meta = sw.make_scene(s)
+        f = fe(audio, sampling_rate=sw.SR, return_tensors="np")["input_features"][0, 0]
+        feats.append(f.astype(np.float16))
+        rows.append({"seed": s, "captions": caps, "sources": sorted({x["name"] for x in meta["sources"]}),
+                     "relation": meta["relation"]})
+    return np.stack(feats), rows
+
+
+def prepare_split(cfg: Config, split: str, n: int) -> tuple[str, str]:
+    """Generate (or reuse) ``n`` scenes of ``split``: returns (features .npy path, captions .json path)."""
+    import ray
+
+    key = hashlib.sha1(json.dumps([cfg.world_seed, split, n, "v1"]).encode()).hexdigest()[:10]
+    d = os.path.join(cfg.data_dir, f"{split}-{n}-{key}")
+    fp, cp = os.path.join(d, "features.npy"), os.path.join(d, "captions.json")
+    if os.path.exists(fp) and os.path.exists(cp):
+        return fp, cp
+    os.makedirs(d, exist_ok=True)
+    chunks = [c.tolist() for c in np.array_split(np.arange(n), max(1, min(cfg.prep_tasks * 4, n)))]
+    chunks = [c for c in chunks if c]
+    if ray.is_initialized() and cfg.prep_tasks > 1:
+        task = ray.remote(num_cpus=1)(_prep_chunk)
+        parts = ray.get([task.remote(cfg.world_seed, split, c) for c in chunks])
+    else:
+        parts = [_prep_chunk(cfg.world_seed, split, c) for c in chunks]
+    feats = np.concatenate([p[0] for p in parts])
+    rows = [r for p in parts for r in p[1]]
+    tmp = fp + ".tmp.npy"
+    np.save(tmp, feats)
+    with open(cp + ".tmp", "w") as f:
+        json.dump(rows, f)
+    os.replace(cp + ".tmp", cp)
+    os.replace(tmp, fp)
+    return fp, cp
+
+
+# ----------------------------------------------------------------------------- worker loop
+def _state_dict_cpu(model):
+    m = model.module if hasattr(model, "module") else model
+    return {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
+
+
+def embed_eval(model, feats, captions_flat, tokenizer, device, batch: int = 32):
+    import torch
+
+    m = model.module if hasattr(model, "module") else model
+    was = m.training
+    m.eval()
+    a, t = [], []
+    with torch.no_grad():
+        for i in range(0, len(feats), batch):
+            x = torch.from_numpy(np.asarray(feats[i:i + batch], dtype=np.float32)).unsqueeze(1).to(device)
+            a.append(m.get_audio_features(input_features=x).pooler_output.cpu().numpy())
+        for i in range(0, len(captions_flat), 128):
+            tok = tokenizer([c.lower() for c in captions_flat[i:i + 128]], padding=True, truncation=True,
+                            return_tensors="pt").to(device)
+            t.append(m.get_text_features(input_ids=tok["input_ids"],
+                                         attention_mask=tok["attention_mask"]).pooler_output.cpu().numpy())
+    m.train(was)
+    return np.concatenate(a), np.concatenate(t)
+
+
+def train_loop(config: dict) -> None:
+    import torch
+    import torch.distributed as dist
+
+    import ray.train
+    import ray.train.torch
+    from overheard.tokenizer import load_tokenizer
+    from safetensors.torch import load_file, save_file
+
+    cfg = Config(**config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not cfg.use_gpu:
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    tokenizer = load_tokenizer(config["tokenizer_dir"])
+    feats = np.load(config["train_features"], mmap_mode="r")
+    with open(config["train_captions"]) as f:
+        train_rows = json.load(f)
+    eval_feats = np.load(config["eval_features"], mmap_mode="r")
+    with open(config["eval_captions"]) as f:
+        eval_rows = json.load(f)
+
+    model = build_model(cfg, config["vocab_size"])
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    n = len(train_rows)
+    local_bs = max(1, cfg.batch_size // world)
+    steps_per_epoch = max(1, (n // world) // local_bs)
+    total_steps = steps_per_epoch * cfg.epochs
+
+    def lr_at(step):
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        p = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+    start_epoch, history = 0, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
+            state = torch.load(os.path.join(d, "train_state.pt"), weights_only=True)
+            opt.load_state_dict(state["optimizer"])
+            start_epoch = int(state["epoch"]) + 1
+            with open(os.path.join(d, "history.json")) as f:
+                history = json.load(f)
+    model = ray.train.torch.prepare_model(model)
+    core = model.module if hasattr(model, "module") else model
+
+    eval_caps = [c for r in eval_rows for c in r["captions"]]
+    eval_sets = [r["sources"] for r in eval_rows]
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.time()
+        rng = np.random.default_rng([cfg.seed, epoch])
+        perm = rng.permutation(n)
+        choice = rng.integers(0, 5, size=n)
+        mine = perm[rank::world]
+        model.train()
+        losses = []
+        for s in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + s
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            idx = np.sort(mine[s * local_bs:(s + 1) * local_bs])
+            x = torch.from_numpy(np.asarray(feats[idx], dtype=np.float32)).unsqueeze(1).to(device)
+            tok = tokenizer([train_rows[i]["captions"][choice[i]].lower() for i in idx], padding=True,
+                            truncation=True, return_tensors="pt").to(device)
+            out = model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"], input_features=x)
+            a, t = out.audio_embeds, out.text_embeds
+            if world > 1:  # negatives from every worker; gradients flow to the local slice
+                ga = [torch.zeros_like(a) for _ in range(world)]
+                gt = [torch.zeros_like(t) for _ in range(world)]
+                dist.all_gather(ga, a.detach().contiguous())
+                dist.all_gather(gt, t.detach().contiguous())
+                ga[rank], gt[rank] = a, t
+                a, t = torch.cat(ga), torch.cat(gt)
+            loss = clip_loss(a, t, core.logit_scale_a.exp(), core.logit_scale_t.exp())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            with torch.no_grad():  # CLAP/CLIP clamp: scale <= 100
+                core.logit_scale_a.clamp_(0, math.log(100))
+                core.logit_scale_t.clamp_(0, math.log(100))
+            losses.append(float(loss.detach()))
+        mean_loss = torch.tensor([float(np.mean(losses))])
+        if world > 1:
+            dist.all_reduce(mean_loss)
+            mean_loss /= world
+        metrics = {"epoch": epoch, "train_loss": float(mean_loss), "epoch_s": time.time() - t0,
+                   "logit_scale_a": float(core.logit_scale_a.detach().exp()), "steps": (epoch + 1) * steps_per_epoch}
+        if rank == 0:
+            ae, te = embed_eval(model, eval_feats, eval_caps, tokenizer, device)
+            ev = retrieval_metrics(ae, te, per=5, source_sets=eval_sets)
+            metrics.update({f"eval_{k}": v for k, v in ev.items() if not k.endswith("_chance")})
+            history.append({k: metrics[k] for k in ("epoch", "train_loss", "epoch_s", "eval_a2t_R@1",
+                                                       "eval_a2t_R@5", "eval_t2a_R@1", "eval_gap_norm",
+                                                       "eval_cos_paired")})
+            with tempfile.TemporaryDirectory() as d:
+                save_file(_state_dict_cpu(model), os.path.join(d, "model.safetensors"))
+                torch.save({"optimizer": opt.state_dict(), "epoch": epoch}, os.path.join(d, "train_state.pt"))
+                with open(os.path.join(d, "history.json"), "w") as f:
+                    json.dump(history, f)
+                with open(os.path.join(d, "config.json"), "w") as f:
+                    json.dump(dataclasses.asdict(cfg) | {"vocab_size_actual": config["vocab_size"]}, f)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            print(f"[clap_contrastive] epoch {epoch} loss {metrics['train_loss']:.3f} "
+                  f"a2t R@1 {metrics['eval_a2t_R@1']:.2f} R@5 {metrics['eval_a2t_R@5']:.2f} "
+                  f"gap {metrics['eval_gap_norm']:.3f} ({metrics['epoch_s']:.1f}s)", flush=True)
+        else:
+            ray.train.report(metrics, checkpoint=None)
+
+
+# ----------------------------------------------------------------------------- driver
+def save_model_dir(model, tokenizer, out_dir: str) -> None:
+    """HF layout that ``ClapEncoder(dir)`` loads; uses overheard.clap.save_clap_model when present."""
+    fe = feature_extractor()
+    try:
+        from overheard.clap import save_clap_model
+    except ImportError:
+        save_clap_model = None
+    if save_clap_model is not None:
+        save_clap_model(model, fe, tokenizer, out_dir)
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    fe.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def parse_args(argv) -> Config:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, bool):
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif isinstance(default, list):
+            ap.add_argument(flag, type=int, nargs="+", default=default)
+        else:
+            ap.add_argument(flag, type=type(default), default=default)
+    ap.add_argument("--tiny", action="store_true", help="the tiny test configuration")
+    ns = vars(ap.parse_args(argv))
+    tiny = ns.pop("tiny")
+    cfg = Config(**ns)
+    if tiny:
+        defaults = Config()
+        for k, v in TINY.items():
+            if getattr(cfg, k) == getattr(defaults, k):
+                setattr(cfg, k, v)
+    return cfg
+
+
+def run(cfg: Config) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from safetensors.torch import load_file
+
+    from overheard.tokenizer import train_bpe_tokenizer
+
+    t_start = time.time()
+    cfg.out_dir = os.path.abspath(cfg.out_dir)
+    cfg.data_dir = os.path.abspath(cfg.data_dir or os.path.join(os.path.dirname(cfg.out_dir), "soundworld-cache"))
+    cfg.storage_path = os.path.abspath(cfg.storage_path or cfg.out_dir.rstrip("/") + "-runs")
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, include_dashboard=False)
+    tr_f, tr_c = prepare_split(cfg, "train", cfg.n_train)
+    ev_f, ev_c = prepare_split(cfg, "eval", cfg.n_eval)
+    t_data = time.time() - t_start
+    with open(tr_c) as f:
+        train_rows = json.load(f)
+    with open(ev_c) as f:
+        eval_rows = json.load(f)
+
+    tok_dir = os.path.join(cfg.storage_path, cfg.run_name + "-tokenizer")
+    if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        from tokenizers import normalizers
+
+        tok = train_bpe_tokenizer([c for r in train_rows for c in r["captions"]], cfg.vocab_size)
+        # the BPE is trained on lower-cased text: lower-case at encode time too, so "A dog" == "a dog"
+        # for every caller (ClapEncoder.embed_text passes captions as written)
+        tok.backend_tokenizer.normalizer = normalizers.Lowercase()
+        tok.save_pretrained(tok_dir)
+    from overheard.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tok_dir)
+    vocab = len(tokenizer)
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": dataclasses.asdict(cfg), "tokenizer_dir": tok_dir, "vocab_size": vocab,
+                           "train_features": tr_f, "train_captions": tr_c,
+                           "eval_features": ev_f, "eval_captions": ev_c},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name=cfg.run_name, storage_path=cfg.storage_path,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep)),
+    )
+    t_fit = time.time()
+    result = trainer.fit()
+    t_fit = time.time() - t_fit
+    if result.checkpoint is None:
+        raise RuntimeError(f"training produced no checkpoint: {result.error}")
+
+    model = build_model(cfg, vocab)
+    with result.checkpoint.as_directory() as d:
+        model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
+        with open(os.path.join(d, "history.json")) as f:
+            history = json.load(f)
+    model.eval()
+    if os.path.isdir(cfg.out_dir):
+        shutil.rmtree(cfg.out_dir)
+    save_model_dir(model, tokenizer, cfg.out_dir)
+
+    # final held-out metrics from the saved directory (what the caption job will load)
+    from transformers import ClapModel
+
+    loaded = ClapModel.from_pretrained(cfg.out_dir).eval()
+    ae, te = embed_eval(loaded, np.load(ev_f, mmap_mode="r"),
+                        [c for r in eval_rows for c in r["captions"]], load_tokenizer(cfg.out_dir), "cpu")
+    metrics = retrieval_metrics(ae, te, per=5, source_sets=[r["sources"] for r in eval_rows])
+    summary = {
+        "config": dataclasses.asdict(cfg), "vocab_size": vocab,
+        "params": sum(p.numel() for p in loaded.parameters()),
+        "safetensors_bytes": os.path.getsize(os.path.join(cfg.out_dir, "model.safetensors")),
+        "eval": metrics, "history": history,
+        "mean_audio_embedding": ae.mean(0).round(6).tolist(), "mean_text_embedding": te.mean(0).round(6).tolist(),
+        "seconds": {"data": round(t_data, 1), "fit": round(t_fit, 1), "total": round(time.time() - t_start, 1)},
+        "checkpoint": result.checkpoint.path,
+    }
+    with open(os.path.join(cfg.out_dir, "soundworld_metrics.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg = parse_args(argv)
+    summary = run(cfg)
+    ev = summary["eval"]
+    print(json.dumps({k: summary[k] for k in ("params", "safetensors_bytes", "seconds")}))
+    print(f"held-out a2t R@1 {ev['a2t_R@1']:.3f} (chance {ev['a2t_R@1_chance']:.3f})  "
+          f"R@5 {ev['a2t_R@5']:.3f} (chance {ev['a2t_R@5_chance']:.3f})  t2a R@1 {ev['t2a_R@1']:.3f}  "
+          f"sources R@1 {ev['a2t_sources_R@1']:.3f} (chance {ev['a2t_sources_R@1_chance']:.3f})")
+    print(f"modality gap |mean a - mean t| {ev['gap_norm']:.3f}  cos paired {ev['cos_paired']:.3f}  "
+          f"unpaired {ev['cos_unpaired']:.3f}")
+    print(f"model: {cfg.out_dir}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
