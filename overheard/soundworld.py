@@ -136,13 +136,17 @@ def _env(n: int, attack: float, release: float) -> np.ndarray:
 
 
 def _shaped_noise(rng: np.random.Generator, n: int, lo: float, hi: float, tilt: float = 0.0) -> np.ndarray:
-    """White noise band-limited to [lo, hi] Hz with a spectral tilt (dB/octave) via one FFT."""
-    spec = np.fft.rfft(rng.standard_normal(n))
-    f = np.fft.rfftfreq(n, 1 / SR)
+    """White noise band-limited to [lo, hi] Hz with a spectral tilt (dB/octave) via one FFT.
+
+    The FFT always runs on a fast length (480000 = 2^8 3 5^4, or a power of two) and is cut to n:
+    arbitrary lengths with large prime factors make pocketfft tens of times slower."""
+    m = N_SAMPLES if n <= N_SAMPLES else 1 << (n - 1).bit_length()
+    spec = np.fft.rfft(rng.standard_normal(m))
+    f = np.fft.rfftfreq(m, 1 / SR)
     mask = ((f >= lo) & (f <= hi)).astype(np.float64)
     if tilt:
         mask *= (np.maximum(f, 1.0) / 1000.0) ** (tilt / 6.02)
-    x = np.fft.irfft(spec * mask, n)
+    x = np.fft.irfft(spec * mask, m)[:n]
     return (x / (np.std(x) + 1e-9)).astype(np.float32)
 
 
@@ -221,7 +225,7 @@ def _engine(rng, n: int) -> np.ndarray:
     t = np.arange(n) / SR
     f0 = rng.uniform(24, 45) * (1 + 0.01 * np.sin(2 * np.pi * 0.3 * t))
     ph = 2 * np.pi * np.cumsum(f0) / SR
-    x = sum((1.0 / h ** 0.7) * np.sin(h * ph + rng.uniform(0, 6.28)) for h in range(1, 16))
+    x = sum((1.0 / h ** 0.7) * np.sin(h * ph + rng.uniform(0, 6.28)) for h in range(1, 11))
     x = x * (1 + 0.35 * np.sin(ph / 2))  # firing modulation
     return x + 0.3 * _shaped_noise(rng, n, 20, 600)
 
