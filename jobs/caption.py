@@ -150,8 +150,11 @@ def build(cfg: CaptionConfig, sources: list[tuple[str, str]], clap: str, decoder
     device = "cuda" if gpus > 0 else "cpu"
     src = pa.table({"source_uri": [u for u, _ in sources],
                     "source_version": [v for _, v in sources]})
-    # One block per ~4 sources so decode tasks start while others are still queued.
-    ds = ray.data.from_arrow(src).repartition(max(1, min(len(sources), 1 + len(sources) // 4)))
+    # One block per ~4 sources (at most 10k blocks) so decode tasks start while others are
+    # still queued and the work spreads over every node's decode slots.
+    n_blocks = max(1, min(10_000, -(-len(sources) // 4)))
+    step = -(-len(sources) // n_blocks)
+    ds = ray.data.from_arrow([src.slice(i, step) for i in range(0, len(sources), step)])
     ds = ds.map_batches(
         decode_sources, batch_size=1, batch_format="pyarrow",
         fn_kwargs=dict(window_s=cfg.window, hop_s=cfg.hop or None, min_window_s=cfg.min_window,
@@ -160,6 +163,10 @@ def build(cfg: CaptionConfig, sources: list[tuple[str, str]], clap: str, decoder
         # fractional CPUs: on a 2-core node whole-CPU actors would leave no CPU for the
         # reader and Ray Data waits forever (see README, "Resources")
         num_cpus=cfg.decode_cpus,
+        # Retry a decode task whose worker died (OOM, preemption). Stating it also keeps Ray
+        # Data from fusing decoding into the CLAP actor when both ask for the same CPUs: fused,
+        # all decoding would run serially inside the encoder actors instead of scaling apart.
+        max_retries=-1,
     )
     ds = ds.map_batches(
         ClapEmbedder, batch_size=cfg.encoder_batch, batch_format="pyarrow",

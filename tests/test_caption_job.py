@@ -142,8 +142,12 @@ def test_manifest_csv_input_and_limit(ray_local, tiny_model, archive, tmp_path):
 def test_missing_input_fails_before_work(tiny_model, tmp_path):
     with pytest.raises(FileNotFoundError, match="input not found"):
         run_job(dict(input=str(tmp_path / "nope"), output=str(tmp_path / "o"), model=tiny_model))
-    with pytest.raises(FileNotFoundError, match="decoder not found"):
+    with pytest.raises(FileNotFoundError, match="CLAP model not found"):
         run_job(dict(input=str(tmp_path), output=str(tmp_path / "o"), model=str(tmp_path)))
+    half = tmp_path / "half-model"
+    shutil.copytree(os.path.join(tiny_model, "clap"), half / "clap")
+    with pytest.raises(FileNotFoundError, match="decoder not found"):
+        run_job(dict(input=str(tmp_path), output=str(tmp_path / "o"), model=str(half)))
     assert not os.path.exists(tmp_path / "o")
 
 
