@@ -79,19 +79,22 @@ HTSAT_SHAPES = {
 }
 
 
-def tiny_clap_config(vocab_size: int, htsat: str = "tiny-tiny", projection_dim: int = 32) -> ClapConfig:
-    """ClapConfig with a small RoBERTa text tower (hidden 32, 2 layers) and the named HTSAT shape."""
+def tiny_clap_config(vocab_size: int, htsat: str = "tiny-tiny", projection_dim: int = 32,
+                     fusion: bool = False) -> ClapConfig:
+    """ClapConfig with a small RoBERTa text tower (hidden 32, 2 layers) and the named HTSAT shape;
+    ``fusion``: laion's feature-fusion variant (aff_2d, as laion/clap-htsat-fused)."""
     embed, depths, heads = HTSAT_SHAPES[htsat]
     audio = dict(patch_embeds_hidden_size=embed, depths=depths, num_attention_heads=heads,
                  hidden_size=embed * 2 ** (len(depths) - 1), window_size=8, spec_size=256, num_mel_bins=64,
-                 enable_fusion=False, layer_norm_eps=1e-5)
+                 enable_fusion=fusion, fusion_type="aff_2d" if fusion else None, layer_norm_eps=1e-5,
+                 aff_block_r=min(4, embed))
     text = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                 intermediate_size=64, max_position_embeddings=80,  # 77 tokens + RoBERTa's offset of 2, +1
                 type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0, eos_token_id=2)
     return ClapConfig(text_config=text, audio_config=audio, projection_dim=projection_dim)
 
 
-def build_tiny_clap(directory: str, seed: int = 0, htsat: str = "tiny-tiny") -> str:
+def build_tiny_clap(directory: str, seed: int = 0, htsat: str = "tiny-tiny", fusion: bool = False) -> str:
     """Write a random-weight ClapModel directory (HF format) and return ``directory``.
 
     Deterministic: the same seed gives a byte-identical model.safetensors. "tiny-tiny" is ~0.5 MB on disk.
@@ -104,7 +107,7 @@ def build_tiny_clap(directory: str, seed: int = 0, htsat: str = "tiny-tiny") -> 
 
     # 400: byte alphabet (256) + 5 specials + ~140 merges learned from the 53 sentences
     tok = train_bpe_tokenizer(SOUND_SENTENCES, vocab_size=400)
-    config = tiny_clap_config(len(tok), htsat=htsat)
+    config = tiny_clap_config(len(tok), htsat=htsat, fusion=fusion)
     torch.manual_seed(seed)
     model = ClapModel(config)
     g = torch.Generator().manual_seed(seed + 1)
@@ -122,7 +125,7 @@ def build_tiny_clap(directory: str, seed: int = 0, htsat: str = "tiny-tiny") -> 
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
     fe = ClapFeatureExtractor(feature_size=64, sampling_rate=48000, hop_length=480, max_length_s=10,
                               fft_window_size=1024, frequency_min=50, frequency_max=14000,
-                              truncation="rand_trunc", padding="repeatpad")
+                              truncation="fusion" if fusion else "rand_trunc", padding="repeatpad")
     save_clap_model(model.eval(), fe, tok, directory)
     return directory
 
