@@ -9,7 +9,9 @@ and ``model_id`` becomes "<clap id>+<decoder id>".
 
 Strategies (the text-only seed): ``plain`` feeds the audio embedding to the decoder as is;
 ``nearest`` replaces it by the most similar caption embedding of the model's text memory;
-``projection`` by a softmax(similarity / temperature) mix of memory embeddings.
+``projection`` by a softmax(similarity / temperature) mix of memory embeddings;
+``retrieval`` keeps the audio embedding and adds its k nearest memory embeddings as extra prefix
+context (needs a decoder trained with ``--retrieval-k``, see ``overheard.retrieval``).
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ import torch
 
 from actors.device import limit_threads, pick_device
 from overheard import storage
-from overheard.decoder import load_decoder
 from overheard import memory as mem
+from overheard import retrieval as rag
 
-STRATEGIES = ("plain", "nearest", "projection")
+STRATEGIES = ("plain", "nearest", "projection", "retrieval")
 
 
 class Captioner:
@@ -35,7 +37,12 @@ class Captioner:
         limit_threads(torch_threads)
         self.device = pick_device(device)
         local = storage.localize(decoder_path)
-        self.model, self.tokenizer = load_decoder(local, device=self.device)
+        self.model, self.tokenizer = rag.load_model(local, device=self.device)
+        self.k = getattr(self.model, "k", 0)
+        if (strategy == "retrieval") != bool(self.k):
+            raise ValueError(f"{decoder_path} was trained with retrieval k={self.k}: "
+                             + ("use --strategy retrieval" if self.k else
+                                "retrieval decoding needs a decoder trained with --retrieval-k"))
         self.model_id = getattr(self.model, "model_id", None) or storage.short_hash(local)
         self.strategy, self.search = strategy, search
         self.num_beams, self.temperature = num_beams, temperature
@@ -47,7 +54,10 @@ class Captioner:
         beam = f"beam{num_beams}" if search == "beam" else "greedy"
         self.label = f"{strategy}/{beam}"
 
-    def _condition(self, emb: np.ndarray) -> np.ndarray:
+    def _condition(self, emb: np.ndarray) -> torch.Tensor:
+        emb = torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32))
+        if self.strategy == "retrieval":
+            return rag.retrieve(emb, self.memory.embeddings, self.k)
         if self.strategy == "nearest":
             return mem.nearest_neighbour(emb, self.memory.embeddings)
         if self.strategy == "projection":
@@ -64,7 +74,7 @@ class Captioner:
             dim = batch.schema.field("audio_embedding").type.list_size
             emb = batch.column("audio_embedding").combine_chunks().flatten().to_numpy(
                 zero_copy_only=False).reshape(n, dim)[ok]
-            cond = torch.from_numpy(np.ascontiguousarray(self._condition(emb), dtype=np.float32))
+            cond = self._condition(emb)
             out = self.model.generate(cond.to(self.device), method=self.search,
                                       num_beams=self.num_beams)
             for j, i in enumerate(ok):
