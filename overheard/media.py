@@ -12,14 +12,21 @@ Three layers, each usable alone:
 Every failure surfaces as :class:`MediaError` whose ``error_type`` is one of
 ``overheard.schema.ERROR_TYPES``; no ``av.error.*`` leaks out. No Ray and no torch here.
 
-Downmix: libswresample's default matrix, exactly what ``ffmpeg -ac 1`` does (samples match the CLI to
-float rounding, see tests/test_media.py). Note its gains: stereo -> mono is ``0.7071 * (L + R)`` (+3 dB
-over the channel mean that librosa-style loaders use) and 7.1 -> mono sums centre, fronts and surrounds
-(a full-scale tone in all 8 channels comes out at ~3.1x), because float output is not re-normalised.
+Downmix: the arithmetic MEAN of all input channels, ``(c0 + c1 + ... + c{n-1}) / n``, then
+libswresample to the target rate. That is what LAION-CLAP was trained on: its data pipeline loads audio
+with ``librosa.load(..., mono=True)``, which averages the channels. FFmpeg's default downmix (``ffmpeg -ac
+1``, PyAV ``AudioResampler(layout="mono")``) does not: stereo becomes ``0.7071 * (L + R)`` (+3 dB over the
+mean) and 7.1 sums centre, fronts and surrounds (~3.1x for the same tone in all 8 channels), because float
+output is not re-normalised -- so CLAP would see louder-than-trained input. The mean is computed by
+FFmpeg's own ``pan`` filter (in float, before resampling) inside a small filter graph; samples match
+``ffmpeg -i f -af "aformat=sample_fmts=fltp,pan=mono|c0=1/n*c0+...+1/n*c{n-1}" -ar 48000 -f f32le -`` to
+float rounding (see tests/test_media.py). Works for 1..64 channels and any layout, named or not (the
+gains address channels by index).
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import time
@@ -28,6 +35,7 @@ from typing import Iterable, Iterator
 
 import av
 import av.error
+import av.filter
 import numpy as np
 
 TARGET_SR = 48000  # CLAP's rate
@@ -161,6 +169,58 @@ def probe_duration(src) -> float | None:
 
 # --------------------------------------------------------------------------------------------- decode
 
+def _mean_gains(n: int) -> str:
+    """``pan`` filter argument for the channel mean of ``n`` channels: ``mono|c0=g*c0+g*c1+...``, g = 1/n."""
+    g = repr(1.0 / n)  # shortest repr round-trips: 0.5, 0.125, 0.3333333333333333
+    return "mono|c0=" + "+".join(f"{g}*c{i}" for i in range(n))
+
+
+class _MeanDownmixer:
+    """Frames of one (format, layout, rate) -> packed float32 mono at ``sr``, the mean of the channels.
+
+    A libavfilter graph ``abuffer -> aformat(fltp) -> pan(mean) -> aformat(flt, mono, sr) -> sink``:
+    the mix runs in float at the source rate (an s16 source is not re-quantised by the mix), then one
+    mono channel is resampled (libswresample, as FFmpeg auto-inserts ``aresample`` before the last
+    ``aformat``), so resampling costs the same as before whatever the channel count. Mono input skips
+    ``pan``; mono float already at ``sr`` passes through untouched."""
+
+    def __init__(self, frame: "av.AudioFrame", sr: int):
+        n = len(frame.layout.channels)
+        self.passthrough = (n == 1 and frame.sample_rate == sr and frame.format.name in ("flt", "fltp"))
+        self.graph = None
+        if self.passthrough:
+            return
+        g = av.filter.Graph()
+        chain = [g.add("abuffer", sample_rate=str(frame.sample_rate), sample_fmt=frame.format.name,
+                       channel_layout=frame.layout.name, time_base=f"1/{frame.sample_rate}")]
+        if n > 1:
+            chain.append(g.add("aformat", sample_fmts="fltp"))
+            chain.append(g.add("pan", _mean_gains(n)))
+        chain.append(g.add("aformat", sample_fmts="flt", sample_rates=str(sr), channel_layouts="mono"))
+        chain.append(g.add("abuffersink"))
+        for a, b in zip(chain, chain[1:]):
+            a.link_to(b)
+        g.configure()
+        self.graph = g
+
+    def __call__(self, frame: "av.AudioFrame | None") -> list[np.ndarray]:
+        """Push ``frame`` (None: flush the resampler's buffered tail) and return what came out."""
+        if self.passthrough:
+            return [] if frame is None else [frame.to_ndarray().reshape(-1)]
+        self.graph.push(frame)
+        out = []
+        while True:
+            try:
+                out.append(self.graph.pull().to_ndarray().reshape(-1))  # packed flt mono: (1, n)
+            except EOFError:  # av.error.EOFError: flushed and drained
+                break
+            except av.error.FFmpegError as e:
+                if e.errno != errno.EAGAIN:
+                    raise
+                break  # needs more input
+        return out
+
+
 def _iter_audio(src, sr: int, chunk_s: float, deadline: float | None,
                 max_duration_s: float | None) -> Iterator[np.ndarray]:
     """iter_audio plus the duration limit (checked on the declared and on the decoded duration)."""
@@ -186,13 +246,12 @@ def _iter_audio(src, sr: int, chunk_s: float, deadline: float | None,
         pending: list[np.ndarray] = []
         pending_n = 0
         total_n = 0  # samples emitted + pending, at rate sr
-        resampler = None
+        mixer = None
         in_fmt = None
 
-        def convert(frames) -> None:
+        def convert(arrays) -> None:
             nonlocal pending_n, total_n
-            for out in frames:
-                a = out.to_ndarray().reshape(-1)  # packed flt mono: shape (1, n)
+            for a in arrays:
                 if a.size:
                     pending.append(a)
                     pending_n += a.size
@@ -213,22 +272,22 @@ def _iter_audio(src, sr: int, chunk_s: float, deadline: float | None,
                 if deadline is not None and time.monotonic() > deadline:
                     raise MediaError("timeout", f"{where()}: decode deadline passed")
                 for frame in packet.decode():
-                    # swr is configured from the first frame; a mid-stream change of rate/layout/format
-                    # (seen in concatenated or broadcast streams) needs a fresh resampler, after
-                    # draining the old one so its buffered tail is not lost.
+                    # The graph is configured from the first frame; a mid-stream change of rate/layout/
+                    # format/channel count (seen in concatenated or broadcast streams) needs a fresh one
+                    # (new pan gains too), after draining the old one so its buffered tail is not lost.
                     fmt = (frame.format.name, frame.layout.name, frame.sample_rate, len(frame.layout.channels))
                     if fmt != in_fmt:
-                        if resampler is not None:
-                            convert(resampler.resample(None))
-                        resampler = av.AudioResampler(format="flt", layout="mono", rate=sr)
+                        if mixer is not None:
+                            convert(mixer(None))
+                        mixer = _MeanDownmixer(frame, sr)
                         in_fmt = fmt
                     frame.pts = None  # we concatenate samples; timestamps gaps are not filled
-                    convert(resampler.resample(frame))
+                    convert(mixer(frame))
                 if limit_n is not None and total_n > limit_n:
                     raise MediaError("too_long", f"{where()}: decoded duration exceeds limit {max_duration_s:g} s")
                 yield from flush(False)
-            if resampler is not None:
-                convert(resampler.resample(None))  # swr keeps a filter-length tail (~1-2 ms) until flushed
+            if mixer is not None:
+                convert(mixer(None))  # swr keeps a filter-length tail (~1-2 ms) until flushed
         except MediaError:
             raise
         except av.error.FFmpegError as e:
@@ -236,8 +295,8 @@ def _iter_audio(src, sr: int, chunk_s: float, deadline: float | None,
             if total_n == 0 and not pending_n:
                 raise MediaError("corrupt", f"{name}: audio stream does not decode ({msg})") from e
             try:
-                if resampler is not None:
-                    convert(resampler.resample(None))
+                if mixer is not None:
+                    convert(mixer(None))
             except (av.error.FFmpegError, ValueError):
                 pass
             yield from flush(True)
@@ -272,7 +331,9 @@ def iter_audio(src, sr: int = TARGET_SR, chunk_s: float = 10.0,
 
     ``src``: local path (str / PathLike) or a seekable binary file object (``open(..., 'rb')``, fsspec /
     s3fs file, ``io.BytesIO``). Yields 1-D float32 arrays of about ``chunk_s`` seconds (the last one
-    shorter); their concatenation equals ``ffmpeg -i src -ac 1 -ar sr -f f32le -`` to float rounding.
+    shorter), each sample the mean of the input channels (as ``librosa.load(mono=True)``, see the module
+    docstring); their concatenation equals ``ffmpeg -i src -af "aformat=sample_fmts=fltp,pan=mono|c0=
+    1/n*c0+...+1/n*c{n-1}" -ar sr -f f32le -`` to float rounding.
     Memory: one chunk plus one decoded frame; the file is never held whole.
 
     ``deadline``: a ``time.monotonic()`` value, checked after opening and before each packet; past it

@@ -57,7 +57,8 @@ def make_tone(path, seconds: float = 2.0, sr: int = 48000, channels: int = 1, fr
     """Write a sine tone of ``seconds`` at ``sr`` Hz with ``channels`` channels to ``path`` (codec from
     the extension: wav/flac/mp3/ogg/opus/m4a, or mp4/mkv/webm/mov as audio-only). Channel c carries
     ``freq * (1 + c/4)`` Hz so stereo/multichannel content differs per channel (a downmix bug shows).
-    Amplitude 0.25 per channel so an 8-channel swr downmix (gain up to ~3.1x) stays below 1.0. Returns path."""
+    Amplitude 0.25 per channel (headroom: FFmpeg's default ``-ac 1`` matrix gains up to ~3.1x on 8
+    channels; our decoder's channel mean never exceeds the loudest channel). Returns path."""
     path = Path(path)
     inputs: list[str] = []
     for c in range(channels):
@@ -72,6 +73,43 @@ def make_tone(path, seconds: float = 2.0, sr: int = 48000, channels: int = 1, fr
     # Opus only encodes at 8/12/16/24/48 kHz: let ffmpeg convert to 48 kHz for .opus/.webm.
     rate = [] if ext in (".opus", ".webm") else ["-ar", str(sr)]
     run(FFMPEG + inputs + ["-filter_complex", graph, "-map", "[out]", *codec, *rate, *BITEXACT, str(path)])
+    return path
+
+
+# Named layouts for make_same_tone (FFmpeg's default layout for each channel count).
+LAYOUTS = {1: "mono", 2: "stereo", 3: "3.0", 4: "quad", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
+
+
+def make_same_tone(path, seconds: float = 1.0, sr: int = 48000, channels: int = 2, freq: float = 440.0,
+                   extra: tuple[str, ...] = ()) -> Path:
+    """Write the SAME sine (``freq`` Hz, amplitude 0.25) into every one of ``channels`` (1..8, FFmpeg's
+    default named layout: stereo, 5.1, 7.1, ...) at ``sr`` Hz; codec from the extension as in
+    :func:`make_tone` (``.aac``: raw ADTS). ``extra``: more output options (e.g. ``("-b:a", "384k")``).
+    Its channel mean is the tone itself, amplitude 0.25. Returns path."""
+    path = Path(path)
+    layout = LAYOUTS[channels]
+    pan = "" if channels == 1 else f",pan={layout}|" + "|".join(f"c{c}=c0" for c in range(channels))
+    ext = path.suffix.lower()
+    codec = _VIDEO_CODECS[ext][1] if ext in _VIDEO_CODECS else _audio_args(path)
+    run(FFMPEG + ["-f", "lavfi", "-i", f"sine=frequency={freq:g}:sample_rate={sr}:duration={seconds:g}",
+                  "-af", f"volume=2.0{pan}", *codec, "-ar", str(sr), *extra, *BITEXACT, str(path)])
+    return path
+
+
+def make_unlabelled_wav(path, seconds: float = 1.0, sr: int = 48000, channels: int = 3,
+                        freq: float = 440.0) -> Path:
+    """Write a 16-bit PCM WAV (plain WAVE_FORMAT_PCM header, no channel mask) with the same sine of
+    amplitude 0.25 in all ``channels``. FFmpeg reads its layout as ``"N channels"`` (order unspecified,
+    no named channels). Returns path."""
+    import wave
+
+    import numpy as np
+    path = Path(path)
+    t = np.arange(int(round(seconds * sr))) / sr
+    x = np.round(0.25 * 32767 * np.sin(2 * np.pi * freq * t)).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels), w.setsampwidth(2), w.setframerate(sr)
+        w.writeframes(np.repeat(x[:, None], channels, axis=1).tobytes())
     return path
 
 

@@ -24,20 +24,40 @@ pytestmark = pytest.mark.skipif(not mf.have_tools(), reason="needs ffmpeg, sox a
 
 SR = media.TARGET_SR
 
-# Agreement with `ffmpeg -i f -ac 1 -ar 48000 -f f32le -` (FFmpeg 5.1.9 CLI vs PyAV 18.1 and its bundled
-# FFmpeg), measured over wav/flac/mp3/mp4/m4a/ogg/opus x {16, 44.1, 48} kHz x {mono, stereo}, videos
-# (mp4/mkv/webm/mov), espeak-ng speech, 8-channel and 192 kHz sources: wav, flac and mp3 are
-# bit-identical (max abs error 0.0); AAC, Vorbis and Opus differ by at most 1.8e-7 (float rounding in the
-# decoders' SIMD paths), SNR >= 139 dB. Lengths are identical in every case. The bounds leave 5x headroom
-# on the error and ~40 dB on the SNR, and still catch any real bug (a wrong downmix, a lost resampler tail
-# or a one-sample shift all give errors > 1e-2 and SNR < 40 dB on these tones).
+# Reference: the ffmpeg CLI's own decode with an explicit channel-MEAN downmix (what LAION-CLAP was trained
+# on: librosa.load(mono=True) averages the channels; `-ac 1` would give 0.7071*(L+R) for stereo):
+#   ffmpeg -i f -af "aformat=sample_fmts=fltp,pan=mono|c0=1/n*c0+...+1/n*c{n-1}" -ar 48000 -f f32le -
+# `aformat=fltp` first makes the mix run in float, as librosa's does (without it pan mixes an s16 source in
+# s16 and re-quantises it: errors up to 3e-5 on 3..8-channel wav). Measured (FFmpeg 5.1.9 CLI vs PyAV 18.1
+# and its bundled FFmpeg) over wav/flac/mp4/ogg x {16, 44.1, 48} kHz x {1, 2, 3, 6, 8} channels, mp3 x
+# {16, 44.1, 48} kHz x {1, 2}, opus/m4a, videos (mp4/mkv/webm/mov), espeak-ng speech, unlabelled 3/5/16-
+# channel wav, 8 kHz and 192 kHz sources: wav, flac and mp3 are bit-identical (max abs error 0.0); AAC,
+# Vorbis and Opus differ by at most 1.8e-7 (float rounding in the decoders' SIMD paths), SNR >= 139.6 dB.
+# Lengths are identical in every case. The bounds
+# leave 5x headroom on the error and ~40 dB on the SNR, and still catch any real bug (a wrong downmix --
+# `-ac 1` is 3 dB off on stereo --, a lost resampler tail or a one-sample shift all give errors > 1e-2 and
+# SNR < 40 dB on these tones).
 MAX_ABS_ERR = 1e-6
 MIN_SNR_DB = 100.0
 
 
-def ffmpeg_decode(path: Path, sr: int = SR) -> np.ndarray:
-    """Reference decode by the ffmpeg CLI: mono float32 at ``sr``."""
-    out = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-ac", "1", "-ar", str(sr),
+def n_channels(path: Path) -> int:
+    out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "a:0", "-show_entries", "stream=channels",
+                          "-of", "csv=p=0", str(path)], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def mean_filter(n: int) -> str:
+    """ffmpeg -af graph: float, then the channel mean ``c0 = sum(1/n * ci)``."""
+    if n == 1:
+        return "aformat=sample_fmts=fltp"
+    return "aformat=sample_fmts=fltp,pan=mono|c0=" + "+".join(f"{1.0 / n!r}*c{i}" for i in range(n))
+
+
+def ffmpeg_decode(path: Path, sr: int = SR, af: str | None = None) -> np.ndarray:
+    """Reference decode by the ffmpeg CLI: the channel mean (or the ``af`` graph), float32 at ``sr``."""
+    af = af or mean_filter(n_channels(path))
+    out = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-af", af, "-ar", str(sr),
                           "-f", "f32le", "-"], capture_output=True, check=True).stdout
     return np.frombuffer(out, dtype=np.float32)
 
@@ -92,6 +112,93 @@ def test_eight_channels_and_extreme_rates_match_ffmpeg(tmp_path):
                  mf.make_tone(tmp_path / "lo.wav", seconds=1.0, sr=8000),
                  mf.make_tone(tmp_path / "hi.flac", seconds=1.0, sr=192000, channels=2, freq=5000)):
         assert_matches_ffmpeg(path)
+
+
+# ------------------------------------------------------------------- (a2) downmix = channel mean
+
+def peak(a: np.ndarray) -> float:
+    return float(np.max(np.abs(a)))
+
+
+@pytest.mark.parametrize("ext,sr", [(".wav", 48000), (".flac", 44100)])
+def test_stereo_identical_channels_decode_to_the_channel(tmp_path, ext, sr):
+    # L = R = x must decode to x (librosa's mean), not 0.7071 * 2x = 1.414x (ffmpeg -ac 1).
+    path = mf.make_same_tone(tmp_path / f"lr{ext}", seconds=1.0, sr=sr, channels=2)
+    got = decode_all(str(path))
+    x = ffmpeg_decode(path, af="aformat=sample_fmts=fltp,pan=mono|c0=c0")  # the left channel alone
+    assert got.size == x.size == SR
+    np.testing.assert_array_equal(got, x)  # (x/2 + x/2) is exact in float: bit-identical
+    assert peak(got) == pytest.approx(0.25, abs=2e-3)
+    assert peak(ffmpeg_decode(path, af="aresample=ochl=mono")) == pytest.approx(0.25 * np.sqrt(2), abs=3e-3)
+
+
+def test_eight_channels_same_tone_decode_to_its_amplitude(tmp_path):
+    # 7.1 with the same 0.25 tone in all 8 channels (LFE included): the mean is the tone, amplitude 0.25
+    # (FFmpeg's default 7.1 -> mono matrix would give ~3.1x).
+    path = mf.make_same_tone(tmp_path / "c8.wav", seconds=1.0, sr=44100, channels=8)
+    got = decode_all(str(path))
+    x = ffmpeg_decode(path, af="aformat=sample_fmts=fltp,pan=mono|c0=c0")
+    assert got.size == x.size == SR
+    assert float(np.max(np.abs(got - x))) <= MAX_ABS_ERR
+    assert peak(got) == pytest.approx(0.25, abs=2e-3)
+    assert float(np.sqrt(np.mean(got.astype(np.float64) ** 2))) == pytest.approx(0.25 / np.sqrt(2), rel=1e-3)
+
+
+@pytest.mark.parametrize("channels", [3, 5, 16])
+def test_unlabelled_layouts_are_averaged(tmp_path, channels):
+    # A plain-PCM WAV with no channel mask: FFmpeg sees "N channels" (no named positions); the mean is
+    # taken by channel index, up to 16 channels.
+    path = mf.make_unlabelled_wav(tmp_path / f"u{channels}.wav", seconds=1.0, sr=44100, channels=channels)
+    got = decode_all(str(path))
+    ref = ffmpeg_decode(path)
+    assert got.size == ref.size == SR
+    assert float(np.max(np.abs(got - ref))) <= MAX_ABS_ERR
+    assert peak(got) == pytest.approx(0.25, abs=2e-3)
+
+
+def test_channel_count_change_midstream(tmp_path):
+    # Raw ADTS AAC can change its channel configuration and rate at any frame: 7.1 -> stereo -> mono
+    # (44.1, 44.1, 48 kHz), each 1 s of the same 0.25 tone in every channel (100 Hz: AAC codes the LFE
+    # channel band-limited, a 440 Hz tone would leave it empty and the mean at 7/8). Each change needs a new
+    # graph (new pan gains), after draining the old one: every segment must stay at amplitude 0.25 and
+    # no samples may be lost. (The first segment's bitrate is the highest so the bitrate-estimated
+    # duration of the ADTS file is an underestimate, not a "truncated" false alarm.)
+    parts = [mf.make_same_tone(tmp_path / "p8.aac", sr=44100, channels=8, freq=100, extra=("-b:a", "512k")),
+             mf.make_same_tone(tmp_path / "p2.aac", sr=44100, channels=2, freq=100, extra=("-b:a", "192k")),
+             mf.make_same_tone(tmp_path / "p1.aac", sr=48000, channels=1, freq=100, extra=("-b:a", "96k"))]
+    path = tmp_path / "mixed.aac"
+    path.write_bytes(b"".join(p.read_bytes() for p in parts))
+    got = decode_all(str(path))
+    sizes = [decode_all(str(p)).size for p in parts]  # each part alone (AAC priming/padding included)
+    assert abs(got.size - sum(sizes)) <= 2 * len(parts), (got.size, sizes)
+    start = 0
+    for p, n in zip(parts, sizes):
+        mid = got[start + n // 4: start + 3 * n // 4]  # the middle half of the segment, away from joins
+        rms = float(np.sqrt(np.mean(mid.astype(np.float64) ** 2)))
+        assert rms == pytest.approx(0.25 / np.sqrt(2), rel=0.02), f"{p.name}: RMS {rms:.4f}"
+        assert peak(mid) < 0.27, f"{p.name}: peak {peak(mid):.3f}"  # (the -ac 1 matrix: 0.35 stereo, ~0.78 7.1)
+        start += n
+    # (No peak bound across the joins: the AAC decoder itself overlaps the last frame of one configuration
+    # into the next, ~0.49 at the stereo -> mono join with the ffmpeg CLI too.)
+
+
+def test_mean_downmix_graph_for_odd_frames():
+    # Frames fed straight in: every channel count 1..8 with FFmpeg's default layout and unlabelled
+    # layouts, float and s16; the same ramp in every channel must come out unchanged (same rate: no
+    # resampling). Packed formats: PyAV 18 miscounts the planes of an 8-channel planar frame (9), so
+    # from_ndarray/to_ndarray cannot build or read one; media.py never calls either on a multichannel frame.
+    import av
+    x = np.arange(-480, 480, dtype=np.int16) * 64
+    for n in range(1, 9):
+        for layout in (mf.LAYOUTS[n], f"{n} channels"):
+            for fmt, data, want in (("flt", x / np.float32(32768), x / np.float32(32768)), ("s16", x, x / 32768)):
+                frame = av.AudioFrame.from_ndarray(np.repeat(data[:, None], n, axis=1).reshape(1, -1),
+                                                   format=fmt, layout=layout)
+                frame.sample_rate = 16000
+                mix = media._MeanDownmixer(frame, 16000)
+                out = np.concatenate(mix(frame) + mix(None))
+                # 1/n is not exact in float for n = 3, 5, 6, 7: within 2 ulp of the |x| < 1 samples
+                np.testing.assert_allclose(out, want, rtol=0, atol=2.5e-7, err_msg=f"{layout} {fmt}")
 
 
 def test_resampler_is_flushed_no_tail_lost(tmp_path):
