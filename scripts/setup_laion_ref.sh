@@ -2,8 +2,9 @@
 # Throwaway venv .venv-laion with the original laion-clap package, used ONLY by tests/test_clap.py to prove
 # overheard/clap_convert.py against laion-clap's own model code (tests/laion_reference.py runs inside it).
 # Separate from .venv because laion-clap 1.1.7 pins numpy<2 (pyarrow 26 / Ray Data need numpy 2).
-# Idempotent: a venv that already imports the pinned set is left alone (~0.5 s); a fresh one takes ~10-20 s
-# with uv (packages from the registry, torch from the local CPU wheel directory).
+# Idempotent: a venv that already has the pinned set is left alone (~1 s). A fresh one: ~25 s of downloads and
+# installs with uv (registry packages; torch from the local CPU wheel directory) plus bytecode compilation,
+# 2 min 45 s in all measured on 2 cores shared with other jobs (load average ~10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv-laion
@@ -32,7 +33,7 @@ for d in $(.venv/bin/python -m pip config list 2>/dev/null | sed -n "s/.*find-li
 done
 # same interpreter as .venv (Python 3.11: laion-clap 1.1.7 and numpy<2 have wheels for it)
 [ -x "$PY" ] || "$UV" venv -q --python "${PYTHON:-.venv/bin/python}" "$VENV"
-# --compile-bytecode: PYTHONDONTWRITEBYTECODE=1 is set here, and importing laion_clap without .pyc
-# (librosa, numba, sklearn, pandas, wandb, transformers) took ~9 s instead of ~N s per test run
+# --compile-bytecode: PYTHONDONTWRITEBYTECODE=1 is set here, so without it every reference run recompiles
+# librosa, numba, sklearn, pandas, transformers...: importing laion_clap cost 22 CPU-s instead of 8.5
 "$UV" pip install -q --python "$PY" --compile-bytecode "${FL[@]}" "${PKGS[@]}"
 echo "laion reference venv: ready in $VENV"
