@@ -69,6 +69,7 @@ class Config:
     audio_heads: list = field(default_factory=lambda: [2, 4, 8])
     patch_size: int = 8
     projection_dim: int = 128
+    logit_scale_init: float = 1 / 0.07           # CLAP's; a larger (learned, clamped <= 100) scale keeps a wider gap
 
 
 TINY = dict(n_train=32, n_eval=16, epochs=2, batch_size=16, warmup_steps=2, lr=3e-3,
@@ -98,7 +99,7 @@ def clap_config(cfg: Config, vocab_size: int):
         max_position_embeddings=80, pad_token_id=1, bos_token_id=0, eos_token_id=2,
         projection_dim=cfg.projection_dim)
     return ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(),
-                      projection_dim=cfg.projection_dim)
+                      projection_dim=cfg.projection_dim, logit_scale_init_value=cfg.logit_scale_init)
 
 
 def build_model(cfg: Config, vocab_size: int):
