@@ -50,6 +50,53 @@ def _table(rows: list[dict]) -> pa.Table:
     })
 
 
+class IOGuard:
+    """File-object wrapper that remembers any exception the store raised in read/seek and
+    re-raises it as OSError. Whatever the decoder then makes of the failed read (FFmpeg may
+    report it as a parse or decode error), the source is classified ``read_error`` and
+    retried on the next run, instead of being recorded as corrupt or truncated media."""
+
+    def __init__(self, f):
+        self._f = f
+        self.error: BaseException | None = None
+
+    def _guard(self, fn, *a):
+        try:
+            return fn(*a)
+        except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
+            self.error = e
+            if isinstance(e, OSError):
+                raise
+            raise OSError(f"{type(e).__name__}: {e}") from e
+
+    def read(self, n: int = -1) -> bytes:
+        return self._guard(self._f.read, n)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._guard(self._f.seek, offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __getattr__(self, name):  # size, path, name: metadata the decoder may use
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def failure_row(uri: str, version: str, stage: str, error_type: str, message: str,
                 windows_kept: int = 0) -> dict:
     return dict(source_uri=uri, source_version=version, window_index=-1, start_s=0.0, end_s=0.0,
@@ -70,7 +117,7 @@ def source_windows(uri: str, version: str, *, window_s: float, hop_s: float | No
                     windows_kept=0)
 
     try:
-        f = storage.open_input(uri)
+        f = IOGuard(storage.open_input(uri))
     except Exception as e:  # permissions, missing object, network: worth a retry later
         yield failure_row(uri, version, "read", "read_error", f"cannot open: {type(e).__name__}: {e}")
         return
@@ -88,7 +135,17 @@ def source_windows(uri: str, version: str, *, window_s: float, hop_s: float | No
     except MediaError as e:
         if pending is not None:
             yield window_row(pending)
-        yield failure_row(uri, version, "decode", e.error_type, str(e), windows_kept=count)
+        if f.error is not None:  # the store failed, not the media
+            yield failure_row(uri, version, "read", "read_error",
+                              f"read failed after {count} windows: {type(f.error).__name__}: "
+                              f"{f.error}", windows_kept=count)
+        elif version and (now := current_version(uri)) != version:
+            # a file rewritten mid-read often looks truncated or corrupt; it is neither
+            yield failure_row(uri, version, "read", "changed",
+                              f"source changed while being read (version {version} -> {now}); "
+                              f"decoder said: {e}", windows_kept=count)
+        else:
+            yield failure_row(uri, version, "decode", e.error_type, str(e), windows_kept=count)
         return
     except (OSError, IOError) as e:  # the object store went away mid-read
         if pending is not None:
@@ -105,8 +162,27 @@ def source_windows(uri: str, version: str, *, window_s: float, hop_s: float | No
         return
     if pending is None:
         yield failure_row(uri, version, "decode", "no_audio_samples", "no audio decoded")
-    else:
-        yield window_row(pending, n_windows=count)
+        return
+    now = current_version(uri) if version else version
+    if now != version:
+        # The object was rewritten while we read it: the windows may mix two versions.
+        # Retryable, so the sink discards them and a rerun captions the new version whole.
+        yield window_row(pending)
+        yield failure_row(uri, version, "read", "changed",
+                          f"source changed while being read (version {version} -> {now})",
+                          windows_kept=count)
+        return
+    yield window_row(pending, n_windows=count)
+
+
+def current_version(uri: str) -> str:
+    """The object's version now (ETag or mtime:size), or "" if it cannot be checked."""
+    try:
+        fs, path = storage.get_fs(uri)
+        fs.invalidate_cache(path)
+        return storage.version_of(fs.info(path))
+    except Exception:
+        return "unavailable"
 
 
 def decode_sources(batch: pa.Table, *, window_s: float = 10.0, hop_s: float | None = None,

@@ -59,6 +59,22 @@ class CaptionConfig:
     search: str = field(default="beam", metadata={"help": "greedy | beam"})
     num_beams: int = 3
     temperature: float = field(default=0.01, metadata={"help": "projection decoding temperature"})
+    guidance: bool = field(default=False, metadata={
+        "help": "audibility-guided decoding: re-rank candidates each step by w_lm*LM log-prob + "
+                "w_clap*CLAP audio-text cosine + w_aud*log P(audible) (slower; overheard.guidance)"})
+    guidance_weights: str = field(default="0.2,1,0.015", metadata={
+        "help": "w_lm,w_clap,w_aud (the seed's lambda_0,lambda_1,lambda_2)"})
+    audibility_model: str = field(default="", metadata={
+        "help": "audibility classifier directory (local or s3://); '' = the shipped one, "
+                "'none' = no audibility term"})
+    guidance_candidates: int = field(default=5, metadata={
+        "help": "guidance: candidate next tokens per beam per step"})
+    guidance_mode: str = field(default="beam", metadata={
+        "help": "guidance: beam (num_beams beams x candidates) | topk (one caption, candidates "
+                "per step)"})
+    score_captions: bool = field(default=False, metadata={
+        "help": "without guidance, still fill clap_similarity/audibility of the plain captions "
+                "(loads the CLAP text tower and the classifier into the captioner)"})
     embeddings: bool = field(default=True, metadata={"help": "write audio_embedding column"})
     all_files: bool = field(default=False, metadata={
         "help": "list every file, not only known media extensions"})
@@ -123,6 +139,16 @@ def list_sources(cfg: CaptionConfig) -> list[tuple[str, str]]:
     return [(u, v) for u, _, v in storage.list_files(cfg.input, suffixes)]
 
 
+def _preflight(what: str, uri: str, fn):
+    try:
+        return fn()
+    except PermissionError as e:
+        raise PermissionError(
+            f"cannot {what} at {uri}: access denied ({e}). Check the credentials "
+            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance role) and "
+            "S3_ENDPOINT_URL.") from None
+
+
 def _ray_init(cfg: CaptionConfig):
     import ray
 
@@ -180,7 +206,13 @@ def build(cfg: CaptionConfig, sources: list[tuple[str, str]], clap: str, decoder
         fn_constructor_kwargs=dict(decoder_path=decoder, strategy=cfg.strategy,
                                    search=cfg.search, num_beams=cfg.num_beams,
                                    temperature=cfg.temperature, device=device,
-                                   torch_threads=cfg.torch_threads),
+                                   torch_threads=cfg.torch_threads, clap_path=clap,
+                                   guidance=cfg.guidance, guidance_weights=cfg.guidance_weights,
+                                   audibility_model=(None if cfg.audibility_model.lower() == "none"
+                                                     else cfg.audibility_model),
+                                   guidance_candidates=cfg.guidance_candidates,
+                                   guidance_mode=cfg.guidance_mode,
+                                   score_captions=cfg.score_captions),
         compute=ActorPoolStrategy(size=cfg.captioner_actors),
         num_cpus=cfg.actor_cpus, num_gpus=gpus,
     )
@@ -194,10 +226,13 @@ def run(cfg: CaptionConfig) -> dict:
     t0 = time.time()
     cfg = dataclasses.replace(cfg, run_id=cfg.run_id or time.strftime("%Y%m%dT%H%M%S") +
                               "-" + uuid.uuid4().hex[:6])
-    clap, decoder = resolve_model(cfg)      # fail before any work: model missing
-    sources = list_sources(cfg)              # fail before any work: input/credentials
+    # Fail before any work on a missing model/input or wrong credentials, with the URI and
+    # the store's own reason (botocore never echoes the secret key).
+    clap, decoder = _preflight("read the model", cfg.model, lambda: resolve_model(cfg))
+    sources = _preflight("list the input", cfg.input, lambda: list_sources(cfg))
     run_dir = storage.join(cfg.output, "runs", cfg.run_id)
-    storage.write_bytes_atomic(storage.join(run_dir, "config.json"), to_json(cfg).encode())
+    _preflight("write the output", cfg.output, lambda: storage.write_bytes_atomic(
+        storage.join(run_dir, "config.json"), to_json(cfg).encode()))
     done = done_sources(cfg.output)
     todo = [(u, v) for u, v in sources if u not in done]
     if cfg.limit:

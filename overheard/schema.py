@@ -13,6 +13,7 @@ SCHEMA_VERSION = "1"
 # Error types a failure row can carry; README lists them with their meaning.
 ERROR_TYPES = (
     "read_error",        # object could not be opened/read (permissions, network, missing)
+    "changed",           # object changed between listing and the end of its decode
     "empty_file",        # zero bytes
     "corrupt",           # container/codec could not be parsed
     "no_audio_track",    # container has no audio stream
@@ -24,7 +25,7 @@ ERROR_TYPES = (
     "model_error",       # encoder/decoder raised on this input
 )
 
-RETRYABLE = frozenset({"read_error", "timeout"})
+RETRYABLE = frozenset({"read_error", "timeout", "changed"})
 
 
 def caption_schema(embedding_dim: int | None) -> pa.Schema:
