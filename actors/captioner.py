@@ -6,6 +6,12 @@ Columns out: the same plus
     logprob: float32   mean token log-probability of the chosen caption (NaN on failure rows)
     decoding: str      strategy that produced it, e.g. "plain/beam3", "nearest/greedy"
 and ``model_id`` becomes "<clap id>+<decoder id>".
+With ``guidance=True`` (or ``score_captions=True``) also
+    clap_similarity: float32  cosine(CLAP audio embedding, CLAP text embedding of the caption)
+    audibility: float32       P(audible | caption) from the audibility classifier, in [0, 1]
+(null on failure rows; see ``overheard.guidance``). Guidance re-ranks decoder candidates per step
+by w_lm*LM log-prob + w_clap*CLAP similarity + w_aud*log P(audible); ``clap_path`` (the CLAP
+model, for its text tower) and the classifier are loaded once per actor.
 
 Strategies (the text-only seed): ``plain`` feeds the audio embedding to the decoder as is;
 ``nearest`` replaces it by the most similar caption embedding of the model's text memory;
@@ -31,7 +37,10 @@ STRATEGIES = ("plain", "nearest", "projection", "retrieval")
 class Captioner:
     def __init__(self, decoder_path: str, strategy: str = "plain", search: str = "beam",
                  num_beams: int = 3, temperature: float = 0.01, device: str = "auto",
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, clap_path: str | None = None,
+                 guidance: bool = False, guidance_weights=(0.2, 1.0, 0.015),
+                 audibility_model: str | None = "", guidance_candidates: int = 5,
+                 guidance_mode: str = "beam", score_captions: bool = False):
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown decoding strategy {strategy!r}; choose from {STRATEGIES}")
         limit_threads(torch_threads)
@@ -53,6 +62,16 @@ class Captioner:
                 raise ValueError(f"{strategy} decoding needs a caption memory in {decoder_path}")
         beam = f"beam{num_beams}" if search == "beam" else "greedy"
         self.label = f"{strategy}/{beam}"
+        self.guided = self.scorers = None
+        if guidance or score_captions:  # overheard.guidance: loaded once here, never per clip
+            from overheard import guidance as g
+            self.scorers = g.load_scorers(clap_path, audibility_model, self.device)
+            if guidance:
+                self.guided = g.GuidedDecoder(
+                    self.model, self.tokenizer, self.scorers[0].embed_text,
+                    self.scorers[1].log_prob_audible if self.scorers[1] else None, guidance_weights,
+                    guidance_mode, num_beams if search == "beam" else 1, guidance_candidates)
+                self.label = f"{strategy}/{self.guided.label}"
 
     def _condition(self, emb: np.ndarray) -> torch.Tensor:
         emb = torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32))
@@ -70,18 +89,35 @@ class Captioner:
         ok = [i for i in range(n) if not err[i]]
         captions = [""] * n
         logprobs = np.full(n, np.nan, dtype=np.float32)
+        sims, auds = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
         if ok:
             dim = batch.schema.field("audio_embedding").type.list_size
             emb = batch.column("audio_embedding").combine_chunks().flatten().to_numpy(
                 zero_copy_only=False).reshape(n, dim)[ok]
             cond = self._condition(emb)
-            out = self.model.generate(cond.to(self.device), method=self.search,
-                                      num_beams=self.num_beams)
+            if self.guided is not None:
+                res = self.guided.generate(cond, emb)
+                out = [(r.caption, r.logprob) for r in res]
+                scores = ([r.clap_similarity for r in res], [r.audibility_logprob for r in res])
+            else:
+                out = self.model.generate(cond.to(self.device), method=self.search,
+                                          num_beams=self.num_beams)
+            if self.scorers is not None and self.guided is None:
+                from overheard.guidance import score_captions
+                clap, clf = self.scorers
+                scores = score_captions([c for c, _ in out], emb, clap.embed_text,
+                                        clf.log_prob_audible if clf else None)
             for j, i in enumerate(ok):
                 captions[i], logprobs[i] = out[j][0], out[j][1]
+                if self.scorers is not None:
+                    sims[i], auds[i] = scores[0][j], np.exp(scores[1][j])
         mids = [f"{m}+{self.model_id}" for m in batch.column("model_id").to_pylist()]
         out_tbl = batch.drop_columns(["model_id"])
-        return (out_tbl.append_column("caption", pa.array(captions, pa.string()))
+        out_tbl = (out_tbl.append_column("caption", pa.array(captions, pa.string()))
                 .append_column("logprob", pa.array(logprobs, pa.float32()))
                 .append_column("decoding", pa.array([self.label] * n, pa.string()))
                 .append_column("model_id", pa.array(mids, pa.string())))
+        if self.scorers is not None:  # NaN (failure rows, no classifier) -> null
+            for name, vals in (("clap_similarity", sims), ("audibility", auds)):
+                out_tbl = out_tbl.append_column(name, pa.array(vals, pa.float32(), mask=np.isnan(vals)))
+        return out_tbl

@@ -1,0 +1,111 @@
+"""Cost of audibility guidance in the caption actor: windows/s with and without it (CPU).
+
+    python -m bench.guidance_cost                       # embedded tiny model, 32 windows, 1 thread
+    python -m bench.guidance_cost --windows 64 --threads 2 --model path/to/model-dir
+
+Runs ``actors.captioner.Captioner`` directly (no Ray) on one batch of ``--windows`` windows whose
+audio embeddings are seeded random unit vectors (decoding cost does not depend on the audio, only
+on caption lengths, which are reported). Each configuration is built once (models load once per
+actor, as in the job), warmed up on a small batch, then timed over ``--repeats`` calls.
+
+What dominates guided decoding: per step, every candidate text (clips x beams x candidates) goes
+through the CLAP text tower and the classifier. With the tiny models here those are ~30 K and
+~0.1 M parameters; a real CLAP text tower (RoBERTa-base, 125 M) makes each candidate ~1000x
+dearer, so on real models expect guided/plain ratios far larger than the tiny ones printed here
+(measure with ``--model`` pointing at a real model directory, preferably on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def make_batch(n: int, dim: int, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    e = rng.standard_normal((n, dim)).astype(np.float32)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    return pa.table({
+        "source_uri": pa.array([f"bench://{i}" for i in range(n)]),
+        "window_index": pa.array(np.zeros(n, np.int32)),
+        "error_type": pa.array([None] * n, pa.string()),
+        "audio_embedding": pa.FixedSizeListArray.from_arrays(pa.array(e.reshape(-1)), dim),
+        "model_id": pa.array(["clap"] * n),
+    })
+
+
+CONFIGS = [
+    ("plain beam3", dict(search="beam", num_beams=3)),
+    ("plain greedy", dict(search="greedy")),
+    ("plain beam3 + score_captions", dict(search="beam", num_beams=3, score_captions=True)),
+    ("guided top5 (1 caption x 5 candidates)", dict(search="greedy", guidance=True, guidance_mode="topk",
+                                                   guidance_candidates=5)),
+    ("guided beam3x5", dict(search="beam", num_beams=3, guidance=True, guidance_candidates=5)),
+    ("guided beam3x5, no classifier", dict(search="beam", num_beams=3, guidance=True, guidance_candidates=5,
+                                           audibility_model=None)),
+]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="", help="model dir with clap/ and decoder/ (default: embedded tiny)")
+    ap.add_argument("--audibility-model", default="", help="classifier dir ('' = shipped)")
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", default="", help="comma-separated substrings of configuration names")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from actors.captioner import Captioner
+    from jobs.caption import DEFAULT_MODEL
+
+    model = args.model or DEFAULT_MODEL
+    clap, dec = os.path.join(model, "clap"), os.path.join(model, "decoder")
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name, kw in CONFIGS:
+        if args.only and not any(s in name for s in args.only.split(",")):
+            continue
+        kw = dict(kw)
+        if kw.get("audibility_model", "") == "":
+            kw["audibility_model"] = args.audibility_model
+        t0 = time.perf_counter()
+        cap = Captioner(dec, device="cpu", torch_threads=args.threads, clap_path=clap, **kw)
+        load_s = time.perf_counter() - t0
+        dim = cap.model.config.embedding_dim
+        cap(make_batch(2, dim, seed=1))  # warm-up
+        batch = make_batch(args.windows, dim)
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            out = cap(batch)
+            times.append(time.perf_counter() - t0)
+        best = min(times)
+        ntok = np.mean([len(cap.tokenizer(c)["input_ids"]) - 2 for c in out["caption"].to_pylist()])
+        rows.append((name, out["decoding"][0].as_py(), args.windows / best, best, load_s, ntok))
+        print(f"  {name}: {args.windows / best:.2f} windows/s", file=sys.stderr, flush=True)
+    base = rows[0][2] if rows else 1.0
+    print(f"\ncommand: python -m bench.guidance_cost {shlex.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"model: {model}  windows per batch: {args.windows}  torch threads: {args.threads}  "
+          f"best of {args.repeats}\n")
+    print("| configuration | decoding label | windows/s | s per batch | load s | mean caption tokens | vs first |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for name, label, wps, s, load_s, ntok in rows:
+        print(f"| {name} | {label} | {wps:.2f} | {s:.2f} | {load_s:.1f} | {ntok:.1f} | {wps / base:.3f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
