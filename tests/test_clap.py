@@ -236,6 +236,19 @@ def test_tiny_fusion_model(tmp_path):
     assert float(np.abs(a - ref).max()) < 1e-4
 
 
+def test_pytorch_model_bin_directory(tiny_dir, tmp_path):
+    """Older HF exports ship pytorch_model.bin instead of model.safetensors: same model, same embeddings."""
+    d = tmp_path / "bin-clap"
+    shutil.copytree(tiny_dir, d)
+    from safetensors.torch import load_file
+    sd = load_file(str(d / "model.safetensors"))
+    os.remove(d / "model.safetensors")
+    torch.save(sd, str(d / "pytorch_model.bin"))
+    x = _clips(2)
+    got = ClapEncoder(str(d)).embed_audio(x)
+    assert np.array_equal(got, ClapEncoder(tiny_dir).embed_audio(x))
+
+
 def test_tiny_embed_text(tiny_dir):
     enc = ClapEncoder(tiny_dir, max_batch=2)
     texts = ["a dog barks in the distance", "rain", "church bells chime while a crowd murmurs loudly", "x"]
