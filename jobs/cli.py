@@ -11,6 +11,7 @@ COMMANDS = {
     "embed-captions": ("jobs.embed_captions", "CLAP text embeddings of a caption corpus (cached)"),
     "train-decoder": ("training.decoder", "train the caption decoder on caption text only"),
     "estimate-gap": ("training.gap", "noise variance + gap vector from audio/caption samples"),
+    "evaluate": ("jobs.evaluate", "score a caption table against references (BLEU, METEOR, CIDEr-D, ...)"),
     "train-audibility": ("training.audibility", "train the audibility classifier (audible vs not-audible sentences)"),
 }
 

@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
 for t in ffmpeg sox espeak-ng; do command -v "$t" >/dev/null || need+=("$t"); done
+command -v java >/dev/null || need+=(default-jre-headless)  # METEOR + PTB tokenizer (jobs/evaluate.py)
 [ -d /usr/share/buckle/wav ] || need+=(bucklespring-data)  # recorded keyboard sounds (overheard.soundworld)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
