@@ -142,6 +142,10 @@ def trained(ray_local, tiny_model, tmp_path_factory):
                 lr=3e-3, warmup_steps=2, num_workers=2, cpus_per_worker=0.5, embed_batch=8)
     first = run(TrainDecoderConfig(**base, epochs=3, inject_failure_epoch=2))
     second = run(TrainDecoderConfig(**base, epochs=4))          # rerun: resumes at epoch 3
+    for name, r in (("first", first), ("second", second)):
+        print(f"[train-decoder test] {name}: {r['seconds']} loss "
+              f"{[round(h['loss'], 3) for h in r['history']]} tok/s "
+              f"{[round(h['tokens_per_s']) for h in r['history']]}")
     return dict(dir=d, base=base, first=first, second=second)
 
 

@@ -40,6 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -175,8 +176,10 @@ def train_loop(config: dict) -> None:
     k = cfg.retrieval_k
     gap = config.get("gap")
     ids_all, mask_all = encode_captions(tokenizer, captions, dcfg["max_caption_tokens"])
-    emb_all = torch.from_numpy(emb_np)
-    nbr_all = torch.from_numpy(nbrs) if nbrs is not None else None
+    with warnings.catch_warnings():  # object-store arrays are read-only; nothing writes them
+        warnings.simplefilter("ignore", UserWarning)
+        emb_all = torch.from_numpy(emb_np)
+        nbr_all = torch.from_numpy(nbrs) if nbrs is not None else None
 
     torch.manual_seed(cfg.seed)  # identical init on every worker (DDP also broadcasts rank 0's)
     model = _build_model(dcfg, k)
