@@ -8,6 +8,9 @@ import sys
 COMMANDS = {
     "caption": ("jobs.caption", "caption an audio/video archive into Parquet"),
     "show": ("jobs.show", "print captions from an output folder"),
+    "index": ("jobs.index", "load caption tables into a search index (LanceDB), incrementally"),
+    "search": ("jobs.search", "find windows by a text query (CLAP vectors + caption keywords)"),
+    "export-opensearch": ("jobs.export", "caption tables -> OpenSearch/Elasticsearch _bulk NDJSON"),
     "embed-captions": ("jobs.embed_captions", "CLAP text embeddings of a caption corpus (cached)"),
     "train-decoder": ("training.decoder", "train the caption decoder on caption text only"),
     "estimate-gap": ("training.gap", "noise variance + gap vector from audio/caption samples"),

@@ -1,0 +1,357 @@
+"""The index job: caption tables -> an embedded LanceDB search store (vector + full text), incrementally.
+
+    overheard index ./out ./search-index
+    python -m jobs.index s3://bucket/captions/ ./search-index      # OUTPUT or OUTPUT/captions
+
+Stages (Ray Data, streaming):
+    parts (driver: list caption parts, drop those the index already holds)
+    -> read_parquet [CPU tasks, fractional] -> to_index_rows [CPU tasks, fractional: key, clap_id]
+    -> driver: merge-insert batches into the LanceDB table on ``key`` (no duplicates, ever)
+    -> record the ingested parts (path, version, rows) -> refresh the FTS (and vector) indexes
+
+Store layout under INDEX (a LanceDB database directory, local)::
+
+    windows.lance        one row per window: key, source_uri, source_version, window_index, start_s,
+                         end_s, caption, decoding, logprob, clap_similarity, audibility, model_id,
+                         clap_id, run_id, part, audio_embedding fixed_size_list<float32>[D]
+                         indexes: full text (BM25) on caption; IVF-PQ (cosine) on audio_embedding
+                         once the table holds --ann-min-rows rows (below that, search is exact)
+    parts.lance          ingest log: part (URI), version, rows, run_id, indexed_at
+    overheard_index.json format version, embedding dim, CLAP ids of the rows, CLAP model dirs by
+                         CLAP id (from the caption runs' manifests, or --clap): ``overheard search``
+                         embeds queries with it
+
+Incremental: a rerun lists the parts again and reads only those missing from ``parts`` (or whose
+version changed). Rows are merged on ``key`` = sha1(source_uri, window_index, model_id)
+(``window_key``), so even a part read twice (a job killed between writing rows and recording the
+part) adds no duplicate; the indexes are updated in place (``optimize``), never rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from jobs.config_cli import parse
+from overheard import storage
+
+WINDOWS = "windows"
+PARTS = "parts"
+META = "overheard_index.json"
+FORMAT = "overheard.search_index"
+FORMAT_VERSION = 1
+KEY_COLUMNS = ("source_uri", "window_index", "model_id")
+CAPTION_COLUMNS = ["source_uri", "source_version", "window_index", "start_s", "end_s", "caption",
+                   "decoding", "logprob", "clap_similarity", "audibility", "model_id", "run_id",
+                   "audio_embedding"]
+
+
+@dataclass
+class IndexConfig:
+    captions: str = field(metadata={"help": "caption job output folder (OUTPUT or OUTPUT/captions; "
+                                            "local or s3://)"})
+    index: str = field(metadata={"help": "search index directory (LanceDB database, local)"})
+    clap: str = field(default="", metadata={
+        "help": "CLAP model dir the captions were made with (default: from the runs' manifests)"})
+    batch_size: int = field(default=8192, metadata={"help": "rows per merge-insert"})
+    read_cpus: float = field(default=0.25, metadata={
+        "help": "CPUs per read/convert task (fractional: on 2 cores whole-CPU tasks starve the "
+                "reader)"})
+    ann_min_rows: int = field(default=100_000, metadata={
+        "help": "build the IVF-PQ vector index once the table holds this many rows (exact "
+                "search below; the index is then updated incrementally)"})
+    limit_parts: int = field(default=0, metadata={"help": "ingest at most this many new parts"})
+    ray_address: str = field(default="", metadata={"help": "Ray cluster address ('' = local)"})
+
+
+def window_key(source_uri: str, window_index: int, model_id: str) -> str:
+    """Deterministic id of a caption window: the same in the index and in OpenSearch exports."""
+    return hashlib.sha1(f"{source_uri}\n{int(window_index)}\n{model_id}".encode()).hexdigest()
+
+
+def captions_dir(uri: str) -> tuple[str, str]:
+    """(captions dir, output root) for either OUTPUT or OUTPUT/captions."""
+    u = uri.rstrip("/")
+    if storage.exists(storage.join(u, "captions")):
+        return storage.join(u, "captions"), u
+    if u.rsplit("/", 1)[-1] == "captions":
+        return u, u.rsplit("/", 1)[0]
+    return u, u
+
+
+def list_parts(captions: str) -> list[tuple[str, str]]:
+    cdir, _ = captions_dir(captions)
+    if not storage.exists(cdir):
+        raise FileNotFoundError(f"no caption parts under {captions}")
+    return [(u, v) for u, _, v in storage.list_files(cdir, (".parquet",))]
+
+
+def index_schema(dim: int) -> pa.Schema:
+    return pa.schema([
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("source_version", pa.string()),
+        pa.field("window_index", pa.int32(), nullable=False),
+        pa.field("start_s", pa.float64()),
+        pa.field("end_s", pa.float64()),
+        pa.field("caption", pa.string()),
+        pa.field("decoding", pa.string()),
+        pa.field("logprob", pa.float32()),
+        pa.field("clap_similarity", pa.float32()),
+        pa.field("audibility", pa.float32()),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("clap_id", pa.string()),
+        pa.field("run_id", pa.string()),
+        pa.field("part", pa.string()),
+        pa.field("audio_embedding", pa.list_(pa.float32(), dim)),
+    ])
+
+
+PARTS_SCHEMA = pa.schema([
+    pa.field("part", pa.string(), nullable=False),
+    pa.field("version", pa.string()),
+    pa.field("rows", pa.int64()),
+    pa.field("run_id", pa.string()),
+    pa.field("indexed_at", pa.string()),
+])
+
+
+def to_index_rows(batch: pa.Table) -> pa.Table:
+    """Ray Data stage. Columns in: the caption table's (+ ``path`` of the part); out: the index
+    table's (``index_schema``): adds ``key``, ``clap_id`` (model_id before '+'), ``part``."""
+    uris = batch.column("source_uri").to_pylist()
+    widx = batch.column("window_index").to_pylist()
+    mids = batch.column("model_id").to_pylist()
+    keys = [window_key(u, w, m) for u, w, m in zip(uris, widx, mids)]
+    cols = {"key": pa.array(keys, pa.string())}
+    for f in CAPTION_COLUMNS[:-1]:
+        cols[f] = batch.column(f)
+    cols["clap_id"] = pa.array([m.split("+", 1)[0] for m in mids], pa.string())
+    cols["part"] = batch.column("path").cast(pa.string())
+    emb = batch.column("audio_embedding")
+    dim = emb.type.list_size
+    cols["audio_embedding"] = emb
+    t = pa.table(cols)
+    return t.select(index_schema(dim).names).cast(index_schema(dim))
+
+
+def _ray(cfg: IndexConfig):
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address or None, include_dashboard=False,
+                 ignore_reinit_error=True)
+    return ray
+
+
+def build(cfg: IndexConfig, parts: list[str]):
+    """The Ray Data pipeline over the new caption ``parts`` (URIs); returns the lazy Dataset."""
+    ray = _ray(cfg)
+    import ray.data
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    fs, _ = storage.get_fs(parts[0])
+    paths = [storage.get_fs(p)[1] for p in parts]
+    pafs = None if storage.protocol_of(parts[0]) == "file" else PyFileSystem(FSSpecHandler(fs))
+    ds = ray.data.read_parquet(paths, filesystem=pafs, include_paths=True,
+                               num_cpus=cfg.read_cpus)
+    ds = ds.select_columns(CAPTION_COLUMNS + ["path"])
+    return ds.map_batches(to_index_rows, batch_format="pyarrow", num_cpus=cfg.read_cpus,
+                          batch_size=cfg.batch_size)
+
+
+def connect(index: str):
+    import lancedb
+
+    if storage.protocol_of(index) != "file":
+        raise ValueError("the search index lives on a local path (copy it to object storage "
+                         "after building if needed)")
+    os.makedirs(index, exist_ok=True)
+    return lancedb.connect(index)
+
+
+def read_meta(index: str) -> dict:
+    p = os.path.join(index, META)
+    if not os.path.exists(p):
+        return {"format": FORMAT, "version": FORMAT_VERSION, "claps": {}}
+    with open(p) as f:
+        return json.load(f)
+
+
+def _write_meta(index: str, meta: dict) -> None:
+    storage.write_bytes_atomic(os.path.join(index, META),
+                               json.dumps(meta, indent=2, sort_keys=True).encode())
+
+
+def _tables(db) -> set[str]:
+    r = db.list_tables()
+    return set(getattr(r, "tables", r))
+
+
+def ingested_parts(db) -> dict[str, str]:
+    """{part URI: version} already in the index."""
+    if PARTS not in _tables(db):
+        return {}
+    t = db.open_table(PARTS).to_arrow()
+    return dict(zip(t.column("part").to_pylist(), t.column("version").to_pylist()))
+
+
+def _part_schema_dim(part: str) -> int | None:
+    import pyarrow.parquet as pq
+
+    fs, path = storage.get_fs(part)
+    with fs.open(path, "rb") as f:
+        schema = pq.read_schema(f)
+    if "audio_embedding" not in schema.names:
+        return None
+    return schema.field("audio_embedding").type.list_size
+
+
+def clap_model_id(path: str) -> str:
+    """The id ``ClapEncoder(path).model_id`` reports (name + weight hash), without loading it."""
+    from overheard.clap import _model_id
+
+    return _model_id(path, storage.localize(path))
+
+
+def _run_claps(output_root: str, run_ids: set[str]) -> dict[str, str]:
+    """{clap id: clap path} from the caption runs' manifests (runs/<run>/manifest.json)."""
+    out = {}
+    for rid in sorted(run_ids):
+        m = storage.join(output_root, "runs", rid, "manifest.json")
+        try:
+            clap = json.loads(storage.read_bytes(m)).get("clap")
+        except (OSError, ValueError):
+            continue
+        if clap:
+            try:
+                out[clap_model_id(clap)] = clap
+            except OSError:  # model moved since the run: the index still works with --clap
+                continue
+    return out
+
+
+def run(cfg: IndexConfig) -> dict:
+    """Ingest the caption parts not yet in the index; returns a summary (also printed by main)."""
+    t0 = time.time()
+    _ray(cfg)  # before LanceDB starts its runtime threads: Ray forks its daemons
+    db = connect(cfg.index)
+    meta = read_meta(cfg.index)
+    done = ingested_parts(db)
+    listed = list_parts(cfg.captions)
+    new = [(u, v) for u, v in listed if done.get(u) != v]
+    if cfg.limit_parts:
+        new = new[:cfg.limit_parts]
+    summary = dict(index=cfg.index, captions=cfg.captions, parts_listed=len(listed),
+                   parts_new=len(new), parts_skipped_no_embedding=0, rows_read=0,
+                   rows_added=0, rows_total=0)
+    usable = []
+    for u, v in new:
+        dim = _part_schema_dim(u)
+        if dim is None:  # captioned with --no-embeddings: nothing to put in a vector index
+            print(f"index: {u} has no audio_embedding column, skipped", file=sys.stderr)
+            summary["parts_skipped_no_embedding"] += 1
+            continue
+        if meta.get("dim") not in (None, dim):
+            raise ValueError(f"{u}: embedding dim {dim} differs from the index's {meta['dim']} "
+                             "(another CLAP): build a separate index for it")
+        meta["dim"] = dim
+        usable.append((u, v))
+    tables = _tables(db)
+    before = db.open_table(WINDOWS).count_rows() if WINDOWS in tables else 0
+    tbl = db.open_table(WINDOWS) if WINDOWS in tables else None
+    rows_by_part: dict[str, int] = {}
+    runs_by_part: dict[str, set] = {}
+    clap_ids: set[str] = set(meta.get("clap_ids", []))
+    if usable:
+        ds = build(cfg, [u for u, _ in usable])
+        # read_parquet's ``path`` column drops the protocol: map it back to the listed URIs
+        back = {storage.get_fs(u)[1]: u for u, _ in usable}
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=cfg.batch_size):
+            if batch.num_rows == 0:
+                continue
+            parts_col = [back.get(p, p) for p in batch.column("part").to_pylist()]
+            batch = batch.set_column(batch.schema.get_field_index("part"), "part",
+                                     pa.array(parts_col, pa.string()))
+            clap_ids.update(pc.unique(batch.column("clap_id")).to_pylist())
+            for p, rid in zip(parts_col, batch.column("run_id").to_pylist()):
+                rows_by_part[p] = rows_by_part.get(p, 0) + 1
+                runs_by_part.setdefault(p, set()).add(rid)
+            summary["rows_read"] += batch.num_rows
+            if tbl is None:
+                tbl = db.create_table(WINDOWS, schema=batch.schema)
+            (tbl.merge_insert("key").when_matched_update_all().when_not_matched_insert_all()
+             .execute(batch))
+    if tbl is not None and usable:
+        _refresh_indexes(tbl, cfg)
+    # record the parts only after their rows are in: a kill before this re-reads them (harmlessly)
+    if new:
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        log = pa.table({
+            "part": [u for u, _ in new], "version": [v for _, v in new],
+            "rows": [rows_by_part.get(u, 0) for u, _ in new],
+            "run_id": [",".join(sorted(runs_by_part.get(u, ()))) for u, _ in new],
+            "indexed_at": [now] * len(new)}, schema=PARTS_SCHEMA)
+        if PARTS in _tables(db):
+            (db.open_table(PARTS).merge_insert("part").when_matched_update_all()
+             .when_not_matched_insert_all().execute(log))
+        else:
+            db.create_table(PARTS, data=log)
+    _, root = captions_dir(cfg.captions)
+    run_ids = set().union(*runs_by_part.values()) if runs_by_part else set()
+    claps = _run_claps(root, run_ids)
+    if cfg.clap:
+        claps[clap_model_id(cfg.clap)] = cfg.clap
+    for cid, path in claps.items():
+        if storage.protocol_of(path) == "file":
+            path = os.path.abspath(path)
+        meta.setdefault("claps", {})[cid] = path
+        meta["default_clap_id"] = cid
+    meta.update(format=FORMAT, version=FORMAT_VERSION, table=WINDOWS,
+                clap_ids=sorted(c for c in clap_ids if c))
+    _write_meta(cfg.index, meta)
+    summary["rows_total"] = tbl.count_rows() if tbl is not None else 0
+    summary["rows_added"] = summary["rows_total"] - before
+    summary["wall_s"] = round(time.time() - t0, 3)
+    return summary
+
+
+def _refresh_indexes(tbl, cfg: IndexConfig) -> None:
+    """Create the FTS index (and the vector index past ``ann_min_rows``) once; afterwards fold
+    new rows into the existing indexes (``optimize``) instead of rebuilding them."""
+    from datetime import timedelta
+
+    from lancedb.index import FTS, IvfPq
+
+    have = {tuple(i.columns) for i in tbl.list_indices()}
+    created = False
+    if ("caption",) not in have:
+        tbl.create_index("caption", config=FTS(), replace=True)
+        created = True
+    if ("audio_embedding",) not in have and tbl.count_rows() >= cfg.ann_min_rows:
+        tbl.create_index("audio_embedding", config=IvfPq(distance_type="cosine"), replace=True)
+        created = True
+    if not created or len(have) > 0:
+        # compaction + indexing of the new rows; old versions kept 1 h (concurrent readers)
+        tbl.optimize(cleanup_older_than=timedelta(hours=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse(IndexConfig, argv, "overheard index", __doc__.split("\n\n")[0])
+    s = run(cfg)
+    print(f"index {s['index']}: {s['parts_new']} new parts of {s['parts_listed']}, "
+          f"{s['rows_read']} rows read, {s['rows_added']} added, {s['rows_total']} in all "
+          f"({s['wall_s']:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
