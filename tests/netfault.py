@@ -1,13 +1,15 @@
 """A pausable TCP proxy on 127.0.0.1, for outage tests against a real server.
 
-``pause()`` closes the listening socket and resets every open connection, so clients see
-exactly what a stopped server gives them (connection refused / reset); ``resume()`` listens
-again on the same port. The server behind it keeps its state, as a restarted object store does.
+``pause()`` resets every open connection and, until ``resume()``, resets each new one as soon
+as it is accepted, so clients see what a crashed server gives them (connection reset). The
+listening socket stays bound, so the port cannot be taken by another process meanwhile. The
+server behind it keeps its state, as a restarted object store does.
 """
 
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 
 
@@ -34,7 +36,10 @@ class TcpProxy:
             try:
                 client, _ = lsock.accept()
             except OSError:
-                return  # listening socket closed: paused or stopped
+                return  # listening socket closed: stopped
+            if self.paused:
+                _reset(client)
+                continue
             try:
                 upstream = socket.create_connection((self.host, self.target_port), timeout=10)
             except OSError:
@@ -67,19 +72,25 @@ class TcpProxy:
 
     def pause(self) -> None:
         self.paused = True
-        if self._lsock is not None:
-            self._lsock.close()
-            self._lsock = None
         with self._lock:
             conns = list(self._conns)
         for c in conns:
-            try:
-                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                c.close()  # linger 0: RST, like a crashed server
-            except OSError:
-                pass
+            _reset(c)
 
     def resume(self) -> None:
-        self.start()
+        self.paused = False
 
-    stop = pause
+    def stop(self) -> None:
+        self.pause()
+        if self._lsock is not None:
+            self._lsock.close()
+            self._lsock = None
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with SO_LINGER 0: the peer gets an RST, as from a crashed server."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    except OSError:
+        pass
