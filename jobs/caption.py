@@ -120,6 +120,29 @@ def resolve_model(cfg: CaptionConfig) -> tuple[str, str]:
     return clap, dec
 
 
+def validate_models(clap: str, decoder: str) -> None:
+    """Load both models once in the driver before any work, so a bad model directory (wrong
+    shapes, missing keys, a pickle posing as weights) stops the job with one clear message
+    instead of failing every actor. Loading also fills the node's model cache the actors
+    use. Only safetensors / torch.load(weights_only=True) are ever read."""
+    import gc
+
+    from overheard import retrieval
+    from overheard.clap import load_clap_model
+
+    try:
+        model, _, _ = load_clap_model(clap)
+    except Exception as e:
+        raise ValueError(f"invalid CLAP model at {clap}: {type(e).__name__}: {e}") from None
+    del model
+    try:
+        dec, _ = retrieval.load_model(storage.localize(decoder))
+    except Exception as e:
+        raise ValueError(f"invalid decoder at {decoder}: {type(e).__name__}: {e}") from None
+    del dec
+    gc.collect()
+
+
 def list_sources(cfg: CaptionConfig) -> list[tuple[str, str]]:
     """Sorted (uri, version) pairs from a folder/prefix/glob/file or a manifest table."""
     fs, path = storage.get_fs(cfg.input)
@@ -229,6 +252,7 @@ def run(cfg: CaptionConfig) -> dict:
     # Fail before any work on a missing model/input or wrong credentials, with the URI and
     # the store's own reason (botocore never echoes the secret key).
     clap, decoder = _preflight("read the model", cfg.model, lambda: resolve_model(cfg))
+    validate_models(clap, decoder)
     sources = _preflight("list the input", cfg.input, lambda: list_sources(cfg))
     run_dir = storage.join(cfg.output, "runs", cfg.run_id)
     _preflight("write the output", cfg.output, lambda: storage.write_bytes_atomic(

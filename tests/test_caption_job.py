@@ -192,3 +192,44 @@ def test_killed_run_restarts_with_exactly_one_row_per_window(ray_local, tiny_mod
     assert len(keys) == want
     for uri, secs in durations.items():
         assert sum(1 for u, _ in keys if u == uri) == expected_windows(secs)
+
+
+def test_untrusted_or_broken_model_is_refused_before_work(tiny_model, archive, tmp_path):
+    """A pickle posing as safetensors, or weights whose shapes do not match the config, stop
+    the job at start with a clear message; nothing is written and no pickle is executed."""
+    import pickle
+
+    d, _, _ = archive
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    bad = tmp_path / "pickled"
+    shutil.copytree(tiny_model, bad)
+    (bad / "decoder" / "model.safetensors").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(ValueError, match="invalid decoder .*safetensors"):
+        run_job(dict(input=str(d), output=str(tmp_path / "o1"), model=str(bad)))
+    assert not marker.exists() and not (tmp_path / "o1").exists()
+
+    clap_pt = tmp_path / "evil-clap"
+    shutil.copytree(tiny_model, clap_pt)
+    shutil.rmtree(clap_pt / "clap")
+    import torch
+    torch.save({"state_dict": Evil()}, str(clap_pt / "clap.pt"))
+    with pytest.raises(ValueError, match="invalid CLAP model .*untrusted checkpoint format"):
+        run_job(dict(input=str(d), output=str(tmp_path / "o2"), model=str(clap_pt)))
+    assert not marker.exists() and not (tmp_path / "o2").exists()
+
+    # shapes that do not match the config
+    from safetensors.torch import load_file, save_file
+    wrong = tmp_path / "wrong-shapes"
+    shutil.copytree(tiny_model, wrong)
+    w = wrong / "decoder" / "model.safetensors"
+    sd = load_file(str(w))
+    k = next(iter(sd))
+    sd[k] = torch.zeros(*[s + 1 for s in sd[k].shape])
+    save_file(sd, str(w))
+    with pytest.raises(ValueError, match="invalid decoder .*shape mismatch"):
+        run_job(dict(input=str(d), output=str(tmp_path / "o3"), model=str(wrong)))

@@ -12,7 +12,8 @@ import pytest
 from tests import media_factory as mf
 
 
-def test_s3_input_model_and_output(ray_local, s3_server, s3_bucket, tiny_model, tmp_path):
+def test_s3_input_model_and_output(ray_local, s3_server, s3_bucket, tiny_model, tmp_path,
+                                   capfd):
     fs = s3_server.fs()
     local = tmp_path / "media"
     local.mkdir()
@@ -44,8 +45,12 @@ def test_s3_input_model_and_output(ray_local, s3_server, s3_bucket, tiny_model, 
     runs = fs.ls(f"{s3_bucket}/captions/runs/")
     man = json.loads(fs.cat(runs[0] + "/manifest.json"))
     assert man["windows"] == t.num_rows and man["status"] == "completed"
-    # the secret key never lands in anything the job wrote
+    # the secret key never lands in anything the job wrote or printed (driver and the
+    # worker logs Ray forwards to it)
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    printed = capfd.readouterr()
+    assert "captioned" in printed.out
+    assert secret not in printed.out and secret not in printed.err
     for p in fs.find(f"{s3_bucket}/captions/"):
         assert secret.encode() not in fs.cat(p)
 
