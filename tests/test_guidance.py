@@ -79,7 +79,7 @@ def test_guided_decoding_is_deterministic(parts, shipped):
     clap, dec, tok, audio = parts
     for mode in ("beam", "topk"):
         g = GuidedDecoder(dec, tok, clap.embed_text, shipped.log_prob_audible, mode=mode, beams=2,
-                          candidates=3, max_new_tokens=6)
+                          candidates=2, max_new_tokens=4)
         a = g.generate(torch.from_numpy(audio), audio)
         b = g.generate(torch.from_numpy(audio), audio)
         assert a == b and len(a) == 3
