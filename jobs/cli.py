@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: overheard COMMAND [args]\n\ncommands:")
         for name, (_, help_) in COMMANDS.items():
-            print(f"  {name:<10} {help_}")
+            print(f"  {name:<18} {help_}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     mod = importlib.import_module(COMMANDS[argv[0]][0])
     return mod.main(argv[1:])
