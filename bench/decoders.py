@@ -3,9 +3,12 @@
 Candidates (all produce float32 mono at 48 kHz):
   * pyav        - overheard.media.iter_audio: PyAV demux/decode + libswresample, streamed (our path)
   * decord2     - decord.AudioReader(path, sample_rate=48000, mono=True)[:] (reads the whole file)
-  * soundfile   - libsndfile decode, then libswresample through PyAV (soundfile has no resampler and
-                  none ships in our venv: no scipy/soxr/resampy); cannot read mp4/aac
-  * ffmpeg-cli  - `ffmpeg -i f -ac 1 -ar 48000 -f f32le -` in a subprocess (the reference)
+  * soundfile   - libsndfile decode, channel mean in numpy, then libswresample through PyAV (soundfile
+                  has no resampler and none ships in our venv: no scipy/soxr/resampy); cannot read mp4/aac
+  * ffmpeg-cli  - `ffmpeg -i f -af "aformat=sample_fmts=fltp,pan=mono|c0=0.5*c0+0.5*c1" -ar 48000 -f f32le -`
+                  in a subprocess (the reference). All candidates downmix by the MEAN of the channels,
+                  as overheard.media does (see its docstring): FFmpeg's default `-ac 1` matrix gives
+                  0.7071 * (L + R) for stereo, +3 dB over the mean, and would not be a fair reference.
 
 Media (generated here, deterministic, 44.1 kHz stereo: pink noise left, 440 Hz + 3 kHz tones right):
 five 10-s AAC-in-mp4 clips, five 10-s mp3 clips, one 10-min flac.
@@ -29,7 +32,7 @@ import av
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from overheard.media import iter_audio  # noqa: E402
+from overheard.media import _mean_gains, iter_audio  # noqa: E402
 
 SR = 48000
 COMMAND = "cd /work/main && .venv/bin/python bench/decoders.py"
@@ -75,9 +78,11 @@ def dec_decord(path: Path) -> np.ndarray:
 def dec_soundfile(path: Path) -> np.ndarray:
     import soundfile as sf
     data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (n, channels)
-    # libswresample via PyAV, same downmix matrix as ffmpeg -ac 1 (0.7071 * (L + R)).
-    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data.reshape(1, -1)), format="flt",
-                                       layout="stereo" if data.shape[1] == 2 else "mono")
+    # mean of the channels (what overheard.media and LAION-CLAP's librosa.load(mono=True) do), then
+    # libswresample via PyAV on the one mono channel.
+    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(mono.reshape(1, -1)), format="flt",
+                                       layout="mono")
     frame.sample_rate = rate
     r = av.AudioResampler(format="flt", layout="mono", rate=SR)
     out = [f.to_ndarray().reshape(-1) for f in r.resample(frame)]
@@ -85,8 +90,17 @@ def dec_soundfile(path: Path) -> np.ndarray:
     return np.concatenate(out)
 
 
+def _channels(path: Path) -> int:
+    with av.open(str(path)) as c:
+        return c.streams.audio[0].codec_context.channels
+
+
 def dec_ffmpeg(path: Path) -> np.ndarray:
-    out = subprocess.run(FFMPEG + ["-i", str(path), "-ac", "1", "-ar", str(SR), "-f", "f32le", "-"],
+    """The reference: the channel mean via FFmpeg's pan filter (in float), then resampling to 48 kHz,
+    e.g. ``-af "aformat=sample_fmts=fltp,pan=mono|c0=0.5*c0+0.5*c1"`` for stereo."""
+    n = _channels(path)
+    mix = ["-af", f"aformat=sample_fmts=fltp,pan={_mean_gains(n)}"] if n > 1 else ["-ac", "1"]
+    out = subprocess.run(FFMPEG + ["-i", str(path), *mix, "-ar", str(SR), "-f", "f32le", "-"],
                          capture_output=True, check=True).stdout
     return np.frombuffer(out, dtype=np.float32)
 
