@@ -38,12 +38,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from overheard.checkpoint import safetensors_weights
+
 FORMAT = "overheard.audibility"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 AUDIBLE, NOT_AUDIBLE = 1, 0
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 DEFAULT_MODEL = os.path.join(ASSETS, "audibility")
@@ -229,13 +230,7 @@ def load_classifier(directory: str | os.PathLike, device: str | torch.device = "
     if not d.is_dir():
         raise ValueError(f"{directory}: not a directory")
     config, block = read_config(d)
-    weights = d / WEIGHTS_NAME
-    if not weights.is_file():
-        pickles = sorted(p.name for p in d.iterdir() if p.name.endswith(_PICKLE_SUFFIXES))
-        if pickles:
-            raise ValueError(f"{directory}: found pickle checkpoint(s) {pickles} but no {WEIGHTS_NAME}; "
-                             "only safetensors are accepted (unpickling can run arbitrary code)")
-        raise ValueError(f"{directory}: missing {WEIGHTS_NAME}")
+    weights = safetensors_weights(directory, WEIGHTS_NAME)
     with torch.device("meta"):
         skeleton = AutoModelForSequenceClassification.from_config(config)
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from overheard.checkpoint import safetensors_weights
+
 FORMAT = "overheard.caption_decoder"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -45,8 +47,6 @@ TOKENIZER_NAME = "tokenizer.json"
 # The LM head shares its matrix with the token embedding (GPT-2 ties them); safetensors refuses
 # to save two names for one storage, so only the embedding is written and the tie restores it.
 _TIED_KEY = "lm.lm_head.weight"
-# File names that signal a pickle checkpoint; refused with a clear message rather than ignored.
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 BOS_ID, PAD_ID, EOS_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 4
 MAPPERS = ("mlp", "transformer")
@@ -224,8 +224,8 @@ class CaptionDecoder(nn.Module):
                              f"{1 + self.config.max_caption_tokens} fit the position table")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        p = self.config.prefix_length
         prefix = self.prefix(clap_emb)
+        p = prefix.shape[1]  # prefix_length; (1 + k) * prefix_length in the retrieval decoder
         x = torch.cat([prefix, self.lm.transformer.wte(input_ids)], dim=1)
         mask = torch.cat([attention_mask.new_ones(b, p), attention_mask], dim=1)
         logits = self.lm(inputs_embeds=x, attention_mask=mask, use_cache=False).logits[:, p:]
@@ -439,13 +439,7 @@ def load_decoder(directory: str | os.PathLike, device: str | torch.device = "cpu
     if not d.is_dir():
         raise ValueError(f"{directory}: not a directory")
     cfg, extra = read_config(d)
-    weights = d / WEIGHTS_NAME
-    if not weights.is_file():
-        pickles = sorted(p.name for p in d.iterdir() if p.name.endswith(_PICKLE_SUFFIXES))
-        if pickles:
-            raise ValueError(f"{directory}: found pickle checkpoint(s) {pickles} but no {WEIGHTS_NAME}; "
-                             "only safetensors are accepted (unpickling can run arbitrary code)")
-        raise ValueError(f"{directory}: missing {WEIGHTS_NAME}")
+    weights = safetensors_weights(directory, WEIGHTS_NAME)
 
     model = CaptionDecoder(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != _TIED_KEY}

@@ -22,12 +22,11 @@ import dataclasses
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from overheard import memory as mem
-from overheard.decoder import (CaptionDecoder, DecoderConfig, DecoderOutput, _TIED_KEY, WEIGHTS_NAME,
-                               load_decoder, read_config, save_decoder)
+from overheard.decoder import (CaptionDecoder, DecoderConfig, _TIED_KEY, WEIGHTS_NAME, load_decoder,
+                               read_config, save_decoder)
 
 
 class _RoomyConfig(DecoderConfig):
@@ -61,24 +60,6 @@ class RetrievalCaptionDecoder(CaptionDecoder):
         h = self.mapper(packed.reshape(b * g, d).to(device=w.device, dtype=w.dtype))
         h = h.view(b, g, self.config.prefix_length, -1) + self.slot[None, :, None, :]
         return h.reshape(b, g * self.config.prefix_length, -1)
-
-    def forward(self, packed: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> DecoderOutput:
-        """Prefix-LM cross-entropy exactly as ``CaptionDecoder.forward``, with the longer prefix."""
-        b, t = input_ids.shape
-        if t > 1 + self.config.max_caption_tokens:
-            raise ValueError(f"input_ids has {t} tokens; at most {1 + self.config.max_caption_tokens}")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        prefix = self.prefix(packed)
-        p = prefix.shape[1]
-        x = torch.cat([prefix, self.lm.transformer.wte(input_ids)], dim=1)
-        mask = torch.cat([attention_mask.new_ones(b, p), attention_mask], dim=1)
-        logits = self.lm(inputs_embeds=x, attention_mask=mask, use_cache=False).logits[:, p:]
-        targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                               targets.reshape(-1), ignore_index=-100)
-        return DecoderOutput(loss, logits)
 
 
 def pack(query: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:

@@ -30,11 +30,13 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from training.common import (adamw, cosine_lr, cpu_state_dict, fit, load_final, restore_checkpoint,
+                             save_epoch_checkpoint, worker_context)
 
 
 @dataclass
@@ -81,11 +83,6 @@ def model_config(cfg: Config, vocab_size: int):
 
 
 # ----------------------------------------------------------------------------- worker loop
-def _state_dict_cpu(model):
-    m = model.module if hasattr(model, "module") else model
-    return {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
-
-
 def evaluate(model, tokenizer, texts, labels, max_length, device, batch: int = 128) -> dict:
     import torch
     import torch.nn.functional as F
@@ -115,27 +112,19 @@ def train_loop(config: dict) -> None:
 
     import ray.train
     import ray.train.torch
-    from safetensors.torch import load_file, save_file
 
     from overheard.audibility import build_classifier, encode
     from overheard.tokenizer import load_tokenizer
 
     cfg = Config(**config["cfg"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if not cfg.use_gpu:
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    device = ray.train.torch.get_device()
+    rank, world, device = worker_context(cfg)
     tokenizer = load_tokenizer(config["tokenizer_dir"])
     with open(config["split_path"]) as f:
         split = json.load(f)
     tr_x, tr_y, ev_x, ev_y = split["train_texts"], split["train_labels"], split["eval_texts"], split["eval_labels"]
 
     model = build_classifier(model_config(cfg, config["vocab_size"]), seed=cfg.seed)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
     n = len(tr_x)
     local_bs = max(1, cfg.batch_size // world)
     steps_per_epoch = max(1, (n // world) // local_bs)
@@ -143,23 +132,12 @@ def train_loop(config: dict) -> None:
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
 
-    def lr_at(step):
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        p = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
-
     start_epoch, history, step_losses = 0, [], []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            model.load_state_dict(load_file(os.path.join(d, "model.safetensors")), strict=False)
-            state = torch.load(os.path.join(d, "train_state.pt"), weights_only=True)
-            opt.load_state_dict(state["optimizer"])
-            start_epoch = int(state["epoch"]) + 1
-            with open(os.path.join(d, "history.json")) as f:
-                hist = json.load(f)
-            history, step_losses = hist["epochs"], hist["step_losses"]
+    restored = restore_checkpoint(model, opt, strict=False)
+    if restored is not None:
+        state, hist = restored
+        start_epoch = int(state["epoch"]) + 1
+        history, step_losses = hist["epochs"], hist["step_losses"]
     model = ray.train.torch.prepare_model(model)
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -176,7 +154,7 @@ def train_loop(config: dict) -> None:
             if cfg.max_steps and step >= cfg.max_steps:
                 break
             for g in opt.param_groups:
-                g["lr"] = lr_at(step)
+                g["lr"] = cosine_lr(cfg.lr, cfg.warmup_steps, step, total_steps, floor=0.05)
             idx = mine[s * local_bs:(s + 1) * local_bs]
             enc = encode(tokenizer, [tr_x[i] for i in idx], cfg.max_length, device)
             y = torch.tensor([tr_y[i] for i in idx], device=device)
@@ -197,12 +175,8 @@ def train_loop(config: dict) -> None:
             ev = evaluate(model, tokenizer, ev_x, ev_y, cfg.max_length, device)
             metrics.update({"heldout_loss": ev["loss"], "heldout_accuracy": ev["accuracy"]})
             history.append(dict(metrics))
-            with tempfile.TemporaryDirectory() as d:
-                save_file(_state_dict_cpu(model), os.path.join(d, "model.safetensors"))
-                torch.save({"optimizer": opt.state_dict(), "epoch": epoch}, os.path.join(d, "train_state.pt"))
-                with open(os.path.join(d, "history.json"), "w") as f:
-                    json.dump({"epochs": history, "step_losses": step_losses}, f)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            save_epoch_checkpoint(metrics, cpu_state_dict(model), {"optimizer": opt.state_dict(), "epoch": epoch},
+                                  {"epochs": history, "step_losses": step_losses})
             print(f"[audibility] epoch {epoch} train loss {metrics['train_loss']:.4f} held-out loss "
                   f"{ev['loss']:.4f} acc {ev['accuracy']:.3f} ({metrics['epoch_s']:.1f}s)", flush=True)
         else:
@@ -223,9 +197,6 @@ def parse_args(argv) -> Config:
 
 def run(cfg: Config) -> dict:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from safetensors.torch import load_file
 
     from overheard import audibility as A
     from overheard.tokenizer import load_tokenizer
@@ -263,27 +234,11 @@ def run(cfg: Config) -> dict:
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": dataclasses.asdict(cfg), "tokenizer_dir": tok_dir, "vocab_size": vocab,
-                           "split_path": split_path},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=cfg.run_name, storage_path=cfg.storage_path,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep)),
-    )
-    t_fit = time.time()
-    result = trainer.fit()
-    t_fit = time.time() - t_fit
-    if result.checkpoint is None:
-        raise RuntimeError(f"training produced no checkpoint: {result.error}")
+    result, t_fit = fit(train_loop, {"cfg": dataclasses.asdict(cfg), "tokenizer_dir": tok_dir, "vocab_size": vocab,
+                                     "split_path": split_path}, cfg, resources, cfg.storage_path)
 
     model = A.build_classifier(model_config(cfg, vocab), seed=cfg.seed)
-    with result.checkpoint.as_directory() as d:
-        model.load_state_dict(load_file(os.path.join(d, "model.safetensors")), strict=False)
-        with open(os.path.join(d, "history.json")) as f:
-            hist = json.load(f)
+    hist = load_final(result.checkpoint, model, strict=False)
     model.eval()
     if os.path.isdir(cfg.out_dir):
         shutil.rmtree(cfg.out_dir)

@@ -30,11 +30,13 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from training.common import (adamw, cosine_lr, cpu_state_dict, fit, load_final, restore_checkpoint,
+                             save_epoch_checkpoint, worker_context)
 
 
 @dataclass
@@ -231,11 +233,6 @@ def prepare_split(cfg: Config, split: str, n: int) -> tuple[str, str]:
 
 
 # ----------------------------------------------------------------------------- worker loop
-def _state_dict_cpu(model):
-    m = model.module if hasattr(model, "module") else model
-    return {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
-
-
 def embed_eval(model, feats, captions_flat, tokenizer, device, batch: int = 32):
     import torch
 
@@ -263,14 +260,9 @@ def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
     from overheard.tokenizer import load_tokenizer
-    from safetensors.torch import load_file, save_file
 
     cfg = Config(**config["cfg"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if not cfg.use_gpu:
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    device = ray.train.torch.get_device()
+    rank, world, device = worker_context(cfg)
     tokenizer = load_tokenizer(config["tokenizer_dir"])
     feats = np.load(config["train_features"], mmap_mode="r")
     with open(config["train_captions"]) as f:
@@ -280,31 +272,17 @@ def train_loop(config: dict) -> None:
         eval_rows = json.load(f)
 
     model = build_model(cfg, config["vocab_size"])
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
     n = len(train_rows)
     local_bs = max(1, cfg.batch_size // world)
     steps_per_epoch = max(1, (n // world) // local_bs)
     total_steps = steps_per_epoch * cfg.epochs
 
-    def lr_at(step):
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        p = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
-
     start_epoch, history = 0, []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
-            state = torch.load(os.path.join(d, "train_state.pt"), weights_only=True)
-            opt.load_state_dict(state["optimizer"])
-            start_epoch = int(state["epoch"]) + 1
-            with open(os.path.join(d, "history.json")) as f:
-                history = json.load(f)
+    restored = restore_checkpoint(model, opt)
+    if restored is not None:
+        state, history = restored
+        start_epoch = int(state["epoch"]) + 1
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
 
@@ -321,7 +299,7 @@ def train_loop(config: dict) -> None:
         for s in range(steps_per_epoch):
             step = epoch * steps_per_epoch + s
             for g in opt.param_groups:
-                g["lr"] = lr_at(step)
+                g["lr"] = cosine_lr(cfg.lr, cfg.warmup_steps, step, total_steps, floor=0.05)
             idx = np.sort(mine[s * local_bs:(s + 1) * local_bs])
             x = torch.from_numpy(np.asarray(feats[idx], dtype=np.float32)).unsqueeze(1).to(device)
             tok = tokenizer([train_rows[i]["captions"][choice[i]].lower() for i in idx], padding=True,
@@ -357,14 +335,9 @@ def train_loop(config: dict) -> None:
             history.append({k: metrics[k] for k in ("epoch", "train_loss", "epoch_s", "eval_a2t_R@1",
                                                        "eval_a2t_R@5", "eval_t2a_R@1", "eval_gap_norm",
                                                        "eval_cos_paired")})
-            with tempfile.TemporaryDirectory() as d:
-                save_file(_state_dict_cpu(model), os.path.join(d, "model.safetensors"))
-                torch.save({"optimizer": opt.state_dict(), "epoch": epoch}, os.path.join(d, "train_state.pt"))
-                with open(os.path.join(d, "history.json"), "w") as f:
-                    json.dump(history, f)
-                with open(os.path.join(d, "config.json"), "w") as f:
-                    json.dump(dataclasses.asdict(cfg) | {"vocab_size_actual": config["vocab_size"]}, f)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            save_epoch_checkpoint(metrics, cpu_state_dict(model), {"optimizer": opt.state_dict(), "epoch": epoch},
+                                  history, extra_json={"config.json": dataclasses.asdict(cfg)
+                                                       | {"vocab_size_actual": config["vocab_size"]}})
             print(f"[clap_contrastive] epoch {epoch} loss {metrics['train_loss']:.3f} "
                   f"a2t R@1 {metrics['eval_a2t_R@1']:.2f} R@5 {metrics['eval_a2t_R@5']:.2f} "
                   f"gap {metrics['eval_gap_norm']:.3f} ({metrics['epoch_s']:.1f}s)", flush=True)
@@ -414,9 +387,6 @@ def parse_args(argv) -> Config:
 
 def run(cfg: Config) -> dict:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from safetensors.torch import load_file
 
     from overheard.tokenizer import train_bpe_tokenizer
 
@@ -448,28 +418,13 @@ def run(cfg: Config) -> dict:
     tokenizer = load_tokenizer(tok_dir)
     vocab = len(tokenizer)
 
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": dataclasses.asdict(cfg), "tokenizer_dir": tok_dir, "vocab_size": vocab,
-                           "train_features": tr_f, "train_captions": tr_c,
-                           "eval_features": ev_f, "eval_captions": ev_c},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(name=cfg.run_name, storage_path=cfg.storage_path,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep)),
-    )
-    t_fit = time.time()
-    result = trainer.fit()
-    t_fit = time.time() - t_fit
-    if result.checkpoint is None:
-        raise RuntimeError(f"training produced no checkpoint: {result.error}")
+    result, t_fit = fit(train_loop, {"cfg": dataclasses.asdict(cfg), "tokenizer_dir": tok_dir, "vocab_size": vocab,
+                                     "train_features": tr_f, "train_captions": tr_c,
+                                     "eval_features": ev_f, "eval_captions": ev_c},
+                        cfg, {"CPU": cfg.cpus_per_worker}, cfg.storage_path)
 
     model = build_model(cfg, vocab)
-    with result.checkpoint.as_directory() as d:
-        model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
-        with open(os.path.join(d, "history.json")) as f:
-            history = json.load(f)
+    history = load_final(result.checkpoint, model)
     model.eval()
     if os.path.isdir(cfg.out_dir):
         shutil.rmtree(cfg.out_dir)

@@ -47,6 +47,8 @@ import numpy as np
 
 from jobs.config_cli import parse, to_json
 from overheard import storage
+from training.common import (adamw, cosine_lr, cpu_state_dict, fit, load_final, restore_checkpoint,
+                             save_epoch_checkpoint, worker_context)
 
 GAP_MODES = ("none", "noise", "shift", "both")
 
@@ -121,10 +123,7 @@ def condition(emb, gap_mode: str, noise_variance: float, gap=None, renormalise: 
 
 
 def _lr_at(cfg: TrainDecoderConfig, step: int, total: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    p = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+    return cosine_lr(cfg.lr, cfg.warmup_steps, step, total, floor=0.1)
 
 
 def _build_model(dcfg_dict: dict, k: int):
@@ -145,13 +144,6 @@ def _tokenizer_from_files(files: dict):
     return load_tokenizer(d)
 
 
-def _state_cpu(model) -> dict:
-    from overheard.decoder import _TIED_KEY
-
-    core = model.module if hasattr(model, "module") else model
-    return {k: v.detach().cpu().contiguous() for k, v in core.state_dict().items() if k != _TIED_KEY}
-
-
 # ----------------------------------------------------------------------------- worker loop
 def train_loop(config: dict) -> None:
     import ray
@@ -159,16 +151,11 @@ def train_loop(config: dict) -> None:
     import ray.train.torch
     import torch
     import torch.distributed as dist
-    from safetensors.torch import load_file, save_file
 
-    from overheard.decoder import encode_captions
+    from overheard.decoder import _TIED_KEY, encode_captions
 
     cfg = TrainDecoderConfig(**config["cfg"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if not cfg.use_gpu:
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    device = ray.train.torch.get_device()
+    rank, world, device = worker_context(cfg)
     data = ray.get(config["data_ref"])
     captions, emb_np, nbrs = data["captions"], data["embeddings"], data.get("neighbours")
     tokenizer = _tokenizer_from_files(config["tokenizer_files"])
@@ -183,27 +170,18 @@ def train_loop(config: dict) -> None:
 
     torch.manual_seed(cfg.seed)  # identical init on every worker (DDP also broadcasts rank 0's)
     model = _build_model(dcfg, k)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
     n = len(captions)
     local_bs = max(1, cfg.batch_size // world)
     steps_per_epoch = max(1, math.ceil(n / (local_bs * world)))
     total_steps = steps_per_epoch * cfg.epochs
 
     start_epoch, step, history = 0, 0, []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = load_file(os.path.join(d, "model.safetensors"))
-            model.load_state_dict(state, strict=False)
-            model.lm.tie_weights()
-            ts = torch.load(os.path.join(d, "train_state.pt"), weights_only=True)
-            opt.load_state_dict(ts["optimizer"])
-            start_epoch, step = int(ts["epoch"]) + 1, int(ts["step"])
-            with open(os.path.join(d, "history.json")) as f:
-                history = json.load(f)
+    restored = restore_checkpoint(model, opt, strict=False)
+    if restored is not None:
+        model.lm.tie_weights()
+        ts, history = restored
+        start_epoch, step = int(ts["epoch"]) + 1, int(ts["step"])
     model = ray.train.torch.prepare_model(model)
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -253,13 +231,8 @@ def train_loop(config: dict) -> None:
                    "start_epoch": start_epoch, "world_size": world}
         history.append(metrics)
         if rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                save_file(_state_cpu(model), os.path.join(d, "model.safetensors"))
-                torch.save({"optimizer": opt.state_dict(), "epoch": epoch, "step": step},
-                           os.path.join(d, "train_state.pt"))
-                with open(os.path.join(d, "history.json"), "w") as f:
-                    json.dump(history, f)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            save_epoch_checkpoint(metrics, cpu_state_dict(model, exclude=(_TIED_KEY,)),
+                                  {"optimizer": opt.state_dict(), "epoch": epoch, "step": step}, history)
             print(f"[train-decoder] epoch {epoch} step {step} loss {metrics['loss']:.4f} "
                   f"{metrics['tokens_per_s']:.0f} tok/s ({epoch_s:.1f} s)", flush=True)
         else:
@@ -344,9 +317,6 @@ def run(cfg: TrainDecoderConfig) -> dict:
     """Embed (or reuse), train (or resume), write the model directory; returns a summary."""
     import ray
     import torch
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from safetensors.torch import load_file
 
     from jobs.embed_captions import read_cache
     from overheard.decoder import DecoderConfig
@@ -371,30 +341,15 @@ def run(cfg: TrainDecoderConfig) -> dict:
         data["neighbours"] = training_neighbours(torch.from_numpy(emb), captions,
                                                  cfg.retrieval_k).numpy()
     sp, fs, run_dir = _storage(cfg)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": dataclasses.asdict(cfg), "decoder": dcfg.to_dict(),
-                           "data_ref": ray.put(data), "tokenizer_files": _tokenizer_files(tok),
-                           "noise_variance": noise, "gap": gap, "run_dir": run_dir},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(name=cfg.run_name, storage_path=sp, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep)),
-    )
-    t_fit = time.time()
-    result = trainer.fit()
-    t_fit = time.time() - t_fit
-    if result.checkpoint is None:
-        raise RuntimeError(f"training produced no checkpoint: {result.error}")
+    result, t_fit = fit(train_loop, {"cfg": dataclasses.asdict(cfg), "decoder": dcfg.to_dict(),
+                                     "data_ref": ray.put(data), "tokenizer_files": _tokenizer_files(tok),
+                                     "noise_variance": noise, "gap": gap, "run_dir": run_dir},
+                        cfg, {"CPU": cfg.cpus_per_worker}, sp, storage_filesystem=fs)
 
     torch.manual_seed(cfg.seed)
     model = _build_model(dcfg.to_dict(), cfg.retrieval_k)
-    with result.checkpoint.as_directory() as d:
-        model.load_state_dict(load_file(os.path.join(d, "model.safetensors")), strict=False)
-        model.lm.tie_weights()
-        with open(os.path.join(d, "history.json")) as f:
-            history = json.load(f)
+    history = load_final(result.checkpoint, model, strict=False)
+    model.lm.tie_weights()
     model.eval()
     extra = {"modality_gap": gap_info,
              "retrieval": {"k": cfg.retrieval_k} if cfg.retrieval_k else None,
