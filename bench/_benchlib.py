@@ -256,8 +256,7 @@ def run_job_sampled(input_dir: Path, interval: float = 0.5, cores: int = 2, **ov
     from jobs.caption import CaptionConfig, run
 
     s = ProcSampler(interval).start()
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    ray_init(cores)
     out = Path(tempfile.mkdtemp(prefix="ovh-bench-out-"))
     try:
         cfg = dataclasses.replace(CaptionConfig(input=str(input_dir), output=str(out), progress=False,
@@ -274,6 +273,22 @@ def run_job_sampled(input_dir: Path, interval: float = 0.5, cores: int = 2, **ov
         ray.shutdown()
         shutil.rmtree(out, ignore_errors=True)
     return dict(manifest=m, wall=wall, sampler=s, t_run=t_run, rows=rows.num_rows, unique=len(keys))
+
+
+def ray_init(cores: int, attempts: int = 3) -> None:
+    """ray.init(num_cpus=cores); retried because Ray gives a raylet a fixed 30 s to register with
+    the GCS, which a heavily loaded 2-core machine can exceed."""
+    import ray
+    for i in range(attempts):
+        try:
+            ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+            return
+        except Exception:
+            ray.shutdown()
+            os.environ.pop("RAY_ADDRESS", None)
+            if i == attempts - 1:
+                raise
 
 
 def link_subset(files: list[Path], name: str) -> Path:

@@ -122,8 +122,7 @@ def e2e(files_dir: Path, cores: int, overrides: dict) -> dict:
 
     t = time.perf_counter()
     s = B.ProcSampler().start()
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    B.ray_init(cores)
     init_s = time.perf_counter() - t
     out = Path(tempfile.mkdtemp(prefix="ovh-bench-out-"))
     try:
@@ -167,6 +166,8 @@ def main(argv=None) -> int:
     ap.add_argument("--naive-files", type=int, default=0,
                     help="run the naive loop on a deterministic subset of this many files "
                          "(0 = all); its windows/s is what is compared")
+    ap.add_argument("--naive-threads", type=int, default=0,
+                    help="torch threads for the naive loop (0 = torch's default, one per core)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a CaptionConfig field for (c), e.g. --set encoder_batch=64")
     args = ap.parse_args(argv)
@@ -200,9 +201,11 @@ def main(argv=None) -> int:
         dec = os.path.join(args.model, "decoder")
         nf = files
         if args.naive_files:
-            # keep the clip/long mix: every k-th file
+            # every k-th file (the clips come first, so a small subset is clips only)
             k = max(1, len(files) // args.naive_files)
             nf = files[::k][: args.naive_files]
+        if args.naive_threads:
+            torch.set_num_threads(args.naive_threads)
         la = B.load_now()
         rows["b"] = dict(naive_loop(nf, clap, dec), load=(la, B.load_now()))
     if "c" in args.only:
@@ -210,7 +213,9 @@ def main(argv=None) -> int:
         rows["c"] = dict(e2e(d, args.cores, overrides), load=(la, B.load_now()))
 
     names = {"a": f"(a) decode ceiling (pool of {args.cores}, decode+resample+window only)",
-             "b": "(b) naive per-file loop (1 process, 1 window at a time)",
+             "b": f"(b) naive per-file loop (1 process, torch threads {torch.get_num_threads()}, "
+                  f"1 window at a time" + (f", {rows['b']['windows']} windows of a {args.naive_files}-file "
+                                           "subset)" if args.naive_files and "b" in rows else ")"),
              "c": f"(c) overheard e2e, local Ray num_cpus={args.cores}"}
     print("| run | windows | wall s | windows/s | real-time factor | CPU util (tree CPU s / wall / cores) "
           "| CPU s per window | peak RSS, whole tree | largest process | load avg (start->end) |")
