@@ -120,8 +120,9 @@ def test_object_store_outage_mid_run(ray_local, s3_server, s3_bucket, tiny_model
     assert not t.is_alive(), "job hung after the outage"
     assert "error" not in box, box.get("error")
     m1 = box["manifest"]
-    first = read_dir(os.path.join(out, "captions"))
-    assert m1["windows"] == first.num_rows
+    caps_dir = os.path.join(out, "captions")
+    first_rows = read_dir(caps_dir).num_rows if os.path.isdir(caps_dir) else 0
+    assert m1["windows"] == first_rows
     assert m1["sources_failed"] >= 1, "the outage broke no read; the test proves nothing"
     fails = read_dir(os.path.join(out, "failures")).to_pylist()
     assert len(fails) == m1["sources_failed"]
@@ -201,7 +202,7 @@ def authed_s3():
     """A second S3 server that enforces credentials (moto IAM): the first 3 requests create a
     user with an admin policy and its key; every request after must be signed with it."""
     import boto3
-    from tests.conftest import S3Server, _free_port
+    from tests.s3server import S3Server, _free_port
     srv = S3Server(_free_port(), env={"INITIAL_NO_AUTH_ACTION_COUNT": "3"}).start()
     iam = boto3.client("iam", endpoint_url=srv.endpoint, region_name="us-east-1",
                        aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
