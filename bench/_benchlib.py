@@ -189,6 +189,8 @@ class ProcSampler:
             rec["title"] = info["title"]
             # RSS while holding this role (a reused worker's VmHWM mixes roles)
             rec["hwm_by_role"][role] = max(rec["hwm_by_role"].get(role, 0), info["rss"])
+            rec.setdefault("anon_by_role", {})
+            rec["anon_by_role"][role] = max(rec["anon_by_role"].get(role, 0), info["anon"])
             by_role[role] = by_role.get(role, 0) + info["rss"]
             anon_by_role[role] = anon_by_role.get(role, 0) + info["anon"]
             total += info["rss"]
@@ -217,11 +219,12 @@ class ProcSampler:
     def peak_total_rss(self) -> int:
         return max((s["rss"] for s in self.series), default=0)
 
-    def peak_by_role(self) -> dict[str, int]:
-        """Per role: the largest RSS any single process had while holding that role."""
+    def peak_by_role(self, key: str = "hwm_by_role") -> dict[str, int]:
+        """Per role: the largest RSS (``key="anon_by_role"``: RssAnon, private memory without the
+        object-store pages a process has mapped) any single process had while holding that role."""
         out: dict[str, int] = {}
         for r in self.procs.values():
-            for role, v in r["hwm_by_role"].items():
+            for role, v in r.get(key, {}).items():
                 out[role] = max(out.get(role, 0), v)
         return out
 
