@@ -199,9 +199,10 @@ def build(cfg: CaptionConfig, sources: list[tuple[str, str]], clap: str, decoder
     device = "cuda" if gpus > 0 else "cpu"
     src = pa.table({"source_uri": [u for u, _ in sources],
                     "source_version": [v for _, v in sources]})
-    # One block per ~4 sources (at most 10k blocks) so decode tasks start while others are
-    # still queued and the work spreads over every node's decode slots.
-    n_blocks = max(1, min(10_000, -(-len(sources) // 4)))
+    # One source per block (up to 10k blocks; beyond that blocks hold several sources): a decode
+    # task walks its block's sources serially, so 4 per block left two 10-min files adjacent in
+    # the sorted listing on one core while the other idled (docs/performance.md).
+    n_blocks = max(1, min(10_000, len(sources)))
     step = -(-len(sources) // n_blocks)
     ds = ray.data.from_arrow([src.slice(i, step) for i in range(0, len(sources), step)])
     ds = ds.map_batches(
