@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     ap.add_argument("--long", type=int, default=2, help="long flac files")
     ap.add_argument("--long-s", type=float, default=600.0, help="length of each long file (s)")
     ap.add_argument("--cores", type=int, default=2)
-    ap.add_argument("--model", default=str(ROOT / "overheard" / "assets" / "default-model"))
+    ap.add_argument("--model", default=str(ROOT / "overheard" / "assets" / "tiny-random-model"))
     ap.add_argument("--only", default="abc", help="which rows: subset of 'abc'")
     ap.add_argument("--naive-files", type=int, default=0,
                     help="run the naive loop on a deterministic subset of this many files "

@@ -32,7 +32,12 @@ from jobs.config_cli import parse, to_json
 from jobs.sink import PartWriter, SourceAssembler, done_sources
 from overheard import storage
 
-DEFAULT_MODEL = os.path.join(os.path.dirname(overheard.__file__), "assets", "default-model")
+ASSETS = os.path.join(os.path.dirname(overheard.__file__), "assets")
+# The embedded default: a tiny CLAP trained on the sound world + a text-only decoder (5.3 MB,
+# overheard/assets/soundworld-model/MODEL_CARD.md). tiny-random-model is random weights: the
+# cheapest model that exercises every path (benchmarks of framework overhead use it).
+DEFAULT_MODEL = os.path.join(ASSETS, "soundworld-model")
+TINY_MODEL = os.path.join(ASSETS, "tiny-random-model")
 MEDIA_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".mp4",
                   ".m4v", ".mkv", ".webm", ".mov", ".avi", ".wma", ".aiff", ".aif")
 MANIFEST_SUFFIXES = (".parquet", ".csv")

@@ -1,8 +1,7 @@
-"""Build the embedded default model (overheard/assets/default-model) in the job's layout.
-
-Until a sound-world-trained model ships (issue 4), this is a tiny random-weight CLAP plus a
-tiny random decoder: it proves the whole path offline, its captions carry no meaning.
-    .venv/bin/python scripts/build_default_model.py [--out DIR]
+"""Build overheard/assets/tiny-random-model in the job's layout: a tiny random-weight CLAP
+plus a tiny random decoder. Captions carry no meaning; it is the cheapest model that runs
+every path (framework-overhead benchmarks).
+    .venv/bin/python scripts/build_tiny_model.py [--out DIR]
 """
 
 import argparse
@@ -15,12 +14,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from overheard.clap import ClapEncoder  # noqa: E402
 from overheard.decoder import build_tiny_decoder  # noqa: E402
 from overheard.tiny import build_tiny_clap  # noqa: E402
-from jobs.caption import DEFAULT_MODEL  # noqa: E402
+from jobs.caption import TINY_MODEL  # noqa: E402
 
 
 def main(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("--out", default=DEFAULT_MODEL)
+    p.add_argument("--out", default=TINY_MODEL)
     a = p.parse_args(argv)
     shutil.rmtree(a.out, ignore_errors=True)
     build_tiny_clap(os.path.join(a.out, "clap"), seed=0)
