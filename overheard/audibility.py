@@ -169,7 +169,7 @@ def save_classifier(model, tokenizer, directory: str | os.PathLike, max_length: 
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but vocab_size={model.config.vocab_size}")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(d / WEIGHTS_NAME), metadata={"format": "pt", "overheard": FORMAT})
+    save_model(model, str(d / WEIGHTS_NAME), metadata={"format": "pt"})  # one key: safetensors writes metadata from a hash map, so 2+ keys reorder between runs and break byte-identical files
     cfg = model.config.to_dict()
     cfg.pop("transformers_version", None)  # keep the file byte-stable across library versions
     cfg["overheard"] = {"format": FORMAT, "format_version": FORMAT_VERSION, "audible_label": AUDIBLE,

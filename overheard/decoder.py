@@ -389,7 +389,7 @@ def save_decoder(model: CaptionDecoder, tokenizer, directory: str | os.PathLike,
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k != _TIED_KEY}
-    save_file(state, str(d / WEIGHTS_NAME), metadata={"format": "pt", "overheard": FORMAT})
+    save_file(state, str(d / WEIGHTS_NAME), metadata={"format": "pt"})  # one key: safetensors writes metadata from a hash map, so 2+ keys reorder between runs and break byte-identical files
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "decoder": model.config.to_dict(),
             "extra": extra if extra is not None else dict(model.extra)}
     (d / CONFIG_NAME).write_text(json.dumps(meta, sort_keys=True, indent=2) + "\n")

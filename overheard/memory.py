@@ -214,7 +214,7 @@ class CaptionMemory:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         save_file({TENSOR_KEY: self.embeddings.cpu().contiguous()}, str(d / EMBEDDINGS_NAME),
-                  metadata={"count": str(len(self)), "dim": str(self.dim)})
+                  metadata={"shape": f"{len(self)}x{self.dim}"})  # one key: safetensors writes metadata from a hash map, so 2+ keys reorder between runs and break byte-identical files
         with open(d / CAPTIONS_NAME, "w", encoding="utf-8") as f:
             for c in self.captions:
                 f.write(json.dumps(c, ensure_ascii=False) + "\n")

@@ -60,8 +60,7 @@ def main(argv=None) -> int:
             shutil.copy2(os.path.join(src, f), os.path.join(dec, f))
     state = load_file(os.path.join(src, "model.safetensors"))
     save_file({k: v.half().contiguous() for k, v in state.items()},
-              os.path.join(dec, "model.safetensors"), metadata={"format": "pt", "overheard":
-                                                                "overheard.caption_decoder"})
+              os.path.join(dec, "model.safetensors"), metadata={"format": "pt"})
     mem = CaptionMemory.load(src)
     seen, keep = set(), []
     for i, c in enumerate(mem.captions):

@@ -157,8 +157,10 @@ def test_killed_run_restarts_with_exactly_one_row_per_window(ray_local, tiny_mod
     d = tmp_path / "many"
     d.mkdir()
     durations = {}
-    for i in range(12):
-        secs = 12.0 + i
+    # 24 sources and batch-1 model calls: long enough that, even on an idle machine, the job is
+    # still running when its first part lands (12 sources with default batches finished first)
+    for i in range(24):
+        secs = 12.0 + i % 12
         mf.make_tone(str(d / f"t{i:02d}.wav"), seconds=secs, sr=16000, channels=1,
                      freq=300 + 50 * i)
         durations[str(d / f"t{i:02d}.wav")] = secs
@@ -166,7 +168,8 @@ def test_killed_run_restarts_with_exactly_one_row_per_window(ray_local, tiny_mod
     env = dict(os.environ)
     address = ray_local.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "jobs.caption", str(d), str(out), "--model", tiny_model,
-           "--flush-interval", "0", "--no-progress", "--show", "0", "--ray-address", address]
+           "--flush-interval", "0", "--no-progress", "--show", "0", "--ray-address", address,
+           "--encoder-batch", "1", "--captioner-batch", "1"]
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     caps_dir = out / "captions"

@@ -69,10 +69,12 @@ def _run_in_thread(cfg):
 
 def test_actor_process_killed_mid_run(ray_local, tiny_model, tmp_path):
     from jobs.caption import CaptionConfig
-    durations = _archive(tmp_path / "a", 10)
+    durations = _archive(tmp_path / "a", 20)
     out = str(tmp_path / "out")
+    # batch-1 model calls keep the CLAP actor busy long after the first part lands, even idle
     cfg = CaptionConfig(input=str(tmp_path / "a"), output=out, model=tiny_model,
-                        progress=False, flush_interval=0, show=0)
+                        progress=False, flush_interval=0, show=0, encoder_batch=1,
+                        captioner_batch=1)
     t, box = _run_in_thread(cfg)
     killed = []
     deadline = time.time() + 300
