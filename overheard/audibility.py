@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from overheard.checkpoint import safetensors_weights
+from overheard.checkpoint import read_config_json, safetensors_weights
 
 FORMAT = "overheard.audibility"
 FORMAT_VERSION = 1
@@ -183,13 +183,7 @@ def read_config(directory: str | os.PathLike):
     """config.json -> (transformers config, overheard block). ValueError names any problem."""
     from transformers import AutoConfig
 
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise ValueError(f"{directory}: no {CONFIG_NAME}; not an audibility-classifier directory")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    path, meta = read_config_json(directory, CONFIG_NAME, "an audibility-classifier")
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: expected a JSON object")
     block = meta.pop("overheard", None)

@@ -3,6 +3,7 @@ safetensors only; a directory holding only pickle checkpoints is refused by name
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -22,3 +23,15 @@ def safetensors_weights(directory: str | os.PathLike, name: str = WEIGHTS_NAME) 
                              "only safetensors are accepted (unpickling can run arbitrary code)")
         raise ValueError(f"{directory}: missing {name}")
     return weights
+
+
+def read_config_json(directory: str | os.PathLike, name: str, what: str) -> tuple[Path, dict]:
+    """(path, parsed JSON) of ``directory / name``; ValueError naming the directory when the file
+    is missing ("not a <what> directory") or the path when it is not valid JSON."""
+    path = Path(directory) / name
+    if not path.is_file():
+        raise ValueError(f"{directory}: no {name}; not {what} directory")
+    try:
+        return path, json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None

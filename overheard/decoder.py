@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from overheard.checkpoint import safetensors_weights
+from overheard.checkpoint import read_config_json, safetensors_weights
 
 FORMAT = "overheard.caption_decoder"
 FORMAT_VERSION = 1
@@ -399,13 +399,7 @@ def save_decoder(model: CaptionDecoder, tokenizer, directory: str | os.PathLike,
 
 def read_config(directory: str | os.PathLike) -> tuple[DecoderConfig, dict]:
     """Parse and validate config.json of a decoder directory -> (DecoderConfig, extra)."""
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise ValueError(f"{directory}: no {CONFIG_NAME}; not a caption-decoder directory")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    path, meta = read_config_json(directory, CONFIG_NAME, "a caption-decoder")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format is {meta.get('format') if isinstance(meta, dict) else None!r}, "
                          f"expected {FORMAT!r}")
