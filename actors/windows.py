@@ -10,6 +10,11 @@ Columns out (one row per window, plus one failure row for a source that fails):
     n_windows: int32           on the source's last window: how many windows it has; else -1
     error_type, error_message, stage: str   ("" unless a failure row)
     windows_kept: int32        on a failure row: windows emitted before the fault
+With ``frame_size`` > 0 (the caption job's ``audio+image`` mode) each window row also carries
+    frame: large_binary        uint8 RGB frame_size x frame_size x 3 at the window's midpoint, or
+                               b"" when the source has no usable video there (the window is then
+                               captioned from audio alone; the job never fails a source for it)
+In ``audio`` mode the column is absent and no video is decoded at all.
 A source ends with exactly one terminal row (its last window, or its failure row), which lets
 the writer know when every window of a source has arrived, whatever order they come in.
 """
@@ -35,7 +40,7 @@ WINDOWS_PER_YIELD = 8
 
 
 def _table(rows: list[dict]) -> pa.Table:
-    return pa.table({
+    cols = {
         "source_uri": pa.array([r["source_uri"] for r in rows], pa.string()),
         "source_version": pa.array([r["source_version"] for r in rows], pa.string()),
         "window_index": pa.array([r["window_index"] for r in rows], pa.int32()),
@@ -47,7 +52,37 @@ def _table(rows: list[dict]) -> pa.Table:
         "error_message": pa.array([r["error_message"] for r in rows], pa.string()),
         "stage": pa.array([r["stage"] for r in rows], pa.string()),
         "windows_kept": pa.array([r["windows_kept"] for r in rows], pa.int32()),
-    })
+    }
+    if rows and "frame" in rows[0]:
+        cols["frame"] = pa.array([r["frame"] for r in rows], pa.large_binary())
+    return pa.table(cols)
+
+
+class _Frames:
+    """Frames for one source, fetched per yielded group of windows (8 midpoints per call: one
+    seek walk, overheard.frames). The first failure (no video track, corrupt video) is remembered:
+    later groups of that source skip video entirely and carry b""."""
+
+    def __init__(self, uri: str, size: int, timeout_s: float | None):
+        self.uri, self.size, self.timeout_s = uri, size, timeout_s
+        self.failed = ""
+
+    def attach(self, rows: list[dict]) -> None:
+        from overheard.frames import read_frames
+
+        wins = [r for r in rows if r["window_index"] >= 0]
+        for r in rows:
+            r["frame"] = b""
+        if not wins or self.failed:
+            return
+        try:
+            with storage.open_input(self.uri) as f:
+                frames = read_frames(f, [(r["start_s"] + r["end_s"]) / 2 for r in wins],
+                                     size=self.size, timeout_s=self.timeout_s)
+            for r, fr in zip(wins, frames):
+                r["frame"] = np.ascontiguousarray(fr).tobytes()
+        except Exception as e:  # MediaError (no_video_track, corrupt, ...) or the store failing
+            self.failed = getattr(e, "error_type", type(e).__name__)
 
 
 class IOGuard:
@@ -188,22 +223,30 @@ def current_version(uri: str) -> str:
 def decode_sources(batch: pa.Table, *, window_s: float = 10.0, hop_s: float | None = None,
                    min_window_s: float = 0.5, pad_mode: str = "repeatpad",
                    max_duration_s: float | None = None,
-                   timeout_s: float | None = None) -> Iterator[pa.Table]:
+                   timeout_s: float | None = None, frame_size: int = 0) -> Iterator[pa.Table]:
     """Ray Data generator UDF (batch_format="pyarrow"): sources in, window tables out,
-    ``WINDOWS_PER_YIELD`` windows at a time so memory stays flat for hour-long files."""
+    ``WINDOWS_PER_YIELD`` windows at a time so memory stays flat for hour-long files.
+    ``frame_size`` > 0 adds each window's midpoint frame (see the module docstring)."""
     uris = batch.column("source_uri").to_pylist()
     versions = batch.column("source_version").to_pylist()
     for uri, version in zip(uris, versions):
         rows: list[dict] = []
+        frames = _Frames(uri, frame_size, timeout_s) if frame_size > 0 else None
+
+        def out(rows):
+            if frames is not None:
+                frames.attach(rows)
+            return _table(rows)
+
         for row in source_windows(uri, version or "", window_s=window_s, hop_s=hop_s,
                                   min_window_s=min_window_s, pad_mode=pad_mode,
                                   max_duration_s=max_duration_s, timeout_s=timeout_s):
             rows.append(row)
             if len(rows) >= WINDOWS_PER_YIELD:
-                yield _table(rows)
+                yield out(rows)
                 rows = []
         if rows:
-            yield _table(rows)
+            yield out(rows)
 
 
 def samples_matrix(samples: list[bytes], n: int) -> np.ndarray:

@@ -50,7 +50,15 @@ class CaptionConfig:
                                          ".parquet/.csv with a 'uri' column (local or s3://)"})
     output: str = field(metadata={"help": "output folder/prefix (local or s3://)"})
     model: str = field(default=DEFAULT_MODEL, metadata={
-        "help": "model directory holding clap/ (HF ClapModel dir) or clap.pt, and decoder/"})
+        "help": "model directory holding clap/ (HF ClapModel dir) or clap.pt, and decoder/; or a "
+                "DALI model: dali/ (config.json naming its CLAP and LLaVA) or a dali checkpoint dir"})
+    mode: str = field(default="audio", metadata={
+        "help": "audio | audio+image: DALI models also see the video frame at each window's "
+                "midpoint (files without video fall back to audio); 'audio' decodes no frames"})
+    sample_temperature: float = field(default=0.0, metadata={
+        "help": "DALI: 0 = greedy (deterministic); > 0 samples at this temperature with a "
+                "per-window seed (the seed paper's reference samples at 0.2)"})
+    max_new_tokens: int = field(default=0, metadata={"help": "DALI: caption length cap (0: model's)"})
     clap: str = field(default="", metadata={
         "help": "override: HF ClapModel directory or original LAION-CLAP .pt checkpoint"})
     decoder: str = field(default="", metadata={"help": "override: caption decoder directory"})
@@ -125,6 +133,37 @@ def resolve_model(cfg: CaptionConfig) -> tuple[str, str]:
     return clap, dec
 
 
+def dali_checkpoint(cfg: CaptionConfig) -> str:
+    """The DALI checkpoint the model names (MODEL/dali, or MODEL itself), or ""."""
+    from overheard.dali.model import is_dali
+
+    for d in (storage.join(cfg.model, "dali"), cfg.model):
+        if is_dali(d):
+            return d
+    return ""
+
+
+def validate_dali(cfg: CaptionConfig, dali: str) -> tuple[str, int]:
+    """Check a DALI model before any work: config, CLAP and LLaVA load, weights fit, window fits
+    CLAP's input. Returns (CLAP path, LLaVA image size for the frame decoder)."""
+    import gc
+
+    from overheard.dali.model import DaliModel
+
+    try:
+        m = DaliModel(dali)
+    except Exception as e:
+        raise ValueError(f"invalid DALI model at {dali}: {type(e).__name__}: {e}") from None
+    limit = m.clap.window_samples / m.clap.sampling_rate
+    clap, size = m.clap_path, m.llava.image_size
+    del m
+    gc.collect()
+    if cfg.window > limit + 1e-9:
+        raise ValueError(f"--window {cfg.window} is longer than the DALI audio encoder's "
+                         f"{limit:g}-s input; use --window {limit:g} or less")
+    return clap, size
+
+
 def validate_models(clap: str, decoder: str) -> None:
     """Load both models once in the driver before any work, so a bad model directory (wrong
     shapes, missing keys, a pickle posing as weights) stops the job with one clear message
@@ -186,8 +225,10 @@ def _ray_init(cfg: CaptionConfig):
     return ray
 
 
-def build(cfg: CaptionConfig, sources: list[tuple[str, str]], clap: str, decoder: str):
-    """The streaming Ray Data pipeline over ``sources``; returns the Dataset (lazy)."""
+def build(cfg: CaptionConfig, sources: list[tuple[str, str]], clap: str, decoder: str,
+          dali: str = "", frame_size: int = 0):
+    """The streaming Ray Data pipeline over ``sources``; returns the Dataset (lazy). With
+    ``dali`` (a DALI checkpoint) one DaliCaptioner pool replaces the CLAP + decoder pools."""
     ray = _ray_init(cfg)
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -200,7 +241,9 @@ def build(cfg: CaptionConfig, sources: list[tuple[str, str]], clap: str, decoder
     ctx.enable_progress_bars = False  # the driver prints its own files/windows progress
     gpus = cfg.gpus_per_actor
     if gpus < 0:
-        gpus = 0.5 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        # two small pools share a card; a DALI actor (LLaVA-7B: 14 GB bf16) takes a whole one
+        has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        gpus = (1.0 if dali else 0.5) if has_gpu else 0.0
     device = "cuda" if gpus > 0 else "cpu"
     src = pa.table({"source_uri": [u for u, _ in sources],
                     "source_version": [v for _, v in sources]})
@@ -214,7 +257,8 @@ def build(cfg: CaptionConfig, sources: list[tuple[str, str]], clap: str, decoder
         decode_sources, batch_size=1, batch_format="pyarrow",
         fn_kwargs=dict(window_s=cfg.window, hop_s=cfg.hop or None, min_window_s=cfg.min_window,
                        pad_mode=cfg.pad_mode, max_duration_s=cfg.max_duration or None,
-                       timeout_s=cfg.decode_timeout or None),
+                       timeout_s=cfg.decode_timeout or None,
+                       frame_size=frame_size if cfg.mode == "audio+image" else 0),
         # fractional CPUs: on a 2-core node whole-CPU actors would leave no CPU for the
         # reader and Ray Data waits forever (see README, "Resources")
         num_cpus=cfg.decode_cpus,
@@ -223,6 +267,19 @@ def build(cfg: CaptionConfig, sources: list[tuple[str, str]], clap: str, decoder
         # all decoding would run serially inside the encoder actors instead of scaling apart.
         max_retries=-1,
     )
+    if dali:
+        from actors.dali_captioner import DaliCaptioner
+        ds = ds.map_batches(
+            DaliCaptioner, batch_size=cfg.captioner_batch, batch_format="pyarrow",
+            fn_constructor_kwargs=dict(model_path=dali, mode=cfg.mode,
+                                       temperature=cfg.sample_temperature,
+                                       max_new_tokens=cfg.max_new_tokens, window_s=cfg.window,
+                                       device=device, dtype=cfg.dtype,
+                                       torch_threads=cfg.torch_threads),
+            compute=ActorPoolStrategy(size=cfg.captioner_actors),
+            num_cpus=cfg.actor_cpus, num_gpus=gpus,
+        )
+        return ds.drop_columns(["audio_embedding"]) if not cfg.embeddings else ds
     ds = ds.map_batches(
         ClapEmbedder, batch_size=cfg.encoder_batch, batch_format="pyarrow",
         fn_constructor_kwargs=dict(clap_path=clap, window_s=cfg.window, device=device,
@@ -257,8 +314,19 @@ def run(cfg: CaptionConfig) -> dict:
                               "-" + uuid.uuid4().hex[:6])
     # Fail before any work on a missing model/input or wrong credentials, with the URI and
     # the store's own reason (botocore never echoes the secret key).
-    clap, decoder = _preflight("read the model", cfg.model, lambda: resolve_model(cfg))
-    validate_models(clap, decoder)
+    if cfg.mode not in ("audio", "audio+image"):
+        raise ValueError(f"--mode must be 'audio' or 'audio+image', got {cfg.mode!r}")
+    dali = _preflight("read the model", cfg.model, lambda: dali_checkpoint(cfg))
+    frame_size = 0
+    if dali:
+        clap, frame_size = validate_dali(cfg, dali)
+        decoder = dali
+    else:
+        if cfg.mode != "audio":
+            raise ValueError(f"--mode {cfg.mode} needs a DALI model (dali/config.json); "
+                             f"{cfg.model} is a CLAP + text-only decoder model (audio only)")
+        clap, decoder = _preflight("read the model", cfg.model, lambda: resolve_model(cfg))
+        validate_models(clap, decoder)
     sources = _preflight("list the input", cfg.input, lambda: list_sources(cfg))
     run_dir = storage.join(cfg.output, "runs", cfg.run_id)
     _preflight("write the output", cfg.output, lambda: storage.write_bytes_atomic(
@@ -274,8 +342,10 @@ def run(cfg: CaptionConfig) -> dict:
                     sources_todo=len(todo), sources_captioned=0, sources_failed=0,
                     windows=0, window_failures=0, audio_hours=0.0, failures_by_type={},
                     model_ids=[], parts=[])
+    manifest["mode"] = cfg.mode if dali else "audio"
+    manifest["windows_with_frames"] = 0
     if todo:
-        _stream(cfg, todo, clap, decoder, manifest)
+        _stream(cfg, todo, clap, decoder, manifest, dali, frame_size)
     manifest["status"] = manifest.get("status_final", "completed")
     manifest.pop("status_final", None)
     manifest["wall_s"] = round(time.time() - t0, 3)
@@ -285,8 +355,8 @@ def run(cfg: CaptionConfig) -> dict:
     return manifest
 
 
-def _stream(cfg, todo, clap, decoder, manifest):
-    ds = build(cfg, todo, clap, decoder)
+def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0):
+    ds = build(cfg, todo, clap, decoder, dali, frame_size)
     asm = SourceAssembler()
     writer = None
     bar = None
@@ -306,6 +376,9 @@ def _stream(cfg, todo, clap, decoder, manifest):
                     "audio_embedding") >= 0:
                 raise RuntimeError("embedding column vanished mid-run")
             model_ids.update(tbl.column("model_id").unique().to_pylist())
+            if dali:
+                manifest["windows_with_frames"] += sum(
+                    1 for d in tbl.column("decoding").to_pylist() if "+image" in d)
             for r in asm.add(tbl):
                 writer.add(r)
                 _count(manifest, r)

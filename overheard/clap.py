@@ -170,14 +170,15 @@ class ClapEncoder:
         self.model_id = _model_id(path, storage.localize(path))
 
     # -- audio ---------------------------------------------------------------------------------------
-    def _features(self, windows: np.ndarray) -> torch.Tensor:
+    def _features(self, windows) -> torch.Tensor:
+        """(B, window_samples) numpy array or tensor -> model input features in ``dtype``."""
         if self.mel == "torch":
-            x = torch.from_numpy(windows).to(self.device)
-            feats = self.logmel(x)
+            feats = self.logmel(torch.as_tensor(windows, device=self.device))
         else:
             # exactly window_samples long: no random crop (rand_trunc) and no padding happen.
             # For fusion models we force the non-longer branch below; the extractor's 4-copy stack is built
             # from the same HTK mel as LogMel(slaney=False).
+            windows = windows.detach().cpu().numpy() if torch.is_tensor(windows) else windows
             out = self.feature_extractor(list(windows.astype(np.float64)), sampling_rate=self.sampling_rate,
                                          truncation="fusion" if self.fusion else "rand_trunc",
                                          padding="repeatpad", return_tensors="pt")
@@ -211,6 +212,25 @@ class ClapEncoder:
                 emb = self.model.get_audio_features(input_features=feats, **kwargs).pooler_output
                 outs.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu().numpy())
         return np.concatenate(outs).astype(np.float32, copy=False)
+
+    def audio_tokens(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """windows: float32 (B, window_samples) tensor on ``device`` -> (tokens (B, N, C): the audio
+        tower's last-layer token grid, frequency-major (HTSAT: 2 x 32 = 64 tokens of width 768 for
+        HTSAT-tiny, 1024 for base), embeddings (B, embedding_dim) L2-normalised). One tower pass
+        gives both. Runs under the caller's grad mode (DALI may fine-tune the tower)."""
+        feats = self._features(windows)
+        kwargs = {}
+        if self.fusion:
+            kwargs["is_longer"] = torch.zeros((feats.shape[0], 1), dtype=torch.bool, device=self.device)
+        out = self.model.audio_model(input_features=feats, **kwargs)
+        grid = out.last_hidden_state  # (B, C, F', T')
+        tokens = grid.flatten(2).transpose(1, 2)
+        emb = torch.nn.functional.normalize(self.model.audio_projection(out.pooler_output).float(), dim=-1)
+        return tokens, emb
+
+    @property
+    def audio_token_dim(self) -> int:
+        return int(self.model.config.audio_config.hidden_size)
 
     # -- text ----------------------------------------------------------------------------------------
     def embed_text(self, texts: list[str]) -> np.ndarray:

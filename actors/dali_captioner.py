@@ -1,0 +1,117 @@
+"""Model stage for DALI models: caption each window with a frozen LLaVA-class captioner fed the
+window's aligned audio tokens, or its audio tokens plus the video frame at the window's midpoint.
+One actor does the whole model work (CLAP tower + LLaVA): passing 64 x 1024 audio tokens per window
+between two actor pools would move 256 KB per window through the object store for nothing.
+
+Columns in:  the window columns of ``actors.windows`` (``samples`` = float32 PCM bytes), plus in
+             ``audio+image`` mode ``frame``: large_binary, uint8 RGB S x S x 3 (S = the LLaVA
+             image size) or b"" when the source has no usable video at that time.
+Columns out: the window columns minus ``samples``/``frame``, plus
+    audio_embedding: fixed_size_list<float32>[D]  CLAP embedding (same pass as the audio tokens)
+    caption: str, logprob: float32 (mean token log-probability; NaN on failure rows)
+    decoding: str  "dali-audio/greedy" or "dali-audio+image/greedy" (``/t0.2`` when sampling):
+                   per row, so an audio-only file in an AV archive says it was captioned from audio
+    model_id: str
+Rows of one mode are generated together; a batch that raises is retried row by row, so one bad
+window becomes one ``model_error`` row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+
+from actors.clap_embedder import fit_to_model
+from actors.device import limit_threads, pick_device, pick_dtype
+from actors.windows import samples_matrix
+from overheard.dali.model import DaliModel
+
+
+def row_seed(uri: str, window_index: int) -> int:
+    """Per-window sampling seed: the same window samples the same caption in any batch or run."""
+    return int.from_bytes(hashlib.sha256(f"{uri}#{window_index}".encode()).digest()[:8], "little")
+
+
+class DaliCaptioner:
+    def __init__(self, model_path: str, mode: str = "audio", temperature: float = 0.0,
+                 max_new_tokens: int = 0, window_s: float = 10.0, device: str = "auto",
+                 dtype: str = "float32", torch_threads: int | None = None):
+        if mode not in ("audio", "audio+image"):
+            raise ValueError(f"mode must be 'audio' or 'audio+image', got {mode!r}")
+        limit_threads(torch_threads)
+        self.device = pick_device(device)
+        self.model = DaliModel(model_path, device=self.device, dtype=pick_dtype(dtype))
+        self.mode, self.temperature = mode, float(temperature)
+        self.max_new_tokens = max_new_tokens or self.model.cfg.max_new_tokens
+        self.sr = self.model.clap.sampling_rate
+        self.window_samples = int(round(window_s * self.sr))
+        self.size = self.model.llava.image_size
+        self.model_id = self.model.model_id
+        search = f"t{self.temperature:g}" if self.temperature > 0 else "greedy"
+        self.labels = {False: f"dali-audio/{search}", True: f"dali-audio+image/{search}"}
+
+    def _run(self, x: np.ndarray, frames: np.ndarray | None, seeds: list[int]):
+        gen, emb = self.model.caption(x, frames, self.temperature, seeds, self.max_new_tokens)
+        return [(g.caption, g.logprob) for g in gen], emb
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        err = batch.column("error_type").to_pylist()
+        msg = batch.column("error_message").to_pylist()
+        stage = batch.column("stage").to_pylist()
+        ok = [i for i in range(n) if not err[i]]
+        dim = self.model.clap.embedding_dim
+        emb = np.zeros((n, dim), np.float32)
+        captions, logprobs = [""] * n, np.full(n, np.nan, np.float32)
+        with_frame = [False] * n
+        if ok:
+            samples = batch.column("samples").to_pylist()
+            start, end = batch.column("start_s").to_numpy(), batch.column("end_s").to_numpy()
+            uris, widx = batch.column("source_uri").to_pylist(), batch.column("window_index").to_pylist()
+            frames = (batch.column("frame").to_pylist() if self.mode == "audio+image"
+                      and "frame" in batch.column_names else [b""] * n)
+            need = self.size * self.size * 3
+            x = samples_matrix([samples[i] for i in ok], self.window_samples)
+            m = self.model.clap.window_samples
+            x = np.stack([fit_to_model(x[j], int(round((end[i] - start[i]) * self.sr)), m)[0]
+                          for j, i in enumerate(ok)])  # window <= CLAP's 10 s (checked by the job)
+            pos = {i: j for j, i in enumerate(ok)}
+            for has in (False, True):  # one generate() per layout: rows of equal length, no padding
+                rows = [i for i in ok if (len(frames[i] or b"") == need) == has]
+                if not rows:
+                    continue
+                fr = (np.stack([np.frombuffer(frames[i], np.uint8).reshape(self.size, self.size, 3)
+                                for i in rows]) if has else None)
+                xs = x[[pos[i] for i in rows]]
+                seeds = [row_seed(uris[i], widx[i]) for i in rows]
+                try:
+                    res, e = self._run(xs, fr, seeds)
+                    results = list(zip(rows, res, e))
+                except Exception:
+                    results = []
+                    for k, i in enumerate(rows):  # isolate the bad window(s)
+                        try:
+                            r1, e1 = self._run(xs[k:k + 1], None if fr is None else fr[k:k + 1], seeds[k:k + 1])
+                            results.append((i, r1[0], e1[0]))
+                        except Exception as ex:
+                            err[i], stage[i] = "model_error", "caption"
+                            msg[i] = f"DALI captioner failed: {type(ex).__name__}: {ex}"[:2000]
+                for i, (cap, lp), e in results:
+                    captions[i], logprobs[i], emb[i], with_frame[i] = cap, lp, e, has
+        drop = [c for c in ("samples", "frame", "error_type", "error_message", "stage", "model_id")
+                if c in batch.column_names]
+        out = batch.drop_columns(drop)
+        return (out.append_column("error_type", pa.array(err, pa.string()))
+                .append_column("error_message", pa.array(msg, pa.string()))
+                .append_column("stage", pa.array(stage, pa.string()))
+                .append_column("audio_embedding", pa.FixedSizeListArray.from_arrays(
+                    pa.array(emb.reshape(-1), pa.float32()), dim))
+                .append_column("caption", pa.array(captions, pa.string()))
+                .append_column("logprob", pa.array(logprobs, pa.float32()))
+                .append_column("decoding", pa.array([self.labels[w] for w in with_frame], pa.string()))
+                .append_column("model_id", pa.array([self.model_id] * n, pa.string())))
+
+
+__all__ = ["DaliCaptioner", "row_seed"]

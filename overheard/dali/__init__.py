@@ -1,0 +1,8 @@
+"""DALI (Distribution ALIgnment): caption audio, or audio plus frames, with a frozen
+vision-language captioner (LLaVA-class) whose vision tokens an audio encoder learned to imitate.
+
+Modules: ``losses`` (MMD, exact OT, attentive OT), ``llava`` (loading, prompt assembly, batched
+generation), ``audio_tokens`` (CLAP audio tower tokens + projection into the vision-token space),
+``model`` (the captioner: checkpoint save/load), ``tiny`` (tiny random models in the real formats).
+No Ray here: training scripts live in ``training/dali_*.py``, the actor in ``actors/dali_captioner.py``.
+"""
