@@ -143,7 +143,7 @@ class DaliModel:
         with torch.random.fork_rng():  # a seeded projection init that leaves the caller's RNG alone
             torch.manual_seed(seed)
             self.heads = DaliHeads(c, self.llava.model.model.multi_modal_projector)
-        if directory is not None and storage.exists(storage.join(directory, "model.safetensors")):
+        if directory is not None:  # a checkpoint always has weights; pickles are refused by name
             local = storage.localize(directory)
             sd = load_file(str(safetensors_weights(local)))
             tower = {k[6:]: v for k, v in sd.items() if k.startswith("tower.")}
