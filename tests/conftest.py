@@ -71,3 +71,18 @@ def tiny_model(tmp_path_factory):
     dim = ClapEncoder(str(d / "clap")).embedding_dim
     build_tiny_decoder(str(d / "decoder"), embedding_dim=dim, seed=0)
     return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_dali(tmp_path_factory):
+    """A DALI model directory in the caption job's layout: clap/ (tiny random HF ClapModel),
+    llava/ (tiny random LLaVA-1.5-format model), dali/ (untrained heads naming ../clap, ../llava)."""
+    from overheard.dali.model import new_dali
+    from overheard.dali.tiny import build_tiny_llava
+    from overheard.tiny import build_tiny_clap
+
+    d = tmp_path_factory.mktemp("dali-model")
+    build_tiny_clap(str(d / "clap"), seed=0)
+    build_tiny_llava(str(d / "llava"), seed=0)
+    new_dali(str(d / "dali"), str(d / "clap"), str(d / "llava"))
+    return d

@@ -12,19 +12,12 @@ import pytest
 import torch
 
 from overheard.dali.llava import FrozenLlava, ImagePreprocess
-from overheard.dali.model import DaliModel, is_dali, new_dali, read_dali_config
+from overheard.dali.model import DaliModel, is_dali, read_dali_config
 
 
 @pytest.fixture(scope="module")
-def dali_dir(tmp_path_factory):
-    from overheard.dali.tiny import build_tiny_llava
-    from overheard.tiny import build_tiny_clap
-
-    d = tmp_path_factory.mktemp("dali-model")
-    build_tiny_clap(str(d / "clap"), seed=0)
-    build_tiny_llava(str(d / "llava"), seed=0)
-    new_dali(str(d / "dali"), str(d / "clap"), str(d / "llava"))
-    return d
+def dali_dir(tiny_dali):
+    return tiny_dali
 
 
 @pytest.fixture(scope="module")
