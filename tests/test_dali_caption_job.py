@@ -91,3 +91,26 @@ def test_mode_and_window_checks(tiny_dali, tiny_model, av_archive, tmp_path):
         _job(av_archive, tmp_path / "y", tiny_dali, window=20.0)
     with pytest.raises(ValueError, match="--mode"):
         _job(av_archive, tmp_path / "z", tiny_dali, mode="video")
+
+
+def _actor_op(ds):
+    op = ds._logical_plan.dag  # the last stage: the DALI actor pool
+    assert "DaliCaptioner" in op._name, op._name
+    return op
+
+
+@pytest.mark.parametrize("gpus", [0.25, 1.0, -1.0])
+def test_dali_pool_takes_gpu_fractions_and_bf16(ray_local, tiny_dali, gpus):
+    """A fraction of a GPU or a whole one per actor, in bf16, reaches Ray's resource request
+    (the plan is built, not run: CI has no GPU to schedule on)."""
+    from jobs.caption import CaptionConfig, build
+
+    d = str(tiny_dali / "dali")
+    cfg = CaptionConfig(input="unused", output="unused", model=str(tiny_dali), mode="audio+image",
+                        gpus_per_actor=gpus, dtype="bfloat16", captioner_actors=2)
+    op = _actor_op(build(cfg, [("a.mp4", "")], str(tiny_dali / "clap"), d, d, 32))
+    want = gpus if gpus >= 0 else 0.0  # auto: a whole GPU when the cluster has any; here none
+    assert op.ray_remote_args.get("num_gpus", 0) == want
+    assert op.fn_constructor_kwargs["device"] == ("cuda" if want > 0 else "cpu")
+    assert op.fn_constructor_kwargs["dtype"] == "bfloat16"
+    assert op.compute.max_size == 2
