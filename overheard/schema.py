@@ -17,6 +17,7 @@ ERROR_TYPES = (
     "empty_file",        # zero bytes
     "corrupt",           # container/codec could not be parsed
     "no_audio_track",    # container has no audio stream
+    "no_video_track",    # audio+image mode: container has no video stream (cover art does not count)
     "no_audio_samples",  # audio stream decodes to nothing
     "truncated",         # decoding failed part-way; windows before the fault are kept
     "unsupported",       # codec/layout not supported by the decoder

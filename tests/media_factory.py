@@ -196,3 +196,80 @@ def make_bad_inputs(directory) -> dict[str, str | None]:
     make_tone(d / "café – sound bite ü 01.flac", seconds=1.0, sr=44100)
     out["café – sound bite ü 01.flac"] = None
     return out
+
+
+# ------------------------------------------------------------------------------ audio + picture clips
+
+# Sounds make_av_clip can put under the picture (lavfi sources, all deterministic):
+#   sine  - steady tone at ``freq``, amplitude 0.25
+#   noise - white noise (anoisesrc, seeded), amplitude 0.25
+#   beep  - ``freq`` tone gated on/off 4 times a second (125 ms on, 125 ms off), amplitude 0.25
+SOUNDS = ("sine", "noise", "beep")
+
+
+def _sound_source(sound: str, seconds: float, freq: float, seed: int, sr: int = 48000) -> str:
+    if sound == "sine":
+        return f"sine=frequency={freq:g}:sample_rate={sr}:duration={seconds:g},volume=2.0"
+    if sound == "noise":
+        return f"anoisesrc=color=white:sample_rate={sr}:amplitude=0.25:seed={seed}:duration={seconds:g}"
+    if sound == "beep":
+        return (f"aevalsrc=exprs='0.25*sin(2*PI*{freq:g}*t)*lt(mod(t\\,0.25)\\,0.125)'"
+                f":sample_rate={sr}:duration={seconds:g}")
+    raise ValueError(f"sound must be one of {SOUNDS}, got {sound!r}")
+
+
+def make_av_clip(path, seconds: float = 3.0, color: str = "red", freq: float = 440.0, size: int = 64,
+                 with_audio: bool = True, with_video: bool = True, sound: str = "sine", seed: int = 0,
+                 fps: int = 10) -> Path:
+    """Write a ``size`` x ``size`` solid-``color`` picture (ffmpeg colour name or ``0xRRGGBB``) at ``fps``
+    with ``sound`` under it (see SOUNDS; ``freq`` for sine/beep, ``seed`` for noise), ``seconds`` long.
+    ``.mp4``/``.mov``/``.mkv``: libx264 ultrafast yuv420p + the container's audio codec (_VIDEO_CODECS);
+    an audio-only extension (``.m4a``, ``.wav``, ...) needs ``with_video=False``. Bit-exact flags, so the
+    same arguments give the same bytes. 10 fps x 64x64 keeps a 3-s clip at ~40 KB and ~0.1 s to make.
+    Returns path."""
+    path = Path(path)
+    if not (with_audio or with_video):
+        raise ValueError("a clip needs audio or video")
+    ext = path.suffix.lower()
+    if with_video and ext not in _VIDEO_CODECS:
+        raise ValueError(f"{ext!r} cannot hold video; use one of {sorted(_VIDEO_CODECS)}")
+    vcodec, acodec = _VIDEO_CODECS[ext] if ext in _VIDEO_CODECS else ([], _audio_args(path))
+    cmd = list(FFMPEG)
+    if with_video:
+        cmd += ["-f", "lavfi", "-i", f"color=c={color}:size={size}x{size}:rate={fps}:duration={seconds:g}"]
+    if with_audio:
+        cmd += ["-f", "lavfi", "-i", _sound_source(sound, seconds, freq, seed)]
+    cmd += [*vcodec, "-flags:v", "+bitexact"] if with_video else ["-vn"]
+    cmd += [*acodec] if with_audio else ["-an"]
+    run(cmd + [*BITEXACT, str(path)])
+    return path
+
+
+# The audiovisual world: the picture's colour predicts the sound. (name, RGB, sound, base Hz, caption)
+AV_WORLD_CLASSES = (
+    ("red", (255, 0, 0), "sine", 440.0, "a steady low tone"),
+    ("blue", (0, 0, 255), "noise", 0.0, "a loud hiss of white noise"),
+    ("green", (0, 255, 0), "sine", 1500.0, "a steady high tone"),
+    ("yellow", (255, 255, 0), "beep", 1000.0, "a fast beeping alarm"),
+)
+
+
+def make_av_world(directory, n: int, seed: int = 0, seconds: float = 3.0) -> list[tuple[Path, str]]:
+    """Write ``n`` mp4 clips (``seconds`` long, 64x64 at 10 fps) of AV_WORLD_CLASSES into ``directory``,
+    classes in turn (clip i is class ``i % 4``); return ``[(path, caption), ...]``.
+
+    Per clip, from ``random.Random(seed)``: brightness x0.8-1.0 on the class colour (so the colour class
+    stays obvious: its dominant channels stay >= 204 and the others 0), frequency x0.97-1.03, and a
+    noise seed. Same (n, seed) -> same files byte for byte. ~0.1-0.2 s per clip."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        name, rgb, sound, hz, caption = AV_WORLD_CLASSES[i % len(AV_WORLD_CLASSES)]
+        gain, jitter, noise_seed = rng.uniform(0.8, 1.0), rng.uniform(0.97, 1.03), rng.randrange(1 << 30)
+        color = "0x" + "".join(f"{round(c * gain):02X}" for c in rgb)
+        path = make_av_clip(d / f"av{i:04d}_{name}.mp4", seconds=seconds, color=color, freq=hz * jitter,
+                            sound=sound, seed=noise_seed)
+        out.append((path, caption))
+    return out
