@@ -144,24 +144,18 @@ def dali_checkpoint(cfg: CaptionConfig) -> str:
 
 
 def validate_dali(cfg: CaptionConfig, dali: str) -> tuple[str, int]:
-    """Check a DALI model before any work: config, CLAP and LLaVA load, weights fit, window fits
-    CLAP's input. Returns (CLAP path, LLaVA image size for the frame decoder)."""
-    import gc
-
-    from overheard.dali.model import DaliModel
+    """Check a DALI model before any work from its configs and weight headers (no LLaVA load in
+    the driver: see overheard.dali.model.check_dali). Returns (CLAP path, LLaVA image size)."""
+    from overheard.dali.model import check_dali
 
     try:
-        m = DaliModel(dali)
+        info = check_dali(dali)
     except Exception as e:
         raise ValueError(f"invalid DALI model at {dali}: {type(e).__name__}: {e}") from None
-    limit = m.clap.window_samples / m.clap.sampling_rate
-    clap, size = m.clap_path, m.llava.image_size
-    del m
-    gc.collect()
-    if cfg.window > limit + 1e-9:
+    if cfg.window > info["window_s"] + 1e-9:
         raise ValueError(f"--window {cfg.window} is longer than the DALI audio encoder's "
-                         f"{limit:g}-s input; use --window {limit:g} or less")
-    return clap, size
+                         f"{info['window_s']:g}-s input; use --window {info['window_s']:g} or less")
+    return info["clap"], info["image_size"]
 
 
 def validate_models(clap: str, decoder: str) -> None:

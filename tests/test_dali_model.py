@@ -180,3 +180,27 @@ def test_bfloat16_path_runs(dali_dir):
     assert len(out) == 2 and all(isinstance(g.caption, str) for g in out)
     assert next(m.llava.model.parameters()).dtype == torch.bfloat16
     assert emb.dtype == np.float32 and np.isfinite(emb).all()
+
+
+def test_check_dali_reads_headers_not_weights(dali_dir, tmp_path):
+    from overheard.dali.model import check_dali, save_dali
+
+    info = check_dali(str(dali_dir / "dali"))
+    assert info["image_size"] == 32 and info["window_s"] == 10.0
+    assert info["llava"].endswith("llava") and info["clap"].endswith("clap")
+    # a checkpoint trained against another LLaVA (vision width 48 instead of 32) is refused
+    m = DaliModel(str(dali_dir / "dali"))
+    m.cfg.vision_dim = 48
+    from overheard.dali.model import DaliHeads
+    heads = DaliHeads(m.cfg, torch.nn.Linear(48, 64))
+    heads.audio_projector = torch.nn.Module()
+    heads.audio_projector.linear_1 = torch.nn.Linear(48, 64)
+    heads.audio_projector.linear_2 = torch.nn.Linear(64, 64)
+    m.cfg.llava, m.cfg.clap = str(dali_dir / "llava"), str(dali_dir / "clap")
+    save_dali(str(tmp_path / "other"), m.cfg, heads)
+    with pytest.raises(ValueError, match=r"audio_projection.2.weight has shape \(48, 48\)"):
+        check_dali(str(tmp_path / "other"))
+    m.cfg.llava = str(tmp_path / "nowhere")
+    save_dali(str(tmp_path / "lost"), m.cfg, m.heads)
+    with pytest.raises(ValueError, match="no config.json"):
+        check_dali(str(tmp_path / "lost"))

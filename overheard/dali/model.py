@@ -199,6 +199,59 @@ class DaliModel:
         return out, emb.float().cpu().numpy()
 
 
+def check_dali(directory: str) -> dict:
+    """Validate a DALI model without loading LLaVA or CLAP weights (the caption job's driver may
+    be a small CPU head node; LLaVA-7B is 14 GB): configs are read, the weight files' headers
+    checked against the models' widths. Returns {clap, llava, image_size, window_s}. Raises
+    ValueError naming what does not fit. Actors still load everything (and fail loudly) later."""
+    from safetensors import safe_open
+
+    cfg = read_dali_config(directory)
+    clap, llava = resolve(directory, cfg.clap), resolve(directory, cfg.llava)
+
+    def read_json(base, name, what):
+        try:
+            return json.loads(storage.read_bytes(storage.join(base, name)))
+        except FileNotFoundError:
+            raise ValueError(f"{what} at {base}: no {name}") from None
+
+    lc = read_json(llava, "config.json", "LLaVA model")
+    if not any(storage.exists(storage.join(llava, n)) for n in
+               ("model.safetensors", "model.safetensors.index.json")):
+        raise ValueError(f"LLaVA model at {llava}: no model.safetensors(.index.json); only "
+                         "safetensors are read")
+    pre = read_json(llava, "preprocessor_config.json", "LLaVA model")
+    crop = pre.get("crop_size", pre.get("size", {}))
+    image_size = int(crop["height"] if isinstance(crop, dict) and "height" in crop else
+                     crop.get("shortest_edge", 336) if isinstance(crop, dict) else crop)
+    vision_dim = int(lc["vision_config"]["hidden_size"])
+    lm_dim = int(lc["text_config"]["hidden_size"])
+    window_s, audio_dim = 10.0, None
+    if not clap.endswith((".pt", ".pth", ".ckpt")):
+        cc = read_json(clap, "config.json", "CLAP model")
+        audio_dim = int(cc["audio_config"]["hidden_size"])
+        if storage.exists(storage.join(clap, "preprocessor_config.json")):
+            window_s = float(read_json(clap, "preprocessor_config.json", "CLAP model")
+                             .get("max_length_s", 10))
+    elif not storage.exists(clap):
+        raise ValueError(f"CLAP checkpoint not found: {clap}")
+    want = {"prefix": (cfg.prefix_tokens, lm_dim), "audio_projection.2.weight": (vision_dim, None),
+            "audio_projector.linear_1.weight": (None, vision_dim),
+            "audio_projector.linear_2.weight": (lm_dim, None),
+            "audio_projection.0.weight": (None, audio_dim)}
+    local = storage.localize(directory)
+    with safe_open(str(safetensors_weights(local)), "pt") as f:
+        keys = set(f.keys())
+        for k, shape in want.items():
+            if k not in keys:
+                raise ValueError(f"{directory}: weights lack {k}")
+            got = tuple(f.get_slice(k).get_shape())
+            if any(w is not None and w != g for w, g in zip(shape, got)):
+                raise ValueError(f"{directory}: {k} has shape {got}, the models need {shape} "
+                                 f"(CLAP width {audio_dim}, vision width {vision_dim}, LM width {lm_dim})")
+    return {"clap": clap, "llava": llava, "image_size": image_size, "window_s": window_s}
+
+
 def new_dali(directory: str, clap: str, llava: str, prefix_tokens: int = 16, hidden: int = 0,
              prompt: str = DALI_PROMPT, seed: int = 0) -> DaliModel:
     """An untrained checkpoint (seeded projection init; projector copied from LLaVA), written to
@@ -216,5 +269,5 @@ def new_dali(directory: str, clap: str, llava: str, prefix_tokens: int = 16, hid
     return m
 
 
-__all__ = ["DaliConfig", "DaliHeads", "DaliModel", "new_dali", "save_dali", "read_dali_config",
+__all__ = ["DaliConfig", "DaliHeads", "DaliModel", "new_dali", "check_dali", "save_dali", "read_dali_config",
            "is_dali", "resolve", "MODES"]
