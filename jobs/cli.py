@@ -16,7 +16,35 @@ COMMANDS = {
     "estimate-gap": ("training.gap", "noise variance + gap vector from audio/caption samples"),
     "evaluate": ("jobs.evaluate", "score a caption table against references (BLEU, METEOR, CIDEr-D, ...)"),
     "train-audibility": ("training.audibility", "train the audibility classifier (audible vs not-audible sentences)"),
+    "dali-tiny": ("jobs.cli:dali_tiny", "write a tiny random DALI model (clap/ llava/ dali/), no downloads"),
+    "dali-prefix": ("training.dali_prefix", "DALI 1a: learn prefix tokens from (image, sound caption) pairs"),
+    "dali-align": ("training.dali_align", "DALI 1b: align CLAP audio tokens with LLaVA vision tokens (MMD/OT)"),
+    "dali-distill": ("training.dali_distill", "DALI 2: audio+image pseudo-captions -> tune the audio projector"),
 }
+
+
+def dali_tiny(argv: list[str] | None = None) -> int:
+    """``overheard dali-tiny DIR``: DIR/clap (tiny CLAP), DIR/llava (tiny LLaVA-1.5-format model),
+    DIR/dali (an untrained DALI checkpoint naming both): the caption job's ``--model DIR`` layout,
+    so the DALI training and captioning commands run on a fresh machine without downloads."""
+    import argparse
+    import os
+
+    p = argparse.ArgumentParser(prog="overheard dali-tiny", description=dali_tiny.__doc__)
+    p.add_argument("dir", help="local directory to write (clap/, llava/, dali/)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    from overheard.dali.model import new_dali
+    from overheard.dali.tiny import build_tiny_llava
+    from overheard.tiny import build_tiny_clap
+
+    clap, llava, dali = (os.path.join(a.dir, n) for n in ("clap", "llava", "dali"))
+    build_tiny_clap(clap, seed=a.seed)
+    build_tiny_llava(llava, seed=a.seed)
+    m = new_dali(dali, clap, llava, seed=a.seed)
+    print(f"tiny DALI model in {a.dir}: clap/ llava/ dali/ (audio tokens {m.cfg.audio_dim} -> vision "
+          f"{m.cfg.vision_dim} -> LM {m.cfg.lm_dim}; image {m.llava.image_size}x{m.llava.image_size})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, (_, help_) in COMMANDS.items():
             print(f"  {name:<18} {help_}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    mod = importlib.import_module(COMMANDS[argv[0]][0])
-    return mod.main(argv[1:])
+    module, _, func = COMMANDS[argv[0]][0].partition(":")  # "module" -> module.main
+    return getattr(importlib.import_module(module), func or "main")(argv[1:])
 
 
 if __name__ == "__main__":

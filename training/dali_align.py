@@ -1,0 +1,276 @@
+"""DALI stage 1b: token-distribution alignment ("An Eye for an Ear", section 3.2) on Ray Train.
+
+    overheard dali-align ./model/dali-aligned --data ./videos/ --clap ./model/clap \\
+        --llava ./model/llava --loss mmd --epochs 10
+    python -m training.dali_align s3://b/models/dali-ot --data s3://b/videos/ --init s3://b/models/dali \\
+        --loss attentive_ot --num-workers 4 --use-gpu --dtype bfloat16 --storage-path s3://b/runs
+
+Teach the CLAP audio tower's tokens to look like LLaVA's CLIP vision tokens, so the frozen LM can
+read audio in the image slot. For every clip of a batch:
+
+    vision = LLaVA vision tower(one frame of the clip)        (B, Nv, Dv)   frozen, no grad
+    audio  = audio_projection(CLAP tower(first window))       (B, Na, Dv)   grad -> projection
+    loss   = mean over the batch of D(audio_i, vision_i)      D = --loss
+
+``--loss``: ``mmd`` (multi-kernel RBF MMD), ``emd`` (exact OT, squared-Euclidean cost, POT),
+``attentive_ot`` (OT with marginals from a cross-attention ``AttentiveWeights`` module trained
+jointly and thrown away afterwards, + an entropy regulariser; appendix E's schedule: uniform weights
+in epoch 0, then lambda from 500 down to 100 at the end of epoch 5, per step). Only
+``heads.audio_projection`` trains; ``--tune-tower`` also fine-tunes the CLAP audio tower (its own,
+smaller learning rate) and saves it in the checkpoint (``tower.*``).
+
+Data: ``--data`` (folder / glob / s3:// prefix of videos, or a csv/parquet manifest with ``uri``)
+is decoded by a Ray Data pipeline (``training.av_data``): the first ``--window`` seconds of audio
+and the first frame of each of the first ``--frames-per-clip`` seconds; each epoch uses one of
+those frames per clip, drawn from (seed, epoch, clip). Clips without audio or video, or corrupt,
+are skipped and counted.
+
+Training: ``TorchTrainer``, DDP over ``--num-workers`` CPU workers (``--use-gpu``: one GPU each).
+AdamW, cosine decay. Default lr 1e-3: only a 2-layer MLP learns from scratch here, the role
+LLaVA-1.5's projector has in its pre-training stage (lr 1e-3); the paper's 2e-4 is for its prefix
+and MLP fine-tuning stages. ``--tower-lr`` 1e-5 for the pretrained tower. Every epoch:
+``ray.train.report`` (loss, lambda, steps) with a checkpoint (projection [+ attention, tower] +
+optimiser + epoch) under ``--storage-path``; the same ``--run-name`` resumes after the latest one.
+``--dtype bfloat16`` runs the frozen CLAP/LLaVA in bfloat16 under autocast (GPU; the heads stay
+float32); CPU runs use float32.
+
+Output: a DALI checkpoint at OUTPUT (``save_dali``; ``history`` gains {"stage": "align", "loss",
+"epochs", "steps", "final_loss", ...}) + ``train_align.json`` (this config, per-epoch history,
+skipped clips).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from jobs.config_cli import parse, to_json
+from overheard import storage
+from training import av_data
+from training.common import (HISTORY, cosine_lr, cpu_state_dict, fit, restore_checkpoint,
+                             save_epoch_checkpoint, worker_context)
+
+
+@dataclass
+class DaliAlignConfig:
+    output: str = field(metadata={"help": "DALI checkpoint directory to write (local or s3://)"})
+    data: str = field(default="", metadata={"help": "videos: folder, glob, s3:// prefix, or csv/parquet "
+                                                    "manifest with a 'uri' column"})
+    init: str = field(default="", metadata={"help": "start from this DALI checkpoint"})
+    clap: str = field(default="", metadata={"help": "CLAP model (with --llava: start a new DALI model)"})
+    llava: str = field(default="", metadata={"help": "LLaVA model directory (HF format)"})
+    hidden: int = field(default=0, metadata={"help": "projection MLP hidden width for a new model "
+                                                     "(0: the vision width)"})
+    loss: str = field(default="mmd", metadata={"help": "mmd | emd | attentive_ot"})
+    window: float = field(default=10.0, metadata={"help": "seconds of audio from each clip's start "
+                                                          "(<= 10, CLAP's window)"})
+    frames_per_clip: int = field(default=10, metadata={"help": "first frame of each of the first N "
+                                                               "seconds; one per clip per epoch"})
+    epochs: int = 10
+    batch_size: int = field(default=16, metadata={"help": "global batch (split across workers)"})
+    lr: float = field(default=1e-3, metadata={"help": "projection (and attention) learning rate"})
+    tower_lr: float = field(default=1e-5, metadata={"help": "CLAP tower learning rate (--tune-tower)"})
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    tune_tower: bool = field(default=False, metadata={"help": "also fine-tune the CLAP audio tower"})
+    attn_heads: int = field(default=8, metadata={"help": "attentive_ot: heads (must divide the width)"})
+    attn_temperature: float = field(default=0.1, metadata={"help": "attentive_ot: softmax temperature"})
+    lambda_start: float = 500.0
+    lambda_end: float = 100.0
+    lambda_ramp_epochs: int = 5
+    dtype: str = field(default="float32", metadata={"help": "frozen models: float32 | bfloat16 (GPU)"})
+    seed: int = 0
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+    num_to_keep: int = 2
+    storage_path: str = field(default="", metadata={"help": "Ray Train run storage (local or s3://); "
+                                                            "default <output>-runs"})
+    run_name: str = field(default="dali-align", metadata={"help": "same name + storage => resume"})
+    inject_failure_epoch: int = field(default=-1, metadata={"help": "testing: rank 0 raises once at "
+                                                                    "the start of this epoch"})
+    ray_address: str = ""
+
+
+def alignment_loss(kind: str, audio, vision, weights=None, lam: float = 0.0, uniform: bool = True):
+    """D(audio (B, Na, D), vision (B, Nv, D)) averaged over the B pairs (float32 inputs)."""
+    from overheard.dali.losses import attentive_ot, emd, mmd_rbf
+
+    if kind == "mmd":
+        return mmd_rbf(audio, vision)
+    if kind == "emd":
+        return emd(audio, vision)
+    return attentive_ot(audio, vision, weights, lam, uniform=uniform)[0]
+
+
+def _aligner(dali, cfg: DaliAlignConfig):
+    """What stage 1b trains, as one module so that DDP averages all of its gradients: the
+    projection, the CLAP tower when tuned, the OT attention for attentive_ot.
+    forward(windows float32 (B, samples), vision tokens (B, Nv, Dv), lam, uniform) -> scalar loss."""
+    import torch
+
+    from overheard.dali.losses import AttentiveWeights
+
+    class Aligner(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.projection = dali.heads.audio_projection      # the module DaliModel.audio_tokens calls
+            self.tower = dali.clap.model.audio_model if cfg.tune_tower else None
+            self.weights = (AttentiveWeights(dali.cfg.vision_dim, cfg.attn_heads, cfg.attn_temperature)
+                            if cfg.loss == "attentive_ot" else None)
+
+        def forward(self, windows, vision, lam: float = 0.0, uniform: bool = True):
+            audio, _ = dali.audio_tokens(windows)
+            return alignment_loss(cfg.loss, audio.float(), vision.float(), self.weights, lam, uniform)
+
+    m = Aligner()
+    m.projection.requires_grad_(True)
+    if m.tower is not None:  # float32 master weights even when CLAP runs in bfloat16 (autocast)
+        m.tower.float().requires_grad_(True)
+    return m.to(dali.device)
+
+
+# ----------------------------------------------------------------------------- worker loop
+def train_loop(config: dict) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from overheard.dali.losses import lambda_schedule
+
+    cfg = DaliAlignConfig(**config["cfg"])
+    rank, world, device = worker_context(cfg)
+    data = ray.get(config["data_ref"])
+    windows, frames, n_frames = data["windows"], data["frames"], data["n_frames"]
+    torch.manual_seed(cfg.seed)
+    dali = av_data.load_dali(cfg.init, config["clap"], config["llava"], device, cfg.dtype, cfg.seed,
+                             hidden=cfg.hidden)
+    if dali.clap.window_samples != windows.shape[1]:
+        raise ValueError(f"decoded windows have {windows.shape[1]} samples, CLAP takes "
+                         f"{dali.clap.window_samples}")
+    torch.manual_seed(cfg.seed + 1)  # AttentiveWeights init, identical on every worker
+    model = _aligner(dali, cfg)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and not n.startswith("tower.")]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 and not n.startswith("tower.")]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+              {"params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr}]
+    if model.tower is not None:
+        groups.append({"params": list(model.tower.parameters()), "weight_decay": cfg.weight_decay,
+                       "base_lr": cfg.tower_lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    n = len(windows)
+    steps_per_epoch = len(av_data.epoch_batches(n, cfg.batch_size, cfg.seed, 0, rank, world))
+    total = steps_per_epoch * cfg.epochs
+
+    start_epoch, step, history = 0, 0, []
+    restored = restore_checkpoint(model, opt)
+    if restored is not None:
+        ts, history = restored
+        start_epoch, step = int(ts["epoch"]) + 1, int(ts["step"])
+    # attentive_ot's attention gets no gradient in its uniform first epoch, and a tuned tower may
+    # hold parameters its token output does not use: tell DDP not to wait for their gradients
+    ddp = {"find_unused_parameters": cfg.loss == "attentive_ot" or cfg.tune_tower} if world > 1 else {}
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp or None)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        av_data.inject_failure(epoch, cfg.inject_failure_epoch, rank, config["run_dir"])
+        t0 = time.time()
+        model.train()
+        loss_sum, lam, uniform = 0.0, 0.0, True
+        batches = av_data.epoch_batches(n, cfg.batch_size, cfg.seed, epoch, rank, world)
+        for s, idx in enumerate(batches):
+            factor = cosine_lr(1.0, cfg.warmup_steps, step, total, floor=0.0)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * factor
+            if cfg.loss == "attentive_ot":
+                uniform, lam = lambda_schedule(epoch + s / len(batches), True, cfg.lambda_start,
+                                               cfg.lambda_end, cfg.lambda_ramp_epochs)
+            with torch.no_grad(), av_data.autocast(device, cfg.dtype):
+                vision = dali.llava.vision_tokens(av_data.pick_frames(frames, n_frames, idx, cfg.seed, epoch))
+            with av_data.autocast(device, cfg.dtype):
+                loss = model(torch.from_numpy(windows[idx]).to(device), vision, lam, uniform)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            loss_sum += float(loss.detach())
+        epoch_s = time.time() - t0
+        metrics = {"epoch": epoch, "step": step, "start_epoch": start_epoch, "world_size": world,
+                   "loss": av_data.mean_across_workers(loss_sum, len(batches), world),
+                   "uniform_weights": uniform, "lam": lam, "lr": cfg.lr * factor, "epoch_s": epoch_s}
+        history.append(metrics)
+        if rank == 0:
+            save_epoch_checkpoint(metrics, cpu_state_dict(model),
+                                  {"optimizer": opt.state_dict(), "epoch": epoch, "step": step}, history)
+            print(f"[dali-align] epoch {epoch} step {step} {cfg.loss} {metrics['loss']:.5f} "
+                  f"({epoch_s:.1f} s)", flush=True)
+        else:
+            ray.train.report(metrics, checkpoint=None)
+
+    if rank == 0:  # also after a resume that had no epoch left: the output is always written
+        dali.cfg.tuned_tower = dali.cfg.tuned_tower or cfg.tune_tower
+        av_data.save_stage(cfg.output, dali, {
+            "stage": "align", "loss": cfg.loss, "epochs": cfg.epochs, "steps": step,
+            "final_loss": history[-1]["loss"] if history else None, "clips": n,
+            "lr": cfg.lr, "tune_tower": cfg.tune_tower, "data": cfg.data, "seed": cfg.seed})
+
+
+# ----------------------------------------------------------------------------- driver
+def run(cfg: DaliAlignConfig) -> dict:
+    """Decode the clips, train (or resume), write the DALI checkpoint; returns a summary."""
+    import ray
+
+    from overheard.dali.losses import ALIGNMENT_LOSSES
+
+    if cfg.loss not in ALIGNMENT_LOSSES:
+        raise ValueError(f"--loss must be one of {ALIGNMENT_LOSSES}, got {cfg.loss!r}")
+    if not cfg.data:
+        raise ValueError("give --data (videos to align on)")
+    av_data.torch_dtype(cfg.dtype)
+    t_start = time.time()
+    clap, llava = av_data.frozen_paths(cfg.init, cfg.clap, cfg.llava)
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address or None, include_dashboard=False, ignore_reinit_error=True)
+    clips = av_data.list_clips(cfg.data)
+    data, _ = av_data.load_clips(clips, cfg.window, cfg.frames_per_clip, av_data.image_size_of(llava),
+                                 av_data.clap_window_of(clap), tag="dali-align")
+    t_data = time.time() - t_start
+    sp, fs, run_dir = av_data.run_storage(cfg.storage_path, cfg.output, cfg.run_name)
+    arrays = {k: data[k] for k in ("windows", "frames", "n_frames")}
+    result, t_fit = fit(train_loop, {"cfg": dataclasses.asdict(cfg), "data_ref": ray.put(arrays),
+                                     "clap": clap, "llava": llava, "run_dir": run_dir},
+                        cfg, {"CPU": cfg.cpus_per_worker}, sp, storage_filesystem=fs)
+    with result.checkpoint.as_directory() as d:
+        with open(os.path.join(d, HISTORY)) as f:
+            history = json.load(f)
+    summary = {"config": json.loads(to_json(cfg)), "history": history, "clips": len(data["uris"]),
+               "listed": data["listed"], "skipped": data["skipped"], "checkpoint": result.checkpoint.path,
+               "seconds": {"data": round(t_data, 1), "fit": round(t_fit, 1),
+                           "total": round(time.time() - t_start, 1)}, "output": cfg.output}
+    av_data.write_json(storage.join(cfg.output, "train_align.json"), summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse(DaliAlignConfig, argv, "overheard dali-align",
+                "DALI stage 1b: align CLAP audio tokens with LLaVA's vision tokens (MMD / OT) on Ray Train.")
+    s = run(cfg)
+    h = s["history"]
+    if h:
+        print(f"{cfg.loss} {h[0]['loss']:.5f} (epoch {h[0]['epoch']}) -> {h[-1]['loss']:.5f} "
+              f"(epoch {h[-1]['epoch']}); {s['clips']} clips, {sum(s['skipped'].values())} skipped")
+    print(f"DALI checkpoint: {s['output']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""DALI stage 1a: prefix tuning ("An Eye for an Ear", section 3.1, eq. 1) on Ray Train.
+
+    overheard dali-prefix ./model/dali-prefix --data pairs.csv --init ./model/dali-aligned
+    python -m training.dali_prefix s3://b/models/dali-p --data s3://b/pairs.parquet \\
+        --clap s3://b/models/clap --llava s3://b/models/llava --use-gpu --dtype bfloat16
+
+Re-task the frozen image captioner to describe what a scene *sounds* like: learn the 16 prefix
+tokens (``heads.prefix``, P x H, placed right after ``<s>``) from a handful of (image, sound
+caption) pairs. Only the prefix trains; the loss is the caption's mean token NLL given
+
+    [<s>] [prefix] ["USER: "] [LLaVA projector(vision tokens of the image)] ["\\n<prompt> ASSISTANT:"]
+
+The paper finds 16 pairs enough (appendix A) and uses lr 2e-4 with cosine decay (appendix E),
+the defaults here. The image side is frozen, so each pair's image segment is computed once per
+worker before the first step.
+
+``--data``: a csv/parquet manifest with ``uri`` (a video: its first frame is used; or a png/jpg
+image) and ``caption``; rows without a caption, and files that do not decode, are skipped and
+counted. The start model: ``--init`` (e.g. the aligned checkpoint), or ``--clap`` + ``--llava``.
+
+Training: ``TorchTrainer`` (DDP over ``--num-workers``; ``--use-gpu``), AdamW without weight decay
+on the prefix (decay would pull the tokens towards 0, which is no prior for LM input embeddings),
+per-epoch ``ray.train.report`` with a checkpoint under ``--storage-path``; the same ``--run-name``
+resumes. Output: the DALI checkpoint with ``use_prefix = true`` and a ``history`` entry {"stage":
+"prefix", "pairs", "epochs", "steps", "final_loss", ...}, plus ``train_prefix.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from jobs.config_cli import parse, to_json
+from overheard import storage
+from training import av_data
+from training.common import (HISTORY, cosine_lr, cpu_state_dict, fit, restore_checkpoint,
+                             save_epoch_checkpoint, worker_context)
+
+
+@dataclass
+class DaliPrefixConfig:
+    output: str = field(metadata={"help": "DALI checkpoint directory to write (local or s3://)"})
+    data: str = field(default="", metadata={"help": "manifest (csv/parquet) with uri (video or image) "
+                                                    "and caption (what it sounds like)"})
+    init: str = field(default="", metadata={"help": "start from this DALI checkpoint"})
+    clap: str = field(default="", metadata={"help": "CLAP model (with --llava: start a new DALI model)"})
+    llava: str = field(default="", metadata={"help": "LLaVA model directory (HF format)"})
+    prefix_tokens: int = field(default=16, metadata={"help": "prefix length for a new model (paper: 16)"})
+    epochs: int = 50
+    batch_size: int = field(default=8, metadata={"help": "global batch (split across workers)"})
+    lr: float = field(default=2e-4, metadata={"help": "paper: 2e-4, cosine decay"})
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    max_caption_tokens: int = 40
+    dtype: str = field(default="float32", metadata={"help": "frozen models: float32 | bfloat16 (GPU)"})
+    seed: int = 0
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+    num_to_keep: int = 2
+    storage_path: str = field(default="", metadata={"help": "Ray Train run storage (local or s3://); "
+                                                            "default <output>-runs"})
+    run_name: str = field(default="dali-prefix", metadata={"help": "same name + storage => resume"})
+    inject_failure_epoch: int = -1
+    ray_address: str = ""
+
+
+def _prefix_tuner(dali, cfg: DaliPrefixConfig):
+    """The prefix as a module (for DDP): forward(image segments (B, Nv, H) in LM space, captions)
+    -> mean caption NLL (eq. 1)."""
+    import torch
+
+    class PrefixTuner(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.prefix = dali.heads.prefix   # the Parameter save_dali writes
+
+        def forward(self, segments, captions: list[str]):
+            embeds = dali.llava.inputs([segments], self.prefix)
+            return dali.llava.nll(embeds, captions, cfg.max_caption_tokens)
+
+    m = PrefixTuner()
+    m.prefix.requires_grad_(True)
+    return m
+
+
+def image_segments(dali, frames, batch: int = 32):
+    """uint8 frames (N, S, S, 3) -> LLaVA image segments (N, Nv, H) in the LM space (no grad)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(frames), batch):
+            out.append(dali.llava.project(dali.llava.vision_tokens(frames[i:i + batch])).float())
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- worker loop
+def train_loop(config: dict) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    cfg = DaliPrefixConfig(**config["cfg"])
+    rank, world, device = worker_context(cfg)
+    data = ray.get(config["data_ref"])
+    captions = data["captions"]
+    torch.manual_seed(cfg.seed)
+    dali = av_data.load_dali(cfg.init, config["clap"], config["llava"], device, cfg.dtype, cfg.seed,
+                             prefix_tokens=cfg.prefix_tokens)
+    with av_data.autocast(device, cfg.dtype):
+        # first frame of each pair; a copy: arrays from the object store are read-only
+        segments = image_segments(dali, np.array(data["frames"][:, 0]))
+    model = _prefix_tuner(dali, cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = len(captions)
+    steps_per_epoch = len(av_data.epoch_batches(n, cfg.batch_size, cfg.seed, 0, rank, world))
+    total = steps_per_epoch * cfg.epochs
+
+    start_epoch, step, history = 0, 0, []
+    restored = restore_checkpoint(model, opt)
+    if restored is not None:
+        ts, history = restored
+        start_epoch, step = int(ts["epoch"]) + 1, int(ts["step"])
+    model = ray.train.torch.prepare_model(model)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        av_data.inject_failure(epoch, cfg.inject_failure_epoch, rank, config["run_dir"])
+        t0 = time.time()
+        loss_sum = 0.0
+        batches = av_data.epoch_batches(n, cfg.batch_size, cfg.seed, epoch, rank, world)
+        for idx in batches:
+            lr = cosine_lr(cfg.lr, cfg.warmup_steps, step, total, floor=0.0)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with av_data.autocast(device, cfg.dtype):
+                loss = model(segments[idx].to(device), [captions[i] for i in idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            loss_sum += float(loss.detach())
+        epoch_s = time.time() - t0
+        metrics = {"epoch": epoch, "step": step, "start_epoch": start_epoch, "world_size": world,
+                   "loss": av_data.mean_across_workers(loss_sum, len(batches), world), "lr": lr,
+                   "epoch_s": epoch_s}
+        history.append(metrics)
+        if rank == 0:
+            save_epoch_checkpoint(metrics, cpu_state_dict(model),
+                                  {"optimizer": opt.state_dict(), "epoch": epoch, "step": step}, history)
+            print(f"[dali-prefix] epoch {epoch} step {step} nll {metrics['loss']:.4f} ({epoch_s:.1f} s)",
+                  flush=True)
+        else:
+            ray.train.report(metrics, checkpoint=None)
+
+    if rank == 0:
+        dali.cfg.use_prefix = True
+        av_data.save_stage(cfg.output, dali, {
+            "stage": "prefix", "pairs": n, "epochs": cfg.epochs, "steps": step,
+            "final_loss": history[-1]["loss"] if history else None, "lr": cfg.lr,
+            "data": cfg.data, "seed": cfg.seed})
+
+
+# ----------------------------------------------------------------------------- driver
+def run(cfg: DaliPrefixConfig) -> dict:
+    """Decode the pairs' first frames, train (or resume), write the DALI checkpoint."""
+    import ray
+
+    if not cfg.data:
+        raise ValueError("give --data: a manifest with uri and caption columns")
+    av_data.torch_dtype(cfg.dtype)
+    t_start = time.time()
+    clap, llava = av_data.frozen_paths(cfg.init, cfg.clap, cfg.llava)
+    pairs = av_data.list_clips(cfg.data, av_data.VIDEO_SUFFIXES + av_data.IMAGE_SUFFIXES)
+    uncaptioned = sum(1 for p in pairs if not p["caption"])
+    pairs = [p for p in pairs if p["caption"]]
+    if uncaptioned:
+        print(f"[dali-prefix] skipped {uncaptioned} rows without a caption", flush=True)
+    if not pairs:
+        raise ValueError(f"{cfg.data}: no row has a caption")
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address or None, include_dashboard=False, ignore_reinit_error=True)
+    data, _ = av_data.load_clips(pairs, 10.0, 1, av_data.image_size_of(llava), need_audio=False,
+                                 tag="dali-prefix")
+    if uncaptioned:
+        data["skipped"]["no_caption"] = uncaptioned
+    t_data = time.time() - t_start
+    sp, fs, run_dir = av_data.run_storage(cfg.storage_path, cfg.output, cfg.run_name)
+    arrays = {"frames": data["frames"], "captions": data["captions"]}
+    result, t_fit = fit(train_loop, {"cfg": dataclasses.asdict(cfg), "data_ref": ray.put(arrays),
+                                     "clap": clap, "llava": llava, "run_dir": run_dir},
+                        cfg, {"CPU": cfg.cpus_per_worker}, sp, storage_filesystem=fs)
+    with result.checkpoint.as_directory() as d:
+        with open(os.path.join(d, HISTORY)) as f:
+            history = json.load(f)
+    summary = {"config": json.loads(to_json(cfg)), "history": history, "pairs": len(data["uris"]),
+               "listed": data["listed"] + uncaptioned, "skipped": data["skipped"],
+               "checkpoint": result.checkpoint.path,
+               "seconds": {"data": round(t_data, 1), "fit": round(t_fit, 1),
+                           "total": round(time.time() - t_start, 1)}, "output": cfg.output}
+    av_data.write_json(storage.join(cfg.output, "train_prefix.json"), summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse(DaliPrefixConfig, argv, "overheard dali-prefix",
+                "DALI stage 1a: learn the prefix tokens from (image, sound caption) pairs on Ray Train.")
+    s = run(cfg)
+    h = s["history"]
+    if h:
+        print(f"caption NLL {h[0]['loss']:.4f} (epoch {h[0]['epoch']}) -> {h[-1]['loss']:.4f} "
+              f"(epoch {h[-1]['epoch']}); {s['pairs']} pairs")
+    print(f"DALI checkpoint: {s['output']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
