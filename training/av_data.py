@@ -390,3 +390,96 @@ def inject_failure(epoch: int, when: int, rank: int, run_dir: str) -> None:
     if not storage.exists(marker):
         storage.write_bytes_atomic(marker, b"1")
         raise RuntimeError(f"injected failure at the start of epoch {epoch}")
+
+
+def optimizer_step(model, opt, loss, grad_clip: float) -> None:
+    """Backward, clip the gradient norm (when > 0), step."""
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+
+
+def end_epoch(model, opt, metrics: dict, history: list, rank: int, line: str) -> None:
+    """Append the epoch's metrics; rank 0 reports them with a checkpoint (weights, optimiser,
+    epoch/step, history) and prints ``line``; other ranks report without one."""
+    import ray.train
+
+    from training.common import cpu_state_dict, save_epoch_checkpoint
+
+    history.append(metrics)
+    if rank == 0:
+        save_epoch_checkpoint(metrics, cpu_state_dict(model), {"optimizer": opt.state_dict(),
+                              "epoch": metrics["epoch"], "step": metrics["step"]}, history)
+        print(line, flush=True)
+    else:
+        ray.train.report(metrics, checkpoint=None)
+
+
+def nll_epochs(model, opt, inputs, captions: list[str], cfg, rank: int, world: int, device,
+               run_dir: str, tag: str) -> tuple[list[dict], int]:
+    """The epoch loop prefix tuning and distillation share (inside a Ray Train worker):
+    ``model(inputs[idx], captions)`` returns the caption NLL given precomputed frozen inputs
+    (image segments, or audio tokens). Seeded batches per (seed, epoch, rank), cosine lr, grad
+    clipping; rank 0 reports + checkpoints every epoch; resumes after the latest checkpoint.
+    Returns (per-epoch history, global step)."""
+    import time
+
+    import ray.train
+    import ray.train.torch
+
+    from training.common import cosine_lr, restore_checkpoint
+
+    n = len(captions)
+    steps_per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0, rank, world))
+    total = steps_per_epoch * cfg.epochs
+
+    start_epoch, step, history = 0, 0, []
+    restored = restore_checkpoint(model, opt)
+    if restored is not None:
+        ts, history = restored
+        start_epoch, step = int(ts["epoch"]) + 1, int(ts["step"])
+    model = ray.train.torch.prepare_model(model)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        inject_failure(epoch, cfg.inject_failure_epoch, rank, run_dir)
+        t0 = time.time()
+        loss_sum = 0.0
+        batches = epoch_batches(n, cfg.batch_size, cfg.seed, epoch, rank, world)
+        for idx in batches:
+            lr = cosine_lr(cfg.lr, cfg.warmup_steps, step, total, floor=0.0)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with autocast(device, cfg.dtype):
+                loss = model(inputs[idx].to(device), [captions[i] for i in idx])
+            optimizer_step(model, opt, loss, cfg.grad_clip)
+            step += 1
+            loss_sum += float(loss.detach())
+        epoch_s = time.time() - t0
+        metrics = {"epoch": epoch, "step": step, "start_epoch": start_epoch, "world_size": world,
+                   "loss": mean_across_workers(loss_sum, len(batches), world), "lr": lr,
+                   "epoch_s": epoch_s}
+        end_epoch(model, opt, metrics, history, rank,
+                  f"[{tag}] epoch {epoch} step {step} nll {metrics['loss']:.4f} ({epoch_s:.1f} s)")
+    return history, step
+
+
+def write_summary(cfg, result, stage: str, seconds: dict, **extra) -> dict:
+    """``OUTPUT/train_<stage>.json``: the run's config, per-epoch history (from the final Ray
+    Train checkpoint), timings and ``extra`` counts; returned as a dict."""
+    import json
+
+    from jobs.config_cli import to_json
+    from training.common import HISTORY
+
+    with result.checkpoint.as_directory() as d:
+        with open(os.path.join(d, HISTORY)) as f:
+            history = json.load(f)
+    summary = {"config": json.loads(to_json(cfg)), "history": history, **extra,
+               "checkpoint": result.checkpoint.path,
+               "seconds": {k: round(v, 1) for k, v in seconds.items()}, "output": cfg.output}
+    write_json(storage.join(cfg.output, f"train_{stage}.json"), summary)
+    return summary

@@ -42,17 +42,13 @@ skipped clips).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 
-from jobs.config_cli import parse, to_json
-from overheard import storage
+from jobs.config_cli import parse
 from training import av_data
-from training.common import (HISTORY, cosine_lr, cpu_state_dict, fit, restore_checkpoint,
-                             save_epoch_checkpoint, worker_context)
+from training.common import cosine_lr, fit, restore_checkpoint, worker_context
 
 
 @dataclass
@@ -196,25 +192,16 @@ def train_loop(config: dict) -> None:
                 vision = dali.llava.vision_tokens(av_data.pick_frames(frames, n_frames, idx, cfg.seed, epoch))
             with av_data.autocast(device, cfg.dtype):
                 loss = model(torch.from_numpy(windows[idx]).to(device), vision, lam, uniform)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            av_data.optimizer_step(model, opt, loss, cfg.grad_clip)
             step += 1
             loss_sum += float(loss.detach())
         epoch_s = time.time() - t0
         metrics = {"epoch": epoch, "step": step, "start_epoch": start_epoch, "world_size": world,
                    "loss": av_data.mean_across_workers(loss_sum, len(batches), world),
                    "uniform_weights": uniform, "lam": lam, "lr": cfg.lr * factor, "epoch_s": epoch_s}
-        history.append(metrics)
-        if rank == 0:
-            save_epoch_checkpoint(metrics, cpu_state_dict(model),
-                                  {"optimizer": opt.state_dict(), "epoch": epoch, "step": step}, history)
-            print(f"[dali-align] epoch {epoch} step {step} {cfg.loss} {metrics['loss']:.5f} "
-                  f"({epoch_s:.1f} s)", flush=True)
-        else:
-            ray.train.report(metrics, checkpoint=None)
+        av_data.end_epoch(model, opt, metrics, history, rank,
+                          f"[dali-align] epoch {epoch} step {step} {cfg.loss} {metrics['loss']:.5f} "
+                          f"({epoch_s:.1f} s)")
 
     if rank == 0:  # also after a resume that had no epoch left: the output is always written
         dali.cfg.tuned_tower = dali.cfg.tuned_tower or cfg.tune_tower
@@ -249,15 +236,9 @@ def run(cfg: DaliAlignConfig) -> dict:
     result, t_fit = fit(train_loop, {"cfg": dataclasses.asdict(cfg), "data_ref": ray.put(arrays),
                                      "clap": clap, "llava": llava, "run_dir": run_dir},
                         cfg, {"CPU": cfg.cpus_per_worker}, sp, storage_filesystem=fs)
-    with result.checkpoint.as_directory() as d:
-        with open(os.path.join(d, HISTORY)) as f:
-            history = json.load(f)
-    summary = {"config": json.loads(to_json(cfg)), "history": history, "clips": len(data["uris"]),
-               "listed": data["listed"], "skipped": data["skipped"], "checkpoint": result.checkpoint.path,
-               "seconds": {"data": round(t_data, 1), "fit": round(t_fit, 1),
-                           "total": round(time.time() - t_start, 1)}, "output": cfg.output}
-    av_data.write_json(storage.join(cfg.output, "train_align.json"), summary)
-    return summary
+    return av_data.write_summary(
+        cfg, result, "align", {"data": t_data, "fit": t_fit, "total": time.time() - t_start},
+        clips=len(data["uris"]), listed=data["listed"], skipped=data["skipped"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,18 +25,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from jobs.config_cli import parse, to_json
+from jobs.config_cli import parse
 from overheard import storage
 from training import av_data
-from training.common import (HISTORY, cosine_lr, cpu_state_dict, fit, restore_checkpoint,
-                             save_epoch_checkpoint, worker_context)
+from training.common import fit, worker_context
 
 
 @dataclass
@@ -176,46 +174,8 @@ def train_loop(config: dict) -> None:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     n = len(captions)
-    steps_per_epoch = len(av_data.epoch_batches(n, cfg.batch_size, cfg.seed, 0, rank, world))
-    total = steps_per_epoch * cfg.epochs
-
-    start_epoch, step, history = 0, 0, []
-    restored = restore_checkpoint(model, opt)
-    if restored is not None:
-        ts, history = restored
-        start_epoch, step = int(ts["epoch"]) + 1, int(ts["step"])
-    model = ray.train.torch.prepare_model(model)
-
-    for epoch in range(start_epoch, cfg.epochs):
-        av_data.inject_failure(epoch, cfg.inject_failure_epoch, rank, config["run_dir"])
-        t0 = time.time()
-        loss_sum = 0.0
-        batches = av_data.epoch_batches(n, cfg.batch_size, cfg.seed, epoch, rank, world)
-        for idx in batches:
-            lr = cosine_lr(cfg.lr, cfg.warmup_steps, step, total, floor=0.0)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with av_data.autocast(device, cfg.dtype):
-                loss = model(tokens[idx].to(device), [captions[i] for i in idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            step += 1
-            loss_sum += float(loss.detach())
-        epoch_s = time.time() - t0
-        metrics = {"epoch": epoch, "step": step, "start_epoch": start_epoch, "world_size": world,
-                   "loss": av_data.mean_across_workers(loss_sum, len(batches), world), "lr": lr,
-                   "epoch_s": epoch_s}
-        history.append(metrics)
-        if rank == 0:
-            save_epoch_checkpoint(metrics, cpu_state_dict(model),
-                                  {"optimizer": opt.state_dict(), "epoch": epoch, "step": step}, history)
-            print(f"[dali-distill] epoch {epoch} step {step} nll {metrics['loss']:.4f} ({epoch_s:.1f} s)",
-                  flush=True)
-        else:
-            ray.train.report(metrics, checkpoint=None)
+    history, step = av_data.nll_epochs(model, opt, tokens, captions, cfg, rank, world, device,
+                                       config["run_dir"], "dali-distill")
 
     if rank == 0:
         av_data.save_stage(cfg.output, dali, {
@@ -260,16 +220,11 @@ def run(cfg: DaliDistillConfig) -> dict:
     result, t_fit = fit(train_loop, {"cfg": dataclasses.asdict(cfg), "data_ref": ray.put(arrays),
                                      "run_dir": run_dir},
                         cfg, {"CPU": cfg.cpus_per_worker}, sp, storage_filesystem=fs)
-    with result.checkpoint.as_directory() as d:
-        with open(os.path.join(d, HISTORY)) as f:
-            history = json.load(f)
-    summary = {"config": json.loads(to_json(cfg)), "history": history, "clips": len(data["uris"]),
-               "pseudo_labels": len(keep), "unlabelled": dropped, "listed": data["listed"],
-               "skipped": data["skipped"], "checkpoint": result.checkpoint.path,
-               "seconds": {"data": round(t_data, 1), "label": round(t_label, 1), "fit": round(t_fit, 1),
-                           "total": round(time.time() - t_start, 1)}, "output": cfg.output}
-    av_data.write_json(storage.join(cfg.output, "train_distill.json"), summary)
-    return summary
+    return av_data.write_summary(
+        cfg, result, "distill",
+        {"data": t_data, "label": t_label, "fit": t_fit, "total": time.time() - t_start},
+        clips=len(data["uris"]), pseudo_labels=len(keep), unlabelled=dropped,
+        listed=data["listed"], skipped=data["skipped"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,19 +28,15 @@ resumes. Output: the DALI checkpoint with ``use_prefix = true`` and a ``history`
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from jobs.config_cli import parse, to_json
-from overheard import storage
+from jobs.config_cli import parse
 from training import av_data
-from training.common import (HISTORY, cosine_lr, cpu_state_dict, fit, restore_checkpoint,
-                             save_epoch_checkpoint, worker_context)
+from training.common import fit, worker_context
 
 
 @dataclass
@@ -123,46 +119,8 @@ def train_loop(config: dict) -> None:
     model = _prefix_tuner(dali, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = len(captions)
-    steps_per_epoch = len(av_data.epoch_batches(n, cfg.batch_size, cfg.seed, 0, rank, world))
-    total = steps_per_epoch * cfg.epochs
-
-    start_epoch, step, history = 0, 0, []
-    restored = restore_checkpoint(model, opt)
-    if restored is not None:
-        ts, history = restored
-        start_epoch, step = int(ts["epoch"]) + 1, int(ts["step"])
-    model = ray.train.torch.prepare_model(model)
-
-    for epoch in range(start_epoch, cfg.epochs):
-        av_data.inject_failure(epoch, cfg.inject_failure_epoch, rank, config["run_dir"])
-        t0 = time.time()
-        loss_sum = 0.0
-        batches = av_data.epoch_batches(n, cfg.batch_size, cfg.seed, epoch, rank, world)
-        for idx in batches:
-            lr = cosine_lr(cfg.lr, cfg.warmup_steps, step, total, floor=0.0)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with av_data.autocast(device, cfg.dtype):
-                loss = model(segments[idx].to(device), [captions[i] for i in idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            step += 1
-            loss_sum += float(loss.detach())
-        epoch_s = time.time() - t0
-        metrics = {"epoch": epoch, "step": step, "start_epoch": start_epoch, "world_size": world,
-                   "loss": av_data.mean_across_workers(loss_sum, len(batches), world), "lr": lr,
-                   "epoch_s": epoch_s}
-        history.append(metrics)
-        if rank == 0:
-            save_epoch_checkpoint(metrics, cpu_state_dict(model),
-                                  {"optimizer": opt.state_dict(), "epoch": epoch, "step": step}, history)
-            print(f"[dali-prefix] epoch {epoch} step {step} nll {metrics['loss']:.4f} ({epoch_s:.1f} s)",
-                  flush=True)
-        else:
-            ray.train.report(metrics, checkpoint=None)
+    history, step = av_data.nll_epochs(model, opt, segments, captions, cfg, rank, world, device,
+                                       config["run_dir"], "dali-prefix")
 
     if rank == 0:
         dali.cfg.use_prefix = True
@@ -201,16 +159,9 @@ def run(cfg: DaliPrefixConfig) -> dict:
     result, t_fit = fit(train_loop, {"cfg": dataclasses.asdict(cfg), "data_ref": ray.put(arrays),
                                      "clap": clap, "llava": llava, "run_dir": run_dir},
                         cfg, {"CPU": cfg.cpus_per_worker}, sp, storage_filesystem=fs)
-    with result.checkpoint.as_directory() as d:
-        with open(os.path.join(d, HISTORY)) as f:
-            history = json.load(f)
-    summary = {"config": json.loads(to_json(cfg)), "history": history, "pairs": len(data["uris"]),
-               "listed": data["listed"] + uncaptioned, "skipped": data["skipped"],
-               "checkpoint": result.checkpoint.path,
-               "seconds": {"data": round(t_data, 1), "fit": round(t_fit, 1),
-                           "total": round(time.time() - t_start, 1)}, "output": cfg.output}
-    av_data.write_json(storage.join(cfg.output, "train_prefix.json"), summary)
-    return summary
+    return av_data.write_summary(
+        cfg, result, "prefix", {"data": t_data, "fit": t_fit, "total": time.time() - t_start},
+        pairs=len(data["uris"]), listed=data["listed"] + uncaptioned, skipped=data["skipped"])
 
 
 def main(argv: list[str] | None = None) -> int:
