@@ -113,7 +113,7 @@ def test_emd_steps_lower_the_loss_and_move_tokens_closer(world, decoded):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     with torch.no_grad():
         final = float(emd(dali.audio_tokens(windows)[0], vision))
     print(f"[dali-align test] emd steps {[round(v, 3) for v in losses]} -> {final:.3f}")
