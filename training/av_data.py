@@ -392,6 +392,19 @@ def inject_failure(epoch: int, when: int, rank: int, run_dir: str) -> None:
         raise RuntimeError(f"injected failure at the start of epoch {epoch}")
 
 
+def resume_state(model, opt, n: int, cfg, rank: int, world: int) -> tuple[int, int, list, int]:
+    """(first epoch, global step, history so far, total steps) for ``n`` examples: from the latest
+    Ray Train checkpoint (weights and optimiser restored into ``model``/``opt``) or a fresh start."""
+    from training.common import restore_checkpoint
+
+    total = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0, rank, world)) * cfg.epochs
+    restored = restore_checkpoint(model, opt)
+    if restored is None:
+        return 0, 0, [], total
+    ts, history = restored
+    return int(ts["epoch"]) + 1, int(ts["step"]), history, total
+
+
 def optimizer_step(model, opt, loss, grad_clip: float) -> None:
     """Backward, clip the gradient norm (when > 0), step."""
     import torch
@@ -431,17 +444,10 @@ def nll_epochs(model, opt, inputs, captions: list[str], cfg, rank: int, world: i
     import ray.train
     import ray.train.torch
 
-    from training.common import cosine_lr, restore_checkpoint
+    from training.common import cosine_lr
 
     n = len(captions)
-    steps_per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0, rank, world))
-    total = steps_per_epoch * cfg.epochs
-
-    start_epoch, step, history = 0, 0, []
-    restored = restore_checkpoint(model, opt)
-    if restored is not None:
-        ts, history = restored
-        start_epoch, step = int(ts["epoch"]) + 1, int(ts["step"])
+    start_epoch, step, history, total = resume_state(model, opt, n, cfg, rank, world)
     model = ray.train.torch.prepare_model(model)
 
     for epoch in range(start_epoch, cfg.epochs):

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 
 from jobs.config_cli import parse
 from training import av_data
-from training.common import cosine_lr, fit, restore_checkpoint, worker_context
+from training.common import cosine_lr, fit, worker_context
 
 
 @dataclass
@@ -162,14 +162,7 @@ def train_loop(config: dict) -> None:
                        "base_lr": cfg.tower_lr})
     opt = torch.optim.AdamW(groups, lr=cfg.lr)
     n = len(windows)
-    steps_per_epoch = len(av_data.epoch_batches(n, cfg.batch_size, cfg.seed, 0, rank, world))
-    total = steps_per_epoch * cfg.epochs
-
-    start_epoch, step, history = 0, 0, []
-    restored = restore_checkpoint(model, opt)
-    if restored is not None:
-        ts, history = restored
-        start_epoch, step = int(ts["epoch"]) + 1, int(ts["step"])
+    start_epoch, step, history, total = av_data.resume_state(model, opt, n, cfg, rank, world)
     # attentive_ot's attention gets no gradient in its uniform first epoch, and a tuned tower may
     # hold parameters its token output does not use: tell DDP not to wait for their gradients
     ddp = {"find_unused_parameters": cfg.loss == "attentive_ot" or cfg.tune_tower} if world > 1 else {}
