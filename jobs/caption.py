@@ -370,9 +370,6 @@ def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0):
                     "audio_embedding") >= 0:
                 raise RuntimeError("embedding column vanished mid-run")
             model_ids.update(tbl.column("model_id").unique().to_pylist())
-            if dali:
-                manifest["windows_with_frames"] += sum(
-                    1 for d in tbl.column("decoding").to_pylist() if "+image" in d)
             for r in asm.add(tbl):
                 writer.add(r)
                 _count(manifest, r)
@@ -398,6 +395,10 @@ def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0):
 
 def _count(manifest: dict, r) -> None:
     manifest["windows"] += r.windows
+    if r.captions is not None and manifest["mode"] == "audio+image":
+        # counted on released (deduplicated) rows, so a resent window is not counted twice
+        manifest["windows_with_frames"] += sum(
+            1 for d in r.captions.column("decoding").to_pylist() if "+image" in d)
     manifest["audio_hours"] = round(manifest["audio_hours"] + r.audio_s / 3600.0, 6)
     source_failed = any(f["stage"] in ("read", "decode") for f in r.failures)
     if r.windows and not source_failed:

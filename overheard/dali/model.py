@@ -19,13 +19,15 @@ checkpoint directory (``../llava``), or absolute / ``s3://``.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_weights
+from safetensors.torch import save_file
 
 from overheard import storage
 from overheard.checkpoint import read_config_json, safetensors_weights
@@ -143,9 +145,13 @@ class DaliModel:
         with torch.random.fork_rng():  # a seeded projection init that leaves the caller's RNG alone
             torch.manual_seed(seed)
             self.heads = DaliHeads(c, self.llava.model.model.multi_modal_projector)
+        weights_id = "untrained"
         if directory is not None:  # a checkpoint always has weights; pickles are refused by name
             local = storage.localize(directory)
-            sd = load_file(str(safetensors_weights(local)))
+            with open(safetensors_weights(local), "rb") as f:
+                raw = f.read()  # read once: parsed here and hashed into model_id
+            sd = load_weights(raw)
+            weights_id = hashlib.sha256(raw).hexdigest()[:12]
             tower = {k[6:]: v for k, v in sd.items() if k.startswith("tower.")}
             missing, unexpected = self.heads.load_state_dict(
                 {k: v for k, v in sd.items() if not k.startswith("tower.")}, strict=False)
@@ -157,14 +163,7 @@ class DaliModel:
         self.heads.to(self.device, dtype)
         self.heads.eval()
         self.model_id = "dali-" + storage.short_hash(
-            f"{self.clap.model_id}|{self.llava.model_id}|{self._weights_id(directory)}", 12)
-
-    @staticmethod
-    def _weights_id(directory):
-        if directory is None or not storage.exists(storage.join(directory, "model.safetensors")):
-            return "untrained"
-        import hashlib
-        return hashlib.sha256(storage.read_bytes(storage.join(directory, "model.safetensors"))).hexdigest()[:12]
+            f"{self.clap.model_id}|{self.llava.model_id}|{weights_id}", 12)
 
     # -- pieces the training scripts reuse --------------------------------------------------------
     def audio_tokens(self, windows) -> tuple[torch.Tensor, torch.Tensor]:
