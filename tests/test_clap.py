@@ -274,3 +274,31 @@ def test_encoder_localizes_its_path(tiny_dir, monkeypatch):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.parametrize("slaney", [True, False])
+def test_logmel_cpu_path_equals_stft_path_and_the_extractor(slaney):
+    """LogMel's CPU path (scipy rfft row by row) and its GPU path (batched torch.stft, run here on
+    the CPU) give the same dB mel as ClapFeatureExtractor's float64 numpy, for both filterbanks,
+    on a window that is not a multiple of the hop (frame count T // hop + 1)."""
+    from transformers import ClapFeatureExtractor
+    from transformers.audio_utils import spectrogram, window_function
+
+    from overheard.clap import LogMel
+
+    fe = ClapFeatureExtractor()
+    lm = LogMel(fe, slaney=slaney)
+    x = _clips(3, seed=4)[:, :480000 - 123]
+    x[1] *= 0.0  # silence hits the 1e-10 floor: -100 dB on both paths
+    cpu = lm(torch.from_numpy(x))
+    stft = (10.0 * torch.log10(torch.clamp(lm._stft_mel(torch.from_numpy(x)), min=1e-10))).unsqueeze(1)
+    assert cpu.shape == stft.shape == (3, 1, (480000 - 123) // 480 + 1, 64)
+    assert cpu.dtype == torch.float32
+    assert float((cpu - stft).abs().max()) < 1e-3  # dB; float32 FFTs of different libraries
+    assert float(cpu[1].max()) == pytest.approx(-100.0)
+    filters = fe.mel_filters_slaney if slaney else fe.mel_filters
+    for i in (0, 2):
+        ref = spectrogram(x[i].astype(np.float64), window_function(fe.fft_window_size, "hann"),
+                          frame_length=fe.fft_window_size, hop_length=fe.hop_length, power=2.0,
+                          mel_filters=filters, log_mel="dB").T
+        assert float(np.abs(cpu[i, 0].numpy() - ref).max()) < 2e-3
