@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from overheard.checkpoint import read_config_json, safetensors_weights
+from overheard.topk import beam_topk
 
 FORMAT = "overheard.caption_decoder"
 FORMAT_VERSION = 1
@@ -319,10 +320,10 @@ class CaptionDecoder(nn.Module):
         for i in range(n):
             cand = logp.double().masked_fill(self._banned, -math.inf).view(b, k, v)
             cand = torch.where(finished[..., None], frozen, cand)
-            cand = (scores[..., None] + cand).view(b, k * v)
-            # Stable descending sort: equal scores keep flat order -> lowest (beam, token) wins.
-            top, idx = torch.sort(cand, dim=1, descending=True, stable=True)
-            top, idx = top[:, :k], idx[:, :k]
+            cand = scores[..., None] + cand                                  # (b, k, v)
+            # The k best (beam, token) pairs; equal scores -> lowest (beam, token), exactly as a
+            # stable sort of all k*v would pick, without sorting the vocabulary (overheard.topk).
+            top, idx = beam_topk(cand, k)
             src, tok = idx // v, idx % v
             prev_finished = finished.gather(1, src)
             length = length.gather(1, src) + (~prev_finished).long()

@@ -33,6 +33,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from overheard.topk import topk_lowest_index
+
 DEFAULT_TEMPERATURE = 0.01   # seed: softmax(100 * cosine)
 DEFAULT_CHUNK = 65_536       # memory rows per similarity block
 EMBEDDINGS_NAME = "memory.safetensors"
@@ -68,16 +70,11 @@ def top_k(audio_emb: torch.Tensor, memory: torch.Tensor, k: int, chunk_size: int
     for start in range(0, n, chunk_size):
         sims = a @ memory[start:start + chunk_size].T                     # (B, c)
         c = sims.shape[1]
-        # Pre-filter the chunk with topk (a full sort of 32 x 65 536 costs ~1.7x the matmul):
-        # keep every score >= the chunk's k-th largest, so ties at the boundary all survive.
-        thr = sims.topk(min(k, c), dim=1).values[:, -1:]
-        keep = sims >= thr
-        m = int(keep.sum(dim=1).max())
-        key = keep * torch.arange(c, 0, -1, device=a.device)            # >0 for kept, larger = lower index
-        pos = key.topk(m, dim=1).indices.sort(dim=1).values             # kept positions, index ascending
+        # The chunk's exact k best (a full sort of 32 x 65 536 costs ~1.7x the matmul).
         # Running bests come first and all have lower indices than this chunk; among equal scores
         # they are already index-ascending, so a stable descending sort keeps lowest-index-first.
-        s = torch.cat([best_s, sims.gather(1, pos)], dim=1)
+        vals, pos = topk_lowest_index(sims, min(k, c), by_value=False)
+        s = torch.cat([best_s, vals], dim=1)
         i = torch.cat([best_i, pos + start], dim=1)
         s, order = torch.sort(s, dim=1, descending=True, stable=True)
         best_s, best_i = s[:, :k], i.gather(1, order[:, :k])
