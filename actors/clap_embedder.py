@@ -48,8 +48,8 @@ class ClapEmbedder:
         self.sr = self.encoder.sampling_rate
         self.window_samples = int(round(window_s * self.sr))
 
-    def _embed(self, samples: list[bytes], valid: list[int]) -> np.ndarray:
-        x = samples_matrix(samples, self.window_samples)
+    def _embed(self, samples, rows: list[int], valid: list[int]) -> np.ndarray:
+        x = samples_matrix(samples, rows, self.window_samples)
         n = self.encoder.window_samples
         parts = [fit_to_model(x[i], valid[i], n) for i in range(len(x))]
         counts = [len(p) for p in parts]
@@ -72,16 +72,16 @@ class ClapEmbedder:
         stage = batch.column("stage").to_pylist()
         ok = [i for i in range(n) if not err_type[i]]
         if ok:
-            samples = batch.column("samples").to_pylist()
+            samples = batch.column("samples")
             start = batch.column("start_s").to_numpy()
             end = batch.column("end_s").to_numpy()
             valid = [int(round((end[i] - start[i]) * self.sr)) for i in range(n)]
             try:
-                emb[ok] = self._embed([samples[i] for i in ok], [valid[i] for i in ok])
+                emb[ok] = self._embed(samples, ok, [valid[i] for i in ok])
             except Exception:
                 for i in ok:  # isolate the bad window(s)
                     try:
-                        emb[i] = self._embed([samples[i]], [valid[i]])[0]
+                        emb[i] = self._embed(samples, [i], [valid[i]])[0]
                     except Exception as e:
                         err_type[i], stage[i] = "model_error", "embed"
                         err_msg[i] = f"CLAP encoder failed: {type(e).__name__}: {e}"[:2000]

@@ -67,13 +67,12 @@ class DaliCaptioner:
         captions, logprobs = [""] * n, np.full(n, np.nan, np.float32)
         with_frame = [False] * n
         if ok:
-            samples = batch.column("samples").to_pylist()
             start, end = batch.column("start_s").to_numpy(), batch.column("end_s").to_numpy()
             uris, widx = batch.column("source_uri").to_pylist(), batch.column("window_index").to_pylist()
             frames = (batch.column("frame").to_pylist() if self.mode == "audio+image"
                       and "frame" in batch.column_names else [b""] * n)
             need = self.size * self.size * 3
-            x = samples_matrix([samples[i] for i in ok], self.window_samples)
+            x = samples_matrix(batch.column("samples"), ok, self.window_samples)
             m = self.model.clap.window_samples
             x = np.stack([fit_to_model(x[j], int(round((end[i] - start[i]) * self.sr)), m)[0]
                           for j, i in enumerate(ok)])  # window <= CLAP's 10 s (checked by the job)

@@ -263,11 +263,22 @@ def decode_sources(batch: pa.Table, *, window_s: float = 10.0, hop_s: float | No
                 frames.close()
 
 
-def samples_matrix(samples: list[bytes], n: int) -> np.ndarray:
-    """Stack raw float32 byte strings (all ``n`` samples long) into a (B, n) array."""
-    out = np.empty((len(samples), n), dtype=np.float32)
-    for i, s in enumerate(samples):
-        out[i] = np.frombuffer(s, dtype=np.float32, count=n)
+def samples_matrix(column, rows: list[int], n: int) -> np.ndarray:
+    """Rows ``rows`` of a ``samples`` column (Arrow large_binary, each ``n`` float32 samples) as
+    a (len(rows), n) float32 array: one copy, straight from the Arrow buffers. Why: going through
+    ``to_pylist()`` copied every 1.9-MB window twice more (to bytes, then into the matrix)."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    out = np.empty((len(rows), n), dtype=np.float32)
+    starts = np.cumsum([0] + [len(c) for c in chunks])
+    for j, r in enumerate(rows):
+        k = int(np.searchsorted(starts, r, side="right")) - 1
+        c, i = chunks[k], r - int(starts[k])
+        offsets = np.frombuffer(c.buffers()[1], dtype=np.int64,
+                                count=len(c) + 1 + c.offset)[c.offset:]
+        lo, hi = int(offsets[i]), int(offsets[i + 1])
+        if hi - lo != 4 * n:
+            raise ValueError(f"window {r} holds {(hi - lo) // 4} samples, expected {n}")
+        out[j] = np.frombuffer(c.buffers()[2], dtype=np.float32, count=n, offset=lo)
     return out
 
 
