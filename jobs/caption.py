@@ -96,6 +96,9 @@ class CaptionConfig:
     decode_timeout: float = field(default=1800.0, metadata={"help": "per-source decode limit (s)"})
     limit: int = field(default=0, metadata={"help": "caption at most this many new sources"})
     decode_cpus: float = field(default=0.5, metadata={"help": "CPUs per decode task"})
+    pack_sources: bool = field(default=True, metadata={
+        "help": "decode small files several to a task (up to 4 MB / 32 files), largest first; "
+                "off: one task per file in listing order"})
     encoder_actors: int = 1
     captioner_actors: int = 1
     actor_cpus: float = field(default=0.5, metadata={"help": "CPUs reserved per model actor"})
@@ -183,6 +186,12 @@ def validate_models(clap: str, decoder: str) -> None:
 
 def list_sources(cfg: CaptionConfig) -> list[tuple[str, str]]:
     """Sorted (uri, version) pairs from a folder/prefix/glob/file or a manifest table."""
+    return [(u, v) for u, v, _ in list_sources_sized(cfg)]
+
+
+def list_sources_sized(cfg: CaptionConfig) -> list[tuple[str, str, int]]:
+    """Sorted (uri, version, size in bytes) from a folder/prefix/glob/file or a manifest table
+    (size from its optional 'size' column; 0 = unknown)."""
     fs, path = storage.get_fs(cfg.input)
     if path.lower().endswith(MANIFEST_SUFFIXES) and fs.isfile(path):
         with fs.open(path, "rb") as f:
@@ -193,11 +202,52 @@ def list_sources(cfg: CaptionConfig) -> list[tuple[str, str]]:
         uris = t.column(col).to_pylist()
         vers = (t.column("version").to_pylist() if "version" in t.column_names
                 else [""] * len(uris))
-        return sorted({(u, v or "") for u, v in zip(uris, vers) if u})
+        sizes = (t.column("size").to_pylist() if "size" in t.column_names
+                 else [0] * len(uris))
+        return sorted({(u, v or "", int(n or 0)) for u, v, n in zip(uris, vers, sizes) if u})
     if not fs.exists(path) and not any(ch in path for ch in "*?["):
         raise FileNotFoundError(f"input not found: {cfg.input}")
     suffixes = () if cfg.all_files else MEDIA_SUFFIXES
-    return [(u, v) for u, _, v in storage.list_files(cfg.input, suffixes)]
+    return [(u, v, n) for u, n, v in storage.list_files(cfg.input, suffixes)]
+
+
+# Source packing for the decode stage. A Ray Data task per source costs ~0.05-0.1 CPU-s of
+# scheduling, Arrow and object-store work (measured: bench/throughput.py --clips 600, README
+# "Performance"), as much as decoding a 10-s clip; but several large files in one task decode
+# serially on one core while others idle. So: small files share a block up to BLOCK_BYTES
+# (4 MB ~ 4 min of 128-kbit AAC ~ 1-2 CPU-s of decoding) or BLOCK_SOURCES, a file of unknown
+# or larger size is alone, and blocks are dealt largest first so hour-long files start early
+# instead of forming the run's tail.
+BLOCK_BYTES = 4 << 20
+BLOCK_SOURCES = 32
+MAX_BLOCKS = 10_000
+
+
+def pack_sources(sources: list[tuple[str, str, int]], block_bytes: int = BLOCK_BYTES,
+                 block_sources: int = BLOCK_SOURCES, max_blocks: int = MAX_BLOCKS,
+                 ) -> list[list[tuple[str, str]]]:
+    """(uri, version, size) -> blocks of (uri, version), largest block first. Every source is
+    in exactly one block; sizes <= 0 (unknown) are treated as large."""
+    big = [(u, v) for u, v, n in sorted(sources, key=lambda s: (-(s[2] if s[2] > 0 else 1 << 62),
+                                                                s[0]))
+           if n <= 0 or n >= block_bytes]
+    small = sorted(((u, v, n) for u, v, n in sources if 0 < n < block_bytes),
+                   key=lambda s: (-s[2], s[0]))
+    blocks = [[s] for s in big]
+    cur: list[tuple[str, str]] = []
+    used = 0
+    for u, v, n in small:
+        if cur and (used + n > block_bytes or len(cur) >= block_sources):
+            blocks.append(cur)
+            cur, used = [], 0
+        cur.append((u, v))
+        used += n
+    if cur:
+        blocks.append(cur)
+    if len(blocks) > max_blocks:  # millions of sources: merge neighbours evenly
+        step = -(-len(blocks) // max_blocks)
+        blocks = [[s for b in blocks[i:i + step] for s in b] for i in range(0, len(blocks), step)]
+    return blocks
 
 
 def _preflight(what: str, uri: str, fn):
@@ -219,7 +269,7 @@ def _ray_init(cfg: CaptionConfig):
     return ray
 
 
-def build(cfg: CaptionConfig, sources: list[tuple[str, str]], clap: str, decoder: str,
+def build(cfg: CaptionConfig, sources: list[tuple], clap: str, decoder: str,
           dali: str = "", frame_size: int = 0):
     """The streaming Ray Data pipeline over ``sources``; returns the Dataset (lazy). With
     ``dali`` (a DALI checkpoint) one DaliCaptioner pool replaces the CLAP + decoder pools."""
@@ -239,14 +289,10 @@ def build(cfg: CaptionConfig, sources: list[tuple[str, str]], clap: str, decoder
         has_gpu = ray.cluster_resources().get("GPU", 0) > 0
         gpus = (1.0 if dali else 0.5) if has_gpu else 0.0
     device = "cuda" if gpus > 0 else "cpu"
-    src = pa.table({"source_uri": [u for u, _ in sources],
-                    "source_version": [v for _, v in sources]})
-    # One source per block (up to 10k blocks; beyond that blocks hold several sources): a decode
-    # task walks its block's sources serially, so 4 per block left two 10-min files adjacent in
-    # the sorted listing on one core while the other idled (docs/performance.md).
-    n_blocks = max(1, min(10_000, len(sources)))
-    step = -(-len(sources) // n_blocks)
-    ds = ray.data.from_arrow([src.slice(i, step) for i in range(0, len(sources), step)])
+    sized = [s if len(s) == 3 else (s[0], s[1], 0) for s in sources]
+    blocks = pack_sources(sized) if cfg.pack_sources else [[(u, v)] for u, v, _ in sized]
+    ds = ray.data.from_arrow([pa.table({"source_uri": [u for u, _ in b],
+                                        "source_version": [v for _, v in b]}) for b in blocks])
     ds = ds.map_batches(
         decode_sources, batch_size=1, batch_format="pyarrow",
         fn_kwargs=dict(window_s=cfg.window, hop_s=cfg.hop or None, min_window_s=cfg.min_window,
@@ -321,18 +367,18 @@ def run(cfg: CaptionConfig) -> dict:
                              f"{cfg.model} is a CLAP + text-only decoder model (audio only)")
         clap, decoder = _preflight("read the model", cfg.model, lambda: resolve_model(cfg))
         validate_models(clap, decoder)
-    sources = _preflight("list the input", cfg.input, lambda: list_sources(cfg))
+    sources = _preflight("list the input", cfg.input, lambda: list_sources_sized(cfg))
     run_dir = storage.join(cfg.output, "runs", cfg.run_id)
     _preflight("write the output", cfg.output, lambda: storage.write_bytes_atomic(
         storage.join(run_dir, "config.json"), to_json(cfg).encode()))
     done = done_sources(cfg.output)
-    todo = [(u, v) for u, v in sources if u not in done]
+    todo = [s for s in sources if s[0] not in done]
     if cfg.limit:
         todo = todo[: cfg.limit]
     manifest = dict(run_id=cfg.run_id, status="running", started_at=t0, input=cfg.input,
                     output=cfg.output, clap=clap, decoder=decoder,
                     overheard_version=overheard.__version__,
-                    sources_listed=len(sources), sources_skipped_done=sum(1 for u, _ in sources if u in done),
+                    sources_listed=len(sources), sources_skipped_done=sum(1 for s in sources if s[0] in done),
                     sources_todo=len(todo), sources_captioned=0, sources_failed=0,
                     windows=0, window_failures=0, audio_hours=0.0, failures_by_type={},
                     model_ids=[], parts=[])
@@ -359,6 +405,7 @@ def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0):
         bar = tqdm(total=len(todo), unit="file", file=sys.stderr, dynamic_ncols=True)
     t_start = time.time()
     model_ids: set[str] = set()
+    first = last = None  # (time, windows so far) at the first and the last released source
     try:
         for tbl in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if writer is None:
@@ -373,6 +420,10 @@ def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0):
             for r in asm.add(tbl):
                 writer.add(r)
                 _count(manifest, r)
+                now = time.time()
+                if first is None:
+                    first = (now, manifest["windows"])
+                last = (now, manifest["windows"])
                 if bar is not None:
                     bar.update(1)
                     el = max(time.time() - t_start, 1e-9)
@@ -388,6 +439,13 @@ def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0):
         if bar is not None:
             bar.close()
         manifest["model_ids"] = sorted(m for m in model_ids if m)
+        if first is not None:
+            # start-up (listing, model checks, actors loading) vs the rate once output flows:
+            # what a long archive converges to (README "Performance")
+            manifest["first_output_s"] = round(first[0] - manifest["started_at"], 3)
+            span = last[0] - first[0]
+            manifest["steady_windows_per_s"] = (round((last[1] - first[1]) / span, 3)
+                                                if span > 0 else None)
         manifest["sources_incomplete"] = len(asm.pending)
         if asm.pending and "status_final" not in manifest:
             manifest["status_final"] = "incomplete"
