@@ -405,7 +405,7 @@ def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0):
         bar = tqdm(total=len(todo), unit="file", file=sys.stderr, dynamic_ncols=True)
     t_start = time.time()
     model_ids: set[str] = set()
-    first = last = None  # (time, windows so far) at the first and the last released source
+    first = None  # when the first source was released
     try:
         for tbl in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if writer is None:
@@ -420,10 +420,8 @@ def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0):
             for r in asm.add(tbl):
                 writer.add(r)
                 _count(manifest, r)
-                now = time.time()
                 if first is None:
-                    first = (now, manifest["windows"])
-                last = (now, manifest["windows"])
+                    first = time.time()
                 if bar is not None:
                     bar.update(1)
                     el = max(time.time() - t_start, 1e-9)
@@ -440,12 +438,8 @@ def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0):
             bar.close()
         manifest["model_ids"] = sorted(m for m in model_ids if m)
         if first is not None:
-            # start-up (listing, model checks, actors loading) vs the rate once output flows:
-            # what a long archive converges to (README "Performance")
-            manifest["first_output_s"] = round(first[0] - manifest["started_at"], 3)
-            span = last[0] - first[0]
-            manifest["steady_windows_per_s"] = (round((last[1] - first[1]) / span, 3)
-                                                if span > 0 else None)
+            # start-up: listing, model checks, actors loading, the first file through
+            manifest["first_output_s"] = round(first - manifest["started_at"], 3)
         manifest["sources_incomplete"] = len(asm.pending)
         if asm.pending and "status_final" not in manifest:
             manifest["status_final"] = "incomplete"

@@ -104,9 +104,7 @@ def test_local_archive_end_to_end(ray_local, tiny_model, archive, tmp_path):
     n_sources = len(set(caps["source_uri"].to_pylist()) | set(by_uri))
     assert man["sources_captioned"] + man["sources_failed"] - sum(
         1 for u in by_uri if caps.filter(pc.equal(caps["source_uri"], u)).num_rows) == n_sources
-    # start-up and the rate once output flows (README "Performance")
-    assert 0 < man["first_output_s"] <= man["wall_s"]
-    assert man["steady_windows_per_s"] is None or man["steady_windows_per_s"] > 0
+    assert 0 < man["first_output_s"] <= man["wall_s"]  # start-up (README "Performance")
     cfg = json.load(open(os.path.join(out, "runs", m["run_id"], "config.json")))
     assert cfg["input"] == str(d) and cfg["window"] == 10.0 and cfg["pack_sources"] is True
 
