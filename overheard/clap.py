@@ -68,15 +68,16 @@ class LogMel(torch.nn.Module):
 
         xs = x.detach().float().numpy()
         win = self.window.numpy()
-        filt = self.filters.numpy()
         pad = self.n_fft // 2
-        out = np.empty((xs.shape[0], xs.shape[1] // self.hop + 1, filt.shape[1]), np.float32)
+        out = torch.empty((xs.shape[0], xs.shape[1] // self.hop + 1, self.filters.shape[1]))
         for i, row in enumerate(xs):
             frames = np.lib.stride_tricks.sliding_window_view(
                 np.pad(row, (pad, pad), mode="reflect"), self.n_fft)[:: self.hop] * win
             spec = scipy.fft.rfft(frames, axis=-1, workers=1)  # complex64 (frames, n_fft/2+1)
-            np.matmul(spec.real ** 2 + spec.imag ** 2, filt, out=out[i])
-        return torch.from_numpy(out)
+            # the filterbank product in torch, not numpy: numpy's OpenBLAS ignores
+            # torch.set_num_threads and spins a thread per core next to the other actors
+            torch.matmul(torch.from_numpy(spec.real ** 2 + spec.imag ** 2), self.filters, out=out[i])
+        return out
 
 
 def _is_checkpoint_file(path: str) -> bool:
