@@ -273,12 +273,19 @@ def samples_matrix(column, rows: list[int], n: int) -> np.ndarray:
     for j, r in enumerate(rows):
         k = int(np.searchsorted(starts, r, side="right")) - 1
         c, i = chunks[k], r - int(starts[k])
-        offsets = np.frombuffer(c.buffers()[1], dtype=np.int64,
-                                count=len(c) + 1 + c.offset)[c.offset:]
-        lo, hi = int(offsets[i]), int(offsets[i + 1])
+        if pa.types.is_large_binary(c.type) or pa.types.is_binary(c.type):
+            # binary (int32 offsets) is what Ray Data makes of numpy-format bytes columns
+            width = np.int64 if pa.types.is_large_binary(c.type) else np.int32
+            offsets = np.frombuffer(c.buffers()[1], dtype=width,
+                                    count=len(c) + 1 + c.offset)[c.offset:]
+            lo, hi = int(offsets[i]), int(offsets[i + 1])
+            data = c.buffers()[2]
+        else:  # any other bytes-like column
+            data = c[i].as_py()
+            lo, hi = 0, len(data)
         if hi - lo != 4 * n:
             raise ValueError(f"window {r} holds {(hi - lo) // 4} samples, expected {n}")
-        out[j] = np.frombuffer(c.buffers()[2], dtype=np.float32, count=n, offset=lo)
+        out[j] = np.frombuffer(data, dtype=np.float32, count=n, offset=lo)
     return out
 
 

@@ -26,13 +26,16 @@ def test_samples_matrix_reads_chunked_and_sliced_columns():
     w = _windows(rng, 7, 1000)
     arr = pa.array([x.tobytes() for x in w], pa.large_binary())
     chunked = pa.chunked_array([arr.slice(0, 3), arr.slice(3, 1), arr.slice(4)])
-    for col in (arr, chunked, pa.chunked_array([arr])):
+    small = pa.array([x.tobytes() for x in w], pa.binary())  # Ray Data's numpy -> Arrow bytes
+    for col in (arr, chunked, pa.chunked_array([arr]), small, small.slice(0)):
         got = samples_matrix(col, [6, 0, 3, 4], 1000)
         assert got.dtype == np.float32 and got.flags.writeable and got.flags.c_contiguous
         np.testing.assert_array_equal(got, np.stack([w[6], w[0], w[3], w[4]]))
     # a slice of a slice: Arrow offsets no longer start at 0
     sl = arr.slice(2, 4).slice(1, 2)
     np.testing.assert_array_equal(samples_matrix(sl, [1, 0], 1000), np.stack([w[4], w[3]]))
+    np.testing.assert_array_equal(samples_matrix(small.slice(2, 4).slice(1, 2), [1, 0], 1000),
+                                  np.stack([w[4], w[3]]))
     assert samples_matrix(arr, [], 1000).shape == (0, 1000)
 
 
@@ -73,3 +76,29 @@ def test_clap_embedder_on_decoded_windows_equals_the_encoder(tiny_model, tmp_pat
     assert "samples" not in out.column_names
     np.testing.assert_allclose(got, np.stack(ref), atol=1e-5)
     assert len({tuple(np.round(g, 4)) for g in got}) == 4  # four different windows
+
+
+def test_fused_actor_equals_the_two_stages(tiny_model, tmp_path):
+    """ClapCaptioner (CLAP in chunks of encoder_batch, then the decoder on the whole batch)
+    returns exactly what ClapEmbedder followed by Captioner return; a failure row passes
+    through both."""
+    from actors.captioner import Captioner
+    from actors.clap_captioner import ClapCaptioner
+    from actors.windows import failure_row
+
+    a = mf.make_tone(tmp_path / "a.wav", seconds=35.0, freq=500.0)  # 4 windows
+    src = pa.table({"source_uri": [str(a)], "source_version": [""]})
+    batch = pa.concat_tables(list(decode_sources(src)))
+    bad = failure_row("x.wav", "", "decode", "corrupt", "bad bytes")
+    batch = pa.concat_tables([batch, pa.Table.from_pylist([bad], schema=batch.schema)])
+    clap = dict(clap_path=os.path.join(tiny_model, "clap"))
+    cap = dict(decoder_path=os.path.join(tiny_model, "decoder"), search="beam", num_beams=3)
+    fused = ClapCaptioner(clap, cap, encoder_batch=3)(batch)
+    two = Captioner(**cap)(ClapEmbedder(**clap)(batch))
+    assert fused.num_rows == 5 and fused.column_names == two.column_names
+    for name in ("caption", "decoding", "model_id", "error_type", "window_index"):
+        assert fused.column(name).to_pylist() == two.column(name).to_pylist(), name
+    np.testing.assert_allclose(np.asarray(fused.column("audio_embedding").to_pylist()),
+                               np.asarray(two.column("audio_embedding").to_pylist()), atol=1e-6)
+    assert fused.column("error_type").to_pylist()[-1] == "corrupt"
+    assert all(fused.column("caption").to_pylist()[:4]) and fused.column("caption")[4].as_py() == ""
