@@ -116,7 +116,8 @@ def role_of(title: str, pid: int, root: int) -> str:
         return "driver"
     if "bench/" in title:  # forked multiprocessing children of the benchmark itself
         return "pool process"
-    for key, role in (("ClapEmbedder", "ClapEmbedder actor"), ("Captioner", "Captioner actor"),
+    for key, role in (("ClapCaptioner", "ClapCaptioner actor"), ("ClapEmbedder", "ClapEmbedder actor"),
+                      ("Captioner", "Captioner actor"),
                       ("decode_sources", "decode task worker"), ("ReadFromArrow", "decode task worker"),
                       ("FromArrow", "decode task worker"), ("ray::", "other ray worker"),
                       ("raylet", "ray system"), ("gcs_server", "ray system"), ("python", "ray system")):

@@ -30,7 +30,6 @@ Reproduce:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys

@@ -99,12 +99,15 @@ class CaptionConfig:
     pack_sources: bool = field(default=True, metadata={
         "help": "decode small files several to a task (up to 4 MB / 32 files), largest first; "
                 "off: one task per file in listing order"})
-    encoder_actors: int = 1
+    fuse_models: bool = field(default=True, metadata={
+        "help": "run CLAP and the decoder in one actor pool (captioner_actors actors, batches "
+                "of captioner_batch, CLAP in chunks of encoder_batch); off: two pools"})
+    encoder_actors: int = field(default=1, metadata={"help": "CLAP actors (two pools only)"})
     captioner_actors: int = 1
     actor_cpus: float = field(default=0.5, metadata={"help": "CPUs reserved per model actor"})
     gpus_per_actor: float = field(default=-1.0, metadata={
-        "help": "GPUs per model actor; -1: 0.5 when the cluster has GPUs (both pools share a "
-                "card), else 0"})
+        "help": "GPUs per model actor; -1: when the cluster has GPUs 1 per fused or DALI "
+                "actor, 0.5 per actor of two pools (they share a card), else 0"})
     encoder_batch: int = 16
     captioner_batch: int = 64
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 (GPU)"})
@@ -283,11 +286,13 @@ def build(cfg: CaptionConfig, sources: list[tuple], clap: str, decoder: str,
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver prints its own files/windows progress
-    gpus = cfg.gpus_per_actor
+    gpus = gpus_fused = cfg.gpus_per_actor
     if gpus < 0:
-        # two small pools share a card; a DALI actor (LLaVA-7B: 14 GB bf16) takes a whole one
+        # two small pools share a card; a DALI or fused CLAP+decoder actor takes a whole one
+        # (LLaVA-7B: 14 GB bf16)
         has_gpu = ray.cluster_resources().get("GPU", 0) > 0
         gpus = (1.0 if dali else 0.5) if has_gpu else 0.0
+        gpus_fused = 1.0 if has_gpu else 0.0
     device = "cuda" if gpus > 0 else "cpu"
     sized = [s if len(s) == 3 else (s[0], s[1], 0) for s in sources]
     blocks = pack_sources(sized) if cfg.pack_sources else [[(u, v)] for u, v, _ in sized]
@@ -320,28 +325,37 @@ def build(cfg: CaptionConfig, sources: list[tuple], clap: str, decoder: str,
             num_cpus=cfg.actor_cpus, num_gpus=gpus,
         )
         return ds.drop_columns(["audio_embedding"]) if not cfg.embeddings else ds
-    ds = ds.map_batches(
-        ClapEmbedder, batch_size=cfg.encoder_batch, batch_format="pyarrow",
-        fn_constructor_kwargs=dict(clap_path=clap, window_s=cfg.window, device=device,
-                                   dtype=cfg.dtype, torch_threads=cfg.torch_threads),
-        compute=ActorPoolStrategy(size=cfg.encoder_actors),
-        num_cpus=cfg.actor_cpus, num_gpus=gpus,
-    )
-    ds = ds.map_batches(
-        Captioner, batch_size=cfg.captioner_batch, batch_format="pyarrow",
-        fn_constructor_kwargs=dict(decoder_path=decoder, strategy=cfg.strategy,
-                                   search=cfg.search, num_beams=cfg.num_beams,
-                                   temperature=cfg.temperature, device=device,
-                                   torch_threads=cfg.torch_threads, clap_path=clap,
-                                   guidance=cfg.guidance, guidance_weights=cfg.guidance_weights,
-                                   audibility_model=(None if cfg.audibility_model.lower() == "none"
-                                                     else cfg.audibility_model),
-                                   guidance_candidates=cfg.guidance_candidates,
-                                   guidance_mode=cfg.guidance_mode,
-                                   score_captions=cfg.score_captions),
-        compute=ActorPoolStrategy(size=cfg.captioner_actors),
-        num_cpus=cfg.actor_cpus, num_gpus=gpus,
-    )
+    clap_kwargs = dict(clap_path=clap, window_s=cfg.window, device=device, dtype=cfg.dtype,
+                       torch_threads=cfg.torch_threads)
+    captioner_kwargs = dict(
+        decoder_path=decoder, strategy=cfg.strategy, search=cfg.search, num_beams=cfg.num_beams,
+        temperature=cfg.temperature, device=device, torch_threads=cfg.torch_threads,
+        clap_path=clap, guidance=cfg.guidance, guidance_weights=cfg.guidance_weights,
+        audibility_model=(None if cfg.audibility_model.lower() == "none" else cfg.audibility_model),
+        guidance_candidates=cfg.guidance_candidates, guidance_mode=cfg.guidance_mode,
+        score_captions=cfg.score_captions)
+    if cfg.fuse_models:
+        from actors.clap_captioner import ClapCaptioner
+        ds = ds.map_batches(
+            ClapCaptioner, batch_size=cfg.captioner_batch, batch_format="pyarrow",
+            fn_constructor_kwargs=dict(clap_kwargs=clap_kwargs, captioner_kwargs=captioner_kwargs,
+                                       encoder_batch=cfg.encoder_batch),
+            compute=ActorPoolStrategy(size=cfg.captioner_actors),
+            num_cpus=cfg.actor_cpus, num_gpus=gpus_fused,
+        )
+    else:
+        ds = ds.map_batches(
+            ClapEmbedder, batch_size=cfg.encoder_batch, batch_format="pyarrow",
+            fn_constructor_kwargs=clap_kwargs,
+            compute=ActorPoolStrategy(size=cfg.encoder_actors),
+            num_cpus=cfg.actor_cpus, num_gpus=gpus,
+        )
+        ds = ds.map_batches(
+            Captioner, batch_size=cfg.captioner_batch, batch_format="pyarrow",
+            fn_constructor_kwargs=captioner_kwargs,
+            compute=ActorPoolStrategy(size=cfg.captioner_actors),
+            num_cpus=cfg.actor_cpus, num_gpus=gpus,
+        )
     if not cfg.embeddings:
         ds = ds.drop_columns(["audio_embedding"])
     return ds

@@ -115,12 +115,14 @@ def test_local_archive_end_to_end(ray_local, tiny_model, archive, tmp_path):
 
 
 def test_deterministic_across_runs(ray_local, tiny_model, archive, tmp_path):
+    """The same input and model give the same captions and embeddings, whether CLAP and the
+    decoder share one actor (the default) or run in two pools."""
     d, _, _ = archive
     tables = []
     for i in range(2):
         out = str(tmp_path / f"out{i}")
         run_job(dict(input=str(d / "tone 25s.wav"), output=out, model=tiny_model,
-                     progress=False))
+                     progress=False, fuse_models=(i == 0)))
         t = read_dir(os.path.join(out, "captions")).sort_by("window_index")
         tables.append(t)
     assert tables[0]["caption"].to_pylist() == tables[1]["caption"].to_pylist()
@@ -237,3 +239,28 @@ def test_untrusted_or_broken_model_is_refused_before_work(tiny_model, archive, t
     save_file(sd, str(w))
     with pytest.raises(ValueError, match="invalid decoder .*shape mismatch"):
         run_job(dict(input=str(d), output=str(tmp_path / "o3"), model=str(wrong)))
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_model_pools_in_the_plan(ray_local, tiny_model, fuse):
+    """Fused: one ClapCaptioner pool (captioner_actors actors, whole GPU when auto and any);
+    else ClapEmbedder then Captioner pools. The plan is built, not run (CI has no GPU)."""
+    from jobs.caption import CaptionConfig, build
+
+    cfg = CaptionConfig(input="unused", output="unused", model=tiny_model, fuse_models=fuse,
+                        captioner_actors=3, encoder_actors=2, gpus_per_actor=0.5,
+                        encoder_batch=8)
+    clap, dec = os.path.join(tiny_model, "clap"), os.path.join(tiny_model, "decoder")
+    op = build(cfg, [("a.wav", "", 100)], clap, dec)._logical_plan.dag
+    names = []
+    while op is not None and "decode_sources" not in op._name:
+        names.append(op._name)
+        op_last = op
+        op = op.input_dependencies[0] if op.input_dependencies else None
+    if fuse:
+        assert len(names) == 1 and "ClapCaptioner" in names[0], names
+        kw = op_last.fn_constructor_kwargs
+        assert kw["encoder_batch"] == 8 and kw["clap_kwargs"]["device"] == "cuda"
+        assert op_last.compute.max_size == 3 and op_last.ray_remote_args["num_gpus"] == 0.5
+    else:
+        assert [n.split("(")[-1].rstrip(")") for n in names] == ["Captioner", "ClapEmbedder"], names

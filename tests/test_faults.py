@@ -81,7 +81,8 @@ def test_actor_process_killed_mid_run(ray_local, tiny_model, tmp_path):
     while time.time() < deadline and not killed and t.is_alive():
         caps_dir = os.path.join(out, "captions")
         if os.path.isdir(caps_dir) and os.listdir(caps_dir):
-            for pid in _pids_matching("MapWorker(MapBatches(ClapEmbedder))"):
+            # the CLAP actor: ClapCaptioner (fused, the default) or ClapEmbedder (two pools)
+            for pid in _pids_matching("MapWorker(MapBatches(Clap"):
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
         time.sleep(0.1)
