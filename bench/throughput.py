@@ -18,7 +18,9 @@ tree -- driver, pool processes, Ray's GCS/raylet/workers -- sampled from /proc e
 peak RSS (sum over the tree, sampled) and the largest single process. Then the ratios.
 
 Reproduce:
-    cd /work/main && .venv/bin/python bench/throughput.py            # ~3-6 min on 2 idle cores
+    cd /work/main && .venv/bin/python bench/throughput.py            # ~2 min on 2 idle cores
+    ... --long 4 --long-s 1800 --marginal --repeat 3 --naive-files 30 --naive-threads 1
+                      # the README table: 130 min of audio, steady state from full - half
 """
 
 from __future__ import annotations
@@ -142,6 +144,16 @@ def e2e(files_dir: Path, cores: int, overrides: dict, model: str) -> dict:
                 init_s=init_s, manifest=m, cpu_run=cpu_after - cpu_before)
 
 
+def _median_run(files_dir: Path, args, overrides: dict) -> dict:
+    """e2e ``--repeat`` times; the run with the median wall time, with every wall time kept
+    (one run's wall varies by several seconds: Ray start-up, actor placement)."""
+    runs = sorted((e2e(files_dir, args.cores, overrides, args.model) for _ in range(args.repeat)),
+                  key=lambda r: r["wall"])
+    r = runs[len(runs) // 2]
+    r["walls"] = [round(x["wall"], 1) for x in runs]
+    return r
+
+
 # ---------------------------------------------------------------------------------- report
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -169,6 +181,8 @@ def main(argv=None) -> int:
                          "(0 = all); its windows/s is what is compared")
     ap.add_argument("--naive-threads", type=int, default=0,
                     help="torch threads for the naive loop (0 = torch's default, one per core)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run (c) (and (c')) this many times; the median run is reported")
     ap.add_argument("--marginal", action="store_true",
                     help="also run (c) on half the files: the difference is the steady state")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -219,10 +233,10 @@ def main(argv=None) -> int:
         half = clips[: len(clips) // 2] + longs[: len(longs) // 2]
         dh = B.link_subset(half, d.name + "-half")
         la = B.load_now()
-        rows["h"] = dict(e2e(dh, args.cores, overrides, args.model), load=(la, B.load_now()))
+        rows["h"] = dict(_median_run(dh, args, overrides), load=(la, B.load_now()))
     if "c" in args.only:
         la = B.load_now()
-        rows["c"] = dict(e2e(d, args.cores, overrides, args.model), load=(la, B.load_now()))
+        rows["c"] = dict(_median_run(d, args, overrides), load=(la, B.load_now()))
 
     names = {"a": f"(a) decode ceiling (pool of {args.cores}, decode+resample+window only)",
              "b": f"(b) naive per-file loop (1 process, torch threads {torch.get_num_threads()}, "
@@ -252,6 +266,9 @@ def main(argv=None) -> int:
               f"status {c['manifest']['status']}, failures {c['manifest']['failures_by_type'] or 'none'}.")
         print("e2e peak RSS by role (largest single process while in that role): " + ", ".join(
             f"{role} {B.mib(v)}" for role, v in sorted(c["sampler"].peak_by_role().items())))
+        if args.repeat > 1:
+            print("e2e wall times of the repeats (s): " + "; ".join(
+                f"{names[k].split(' ')[0]} {rows[k]['walls']}" for k in ("h", "c") if k in rows))
         print(f"e2e start-up (run() to the first finished file: listing, model checks, actors "
               f"loading, the first batches) {c['manifest'].get('first_output_s', float('nan')):.1f} s.")
         if "a" in rows:
