@@ -11,7 +11,8 @@ With ``guidance=True`` (or ``score_captions=True``) also
     audibility: float32       P(audible | caption) from the audibility classifier, in [0, 1]
 (null on failure rows; see ``overheard.guidance``). Guidance re-ranks decoder candidates per step
 by w_lm*LM log-prob + w_clap*CLAP similarity + w_aud*log P(audible); ``clap_path`` (the CLAP
-model, for its text tower) and the classifier are loaded once per actor.
+model, for its text tower) and the classifier are loaded once per actor (``clap_encoder``: a
+loaded float32 ClapEncoder of ``clap_path`` to reuse instead, as the fused actor passes).
 
 Strategies (the text-only seed): ``plain`` feeds the audio embedding to the decoder as is;
 ``nearest`` replaces it by the most similar caption embedding of the model's text memory;
@@ -40,7 +41,7 @@ class Captioner:
                  torch_threads: int | None = None, clap_path: str | None = None,
                  guidance: bool = False, guidance_weights=(0.2, 1.0, 0.015),
                  audibility_model: str | None = "", guidance_candidates: int = 5,
-                 guidance_mode: str = "beam", score_captions: bool = False):
+                 guidance_mode: str = "beam", score_captions: bool = False, clap_encoder=None):
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown decoding strategy {strategy!r}; choose from {STRATEGIES}")
         limit_threads(torch_threads)
@@ -65,7 +66,7 @@ class Captioner:
         self.guided = self.scorers = None
         if guidance or score_captions:  # overheard.guidance: loaded once here, never per clip
             from overheard import guidance as g
-            self.scorers = g.load_scorers(clap_path, audibility_model, self.device)
+            self.scorers = g.load_scorers(clap_path, audibility_model, self.device, clap_encoder)
             if guidance:
                 self.guided = g.GuidedDecoder(
                     self.model, self.tokenizer, self.scorers[0].embed_text,

@@ -16,6 +16,7 @@ process does not have. Fused, a window's embedding never leaves the process.
 from __future__ import annotations
 
 import pyarrow as pa
+import torch
 
 from actors.captioner import Captioner
 from actors.clap_embedder import ClapEmbedder
@@ -24,7 +25,12 @@ from actors.clap_embedder import ClapEmbedder
 class ClapCaptioner:
     def __init__(self, clap_kwargs: dict, captioner_kwargs: dict, encoder_batch: int = 16):
         self.embedder = ClapEmbedder(**clap_kwargs)
-        self.captioner = Captioner(**captioner_kwargs)
+        enc = self.embedder.encoder
+        # guidance / scoring embed caption text with the same CLAP: reuse the loaded one (a float32
+        # encoder, as load_scorers would build) instead of loading the model a second time
+        same = (enc.dtype == torch.float32
+                and captioner_kwargs.get("clap_path") == clap_kwargs.get("clap_path"))
+        self.captioner = Captioner(**captioner_kwargs, clap_encoder=enc if same else None)
         # the encoder's activation memory grows with its batch (HTSAT-base: ~60 MB per window in
         # float32); the decoder's batch is the (larger) actor batch
         self.encoder_batch = max(1, int(encoder_batch))

@@ -265,16 +265,17 @@ def score_captions(captions: list[str], audio_emb: np.ndarray,
     return sim, aud
 
 
-def load_scorers(clap_path: str, audibility_model: str | None, device: str = "cpu"):
+def load_scorers(clap_path: str, audibility_model: str | None, device: str = "cpu", clap=None):
     """Load once (per actor) what guidance and caption scoring need: (ClapEncoder whose text tower
     embeds candidates, AudibilityClassifier or None). ``audibility_model``: a classifier directory,
-    "" for the shipped default (``overheard/assets/audibility``), or None for no classifier."""
+    "" for the shipped default (``overheard/assets/audibility``), or None for no classifier.
+    ``clap``: an already loaded float32 ClapEncoder of the same model to reuse (the fused actor's)."""
     from overheard.audibility import DEFAULT_MODEL, AudibilityClassifier
     from overheard.clap import ClapEncoder
 
     if not clap_path:
         raise ValueError("guidance and caption scoring need the CLAP model (clap_path) for text embeddings")
-    clap = ClapEncoder(clap_path, device=str(device))
+    clap = clap if clap is not None else ClapEncoder(clap_path, device=str(device))
     clf = None if audibility_model is None else AudibilityClassifier(audibility_model or DEFAULT_MODEL,
                                                                       device=str(device))
     return clap, clf

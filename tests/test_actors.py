@@ -92,12 +92,18 @@ def test_fused_actor_equals_the_two_stages(tiny_model, tmp_path):
     bad = failure_row("x.wav", "", "decode", "corrupt", "bad bytes")
     batch = pa.concat_tables([batch, pa.Table.from_pylist([bad], schema=batch.schema)])
     clap = dict(clap_path=os.path.join(tiny_model, "clap"))
-    cap = dict(decoder_path=os.path.join(tiny_model, "decoder"), search="beam", num_beams=3)
-    fused = ClapCaptioner(clap, cap, encoder_batch=3)(batch)
+    # score_captions: the caption scorer embeds text with the same CLAP, loaded once when fused
+    cap = dict(decoder_path=os.path.join(tiny_model, "decoder"), search="beam", num_beams=3,
+               clap_path=clap["clap_path"], score_captions=True, audibility_model=None)
+    actor = ClapCaptioner(clap, cap, encoder_batch=3)
+    assert actor.captioner.scorers[0] is actor.embedder.encoder
+    fused = actor(batch)
     two = Captioner(**cap)(ClapEmbedder(**clap)(batch))
     assert fused.num_rows == 5 and fused.column_names == two.column_names
     for name in ("caption", "decoding", "model_id", "error_type", "window_index"):
         assert fused.column(name).to_pylist() == two.column(name).to_pylist(), name
+    np.testing.assert_allclose(np.asarray(fused.column("clap_similarity").to_pylist()[:4]),
+                               np.asarray(two.column("clap_similarity").to_pylist()[:4]), atol=1e-6)
     np.testing.assert_allclose(np.asarray(fused.column("audio_embedding").to_pylist()),
                                np.asarray(two.column("audio_embedding").to_pylist()), atol=1e-6)
     assert fused.column("error_type").to_pylist()[-1] == "corrupt"
