@@ -112,10 +112,11 @@ def _write_parquet(uri: str, table: pa.Table) -> None:
 class PartWriter:
     """Buffers released sources; writes ``captions/part-<run>-<seq>.parquet`` and
     ``failures/part-<run>-<seq>.parquet`` when ``rows_per_part`` rows are buffered or
-    ``flush_interval_s`` has passed (bounding the work a killed job loses), and at close."""
+    ``flush_interval_s`` has passed (bounding the work a killed job loses), and at close.
+    ``on_commit()`` runs after each written part: everything added before it is then on disk."""
 
     def __init__(self, output: str, run_id: str, embedding_dim: int | None,
-                 rows_per_part: int = 50_000, flush_interval_s: float = 60.0):
+                 rows_per_part: int = 50_000, flush_interval_s: float = 60.0, on_commit=None):
         self.output, self.run_id = output, run_id
         self.schema = caption_schema(embedding_dim)
         self.rows_per_part, self.flush_interval_s = rows_per_part, flush_interval_s
@@ -125,6 +126,7 @@ class PartWriter:
         self.seq = 0
         self.last_flush = time.monotonic()
         self.parts: list[str] = []
+        self.on_commit = on_commit  # called after each part is written (the run manifest)
 
     def add(self, r: Released) -> None:
         if r.captions is not None:
@@ -171,6 +173,8 @@ class PartWriter:
         self.captions, self.failures, self.rows = [], [], 0
         if wrote:
             self.seq += 1
+            if self.on_commit is not None:
+                self.on_commit()
 
 
 def read_table_dir(uri: str, columns: list[str] | None = None) -> pa.Table | None:
