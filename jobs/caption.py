@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
@@ -495,7 +496,21 @@ def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0):
         bar = tqdm(total=len(todo), unit="file", file=sys.stderr, dynamic_ncols=True)
     t_start = time.time()
     model_ids: set[str] = set()
-    first = None  # when the first source was released
+
+    def release(r) -> None:
+        if r is None:
+            return
+        # counted before add(): a part written by add() then holds everything counted, so
+        # the manifest published at each commit states exactly what is on disk
+        _count(manifest, r)
+        manifest.setdefault("first_output_at", time.time())
+        writer.add(r)
+        if bar is not None:
+            bar.update(r.sources)
+            el = max(time.time() - t_start, 1e-9)
+            bar.set_postfix(windows=manifest["windows"], win_s=f"{manifest['windows'] / el:.1f}",
+                            failed=manifest["sources_failed"], refresh=False)
+
     try:
         for tbl in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if writer is None:
@@ -508,19 +523,9 @@ def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0):
                     "audio_embedding") >= 0:
                 raise RuntimeError("embedding column vanished mid-run")
             model_ids.update(tbl.column("model_id").unique().to_pylist())
-            for r in asm.add(tbl):
-                # counted before add(): a part written by add() then holds everything counted,
-                # so the manifest published at each commit states exactly what is on disk
-                _count(manifest, r)
-                if first is None:
-                    first = manifest["first_output_at"] = time.time()
-                writer.add(r)
-                if bar is not None:
-                    bar.update(1)
-                    el = max(time.time() - t_start, 1e-9)
-                    bar.set_postfix(windows=manifest["windows"],
-                                    win_s=f"{manifest['windows'] / el:.1f}",
-                                    failed=manifest["sources_failed"], refresh=False)
+            release(asm.add(tbl))
+        if writer is not None:
+            release(asm.finish())  # what is still staged at the end of the stream
     except KeyboardInterrupt:
         manifest["status_final"] = "interrupted"
     finally:
@@ -531,11 +536,11 @@ def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0):
         if bar is not None:
             bar.close()
         manifest["model_ids"] = sorted(m for m in model_ids if m)
-        if first is not None:
+        if "first_output_at" in manifest:
             # start-up: listing, model checks, actors loading, the first file through
-            manifest["first_output_s"] = round(first - manifest["started_at"], 3)
-        manifest["sources_incomplete"] = len(asm.pending)
-        if asm.pending and "status_final" not in manifest:
+            manifest["first_output_s"] = round(manifest["first_output_at"] - manifest["started_at"], 3)
+        manifest["sources_incomplete"] = asm.pending_sources()
+        if manifest["sources_incomplete"] and "status_final" not in manifest:
             manifest["status_final"] = "incomplete"
 
 
@@ -545,25 +550,18 @@ def _committed(cfg: CaptionConfig, manifest: dict, writer) -> None:
 
 
 def _count(manifest: dict, r) -> None:
+    """Add one release's counts (``jobs.sink.Released``) to the manifest."""
     manifest["windows"] += r.windows
     if r.captions is not None and manifest["mode"] == "audio+image":
         # counted on released (deduplicated) rows, so a resent window is not counted twice
-        manifest["windows_with_frames"] += sum(
-            1 for d in r.captions.column("decoding").to_pylist() if "+image" in d)
+        manifest["windows_with_frames"] += int(pc.sum(pc.cast(pc.match_substring(
+            r.captions.column("decoding"), "+image"), pa.int64())).as_py() or 0)
     manifest["audio_hours"] = round(manifest["audio_hours"] + r.audio_s / 3600.0, 6)
-    source_failed = any(f["stage"] in ("read", "decode") for f in r.failures)
-    if r.windows and not source_failed:
-        manifest["sources_captioned"] += 1
-    elif r.windows:
-        manifest["sources_captioned"] += 1
-        manifest["sources_failed"] += 1
-    else:
-        manifest["sources_failed"] += 1
-    for f in r.failures:
-        if f["stage"] not in ("read", "decode"):
-            manifest["window_failures"] += 1
-        manifest["failures_by_type"][f["error_type"]] = (
-            manifest["failures_by_type"].get(f["error_type"], 0) + 1)
+    manifest["sources_captioned"] += r.captioned
+    manifest["sources_failed"] += r.failed
+    manifest["window_failures"] += r.window_failures
+    for k, n in r.failures_by_type.items():
+        manifest["failures_by_type"][k] = manifest["failures_by_type"].get(k, 0) + n
 
 
 def summary_text(m: dict) -> str:
