@@ -109,43 +109,51 @@ def text_search(index: str, query: str, k: int = 10, clap_id: str | None = None,
     return out
 
 
+def _rrf(rrf_k: int):
+    """LanceDB's ``RRFReranker`` that also keeps each list's row ids in order, so results can
+    say which rank each list gave them (the fusion itself is LanceDB's, unchanged)."""
+    from lancedb.rerankers import RRFReranker
+
+    class _KeepRanks(RRFReranker):
+        ranks: dict[str, dict[int, int]] = {}
+
+        def rerank_hybrid(self, query, vector_results, fts_results):
+            self.ranks = {
+                name: {rid: i for i, rid in enumerate(t["_rowid"].to_pylist() if t else [], 1)}
+                for name, t in (("vector_rank", vector_results), ("text_rank", fts_results))}
+            return super().rerank_hybrid(query, vector_results, fts_results)
+
+    return _KeepRanks(K=rrf_k, return_score="all")
+
+
 def hybrid_search(index: str, query: str, vector, k: int = 10, clap_id: str | None = None,
                   pool: int = 50, rrf_k: int = RRF_K, table=None) -> list[dict]:
     """LanceDB hybrid query (``pool`` vector + ``pool`` BM25 candidates) fused by its
     ``RRFReranker(K=rrf_k)``; rows carry ``score`` (the fused one), ``cosine`` / ``bm25`` and
     ``vector_rank`` / ``text_rank`` (None for a list that did not return the row)."""
-    from lancedb.rerankers import RRFReranker
-
     tbl = table if table is not None else _table(index)
     if not query.strip():  # no words: the vector list alone, ranked as a one-list fusion
         hits = vector_search(index, vector, k, clap_id, table=tbl)
         return [dict(h, score=1.0 / (rrf_k + i), vector_rank=i, text_rank=None, bm25=None)
                 for i, h in enumerate(hits, 1)]
     v = np.asarray(vector, dtype=np.float32).ravel()
-    n = max(k, pool)
+    rrf = _rrf(rrf_k)  # one per query: it holds this query's ranks
     q = (tbl.search(query_type="hybrid", vector_column_name="audio_embedding",
                     fts_columns="caption")
          .vector(v).text(query).distance_type("cosine")
-         .select(_fields(tbl)).limit(n)
-         .rerank(RRFReranker(K=rrf_k, return_score="all")))
+         .select(_fields(tbl)).limit(max(k, pool)).with_row_id(True).rerank(rrf))
     if clap_id:
         q = q.where(f"clap_id = {_sql_str(clap_id)}", prefilter=True)
     if _has_vector_index(tbl):
         q = q.nprobes(20).refine_factor(5)
-    rows = q.to_list()
-    # each list's rank (from 1) from its own scores, as RRF used them: LanceDB returns the
-    # original distance / BM25 score for rows its list found, null otherwise
-    dists = sorted(r["_distance"] for r in rows if r.get("_distance") is not None)
-    scores = sorted((r["_score"] for r in rows if r.get("_score") is not None), reverse=True)
     out = []
-    for r in rows:
-        d, s = r.pop("_distance", None), r.pop("_score", None)
-        cos = None if d is None else 1.0 - float(d)
+    for r in q.to_list():
+        d, s, rid = r.get("_distance"), r.get("_score"), r["_rowid"]
         out.append(_complete(dict(
             {f: r.get(f) for f in RESULT_FIELDS}, score=float(r["_relevance_score"]),
-            cosine=cos, bm25=None if s is None else float(s),
-            vector_rank=None if d is None else 1 + dists.index(d),
-            text_rank=None if s is None else 1 + scores.index(s))))
+            cosine=None if d is None else 1.0 - float(d), bm25=None if s is None else float(s),
+            vector_rank=rrf.ranks["vector_rank"].get(rid),
+            text_rank=rrf.ranks["text_rank"].get(rid))))
     out.sort(key=lambda r: (-r["score"], -(r["cosine"] if r["cosine"] is not None else -2.0),
                             r["key"]))
     return out[:k]
