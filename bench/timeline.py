@@ -128,8 +128,15 @@ def caption(d: str, out: str, hop: float) -> object:
     from jobs.sink import read_table_dir
 
     if not os.path.isdir(os.path.join(out, "captions")):
-        run(CaptionConfig(input=d, output=out, model=DEFAULT_MODEL, progress=False, show=0,
-                          window=10.0, hop=hop))
+        for attempt in range(3):  # on a crowded machine Ray's node start can time out (30 s)
+            try:
+                run(CaptionConfig(input=d, output=out, model=DEFAULT_MODEL, progress=False,
+                                  show=0, window=10.0, hop=hop))
+                break
+            except Exception as e:  # noqa: BLE001 - only "timed out during startup" is retried
+                if "timed out during startup" not in str(e) or attempt == 2:
+                    raise
+                log(f"Ray start timed out, retrying ({e})")
     return read_table_dir(os.path.join(out, "captions"))
 
 
