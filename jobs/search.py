@@ -77,15 +77,21 @@ def vector_search(index: str, vector, k: int = 10, clap_id: str | None = None,
     v = np.asarray(vector, dtype=np.float32).ravel()
     q = (tbl.search(v, vector_column_name="audio_embedding").distance_type("cosine")
          .select(_fields(tbl) + ["_distance"]).limit(k))
-    if clap_id:
-        q = q.where(f"clap_id = {_sql_str(clap_id)}", prefilter=True)
-    if _has_vector_index(tbl):
-        q = q.nprobes(20).refine_factor(5)
+    q = _restrict(q, tbl, clap_id)
     out = []
     for r in q.to_list():
         cos = 1.0 - float(r.pop("_distance"))
         out.append(_complete(dict(r, cosine=cos, score=cos)))
     return out
+
+
+def _restrict(q, tbl, clap_id: str | None):
+    """Rows of that CLAP only (other models' spaces differ); ANN probes once there is an index."""
+    if clap_id:
+        q = q.where(f"clap_id = {_sql_str(clap_id)}", prefilter=True)
+    if _has_vector_index(tbl):
+        q = q.nprobes(20).refine_factor(5)
+    return q
 
 
 def _has_vector_index(tbl) -> bool:
@@ -142,10 +148,7 @@ def hybrid_search(index: str, query: str, vector, k: int = 10, clap_id: str | No
                     fts_columns="caption")
          .vector(v).text(query).distance_type("cosine")
          .select(_fields(tbl)).limit(max(k, pool)).with_row_id(True).rerank(rrf))
-    if clap_id:
-        q = q.where(f"clap_id = {_sql_str(clap_id)}", prefilter=True)
-    if _has_vector_index(tbl):
-        q = q.nprobes(20).refine_factor(5)
+    q = _restrict(q, tbl, clap_id)
     out = []
     for r in q.to_list():
         d, s, rid = r.get("_distance"), r.get("_score"), r["_rowid"]

@@ -106,12 +106,14 @@ def test_embedding_rule_needs_both_similar_audio_and_similar_words():
     assert float(a @ near) > 0.97 and abs(float(a @ b)) < 0.6
     caps = ["a small dog barks twice", "a small dog barks", "a small dog barks"]  # Jaccard 0.75
     # similar words + similar audio: one segment
-    segs = tl.segments(_rows(caps, emb=[a, near, near])).to_pylist()
+    segs = tl.segments(_rows(caps, emb=[a, near, near]), words=0.5).to_pylist()
     assert len(segs) == 1 and segs[0]["caption"] == "a small dog barks"  # most frequent
     # similar words, different audio: split
-    assert len(tl.segments(_rows(caps, emb=[a, b, b]))) == 2
-    # similar audio, different words: split
-    assert len(tl.segments(_rows(["a dog barks", "rain pours down"], emb=[a, near]))) == 2
+    assert len(tl.segments(_rows(caps, emb=[a, b, b]), words=0.5)) == 2
+    # similar audio, different words: split with a word threshold, one segment without (the
+    # default, WORDS = 0: the audio decides)
+    two = _rows(["a dog barks", "rain pours down"], emb=[a, near])
+    assert len(tl.segments(two, words=0.5)) == 2 and len(tl.segments(two)) == 1
     # the same pair merges when the thresholds are relaxed, and splits at --sim above the cosine
     assert len(tl.segments(_rows(caps, emb=[a, b, b]), sim=-1.0)) == 1
     assert len(tl.segments(_rows(caps, emb=[a, near, near]), sim=0.9999)) == 2
@@ -137,7 +139,7 @@ def test_confidence_is_the_mean_of_the_windows_and_null_stays_null():
     # ties in caption frequency go to the window with higher confidence
     caps = ["heavy rain falls now", "heavy rain falls down"] * 2  # Jaccard 0.6
     segs = tl.segments(_rows(caps, emb=[[1, 0]] * 4, conf=[0.1, 0.9, 0.1, 0.9],
-                             hop=2.0)).to_pylist()
+                             hop=2.0), words=0.5).to_pylist()
     assert len(segs) == 1 and segs[0]["caption"] == "heavy rain falls down"
 
 
