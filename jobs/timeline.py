@@ -50,10 +50,11 @@ class TimelineConfig:
     dest: str = field(metadata={"help": "folder to write the timeline files to (local or s3://)"})
     format: str = field(default="srt", metadata={"help": "srt | vtt | jsonl"})
     sim: float = field(default=tl.SIM, metadata={
-        "help": "cosine of a window's audio embedding to the segment's mean above which a "
-                "window with a similar caption joins the segment"})
+        "help": "a window joins the segment when the cosine of its audio embedding to the "
+                "segment's mean is at least this (and its words overlap by --words)"})
     words: float = field(default=tl.WORDS, metadata={
-        "help": "caption word overlap (Jaccard) needed together with --sim"})
+        "help": "caption word overlap (Jaccard) needed together with --sim (0: the audio "
+                "decides; equal captions always merge)"})
     model_id: str = field(default="", metadata={
         "help": "only windows captioned by this model_id ('' = every model, one timeline each)"})
 

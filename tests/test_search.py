@@ -209,6 +209,21 @@ def test_index_on_s3_is_built_incrementally_and_searched(captioned, s3_server, s
     assert vector_search(idx, v, k=1)[0]["cosine"] == pytest.approx(1.0, abs=1e-4)
 
 
+def test_index_job_runs_without_ray(captioned, tmp_path):
+    """``overheard index`` in a fresh interpreter never imports Ray (LanceDB does the work)."""
+    import subprocess
+    import sys
+    code = ("import sys; from jobs.index import main; main(sys.argv[1:]); "
+            "print('RAY' if any(m == 'ray' or m.startswith('ray.') for m in sys.modules) "
+            "else 'NO-RAY')")
+    r = subprocess.run([sys.executable, "-c", code, str(captioned["out"]), str(tmp_path / "i")],
+                       capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "NO-RAY"
+    assert " added, " in r.stdout
+
+
 def test_confidence_is_carried_when_the_parts_have_it(captioned, tmp_path):
     """Caption parts with a ``confidence`` column (float32, nullable) into an index that was
     built before from parts without one: the column is added, values kept, nulls stay null."""
