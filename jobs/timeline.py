@@ -18,7 +18,9 @@ Files under DEST (local or s3://):
     timeline.json             which file holds which source (source_uri, model_id, segments)
 
 No Ray: the caption parts are read one at a time on this process (a part holds whole sources,
-so memory is one part's windows plus the segments), a few thousand windows per second.
+so memory is one part's windows plus the segments). Merging measured 23k windows/s for 20 long
+sources and 6.6k windows/s for 5,000 four-window sources (20k windows, 512-d embeddings, one
+core of a busy 2-core machine), i.e. well under a second per hour of 10-s windows.
 """
 
 from __future__ import annotations

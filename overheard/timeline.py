@@ -38,7 +38,6 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 # Chosen on bench/timeline.py's dev recordings (best boundary F1 at hop 10; 10-s windows, shipped
 # sound-world model): the audio embedding is the stronger signal. Within an event adjacent
@@ -155,16 +154,19 @@ def segments(captions: pa.Table, sim: float = SIM, words: float = WORDS) -> pa.T
     source, model, segment. Failed/empty-caption rows should be filtered by the caller."""
     if "model_id" not in captions.column_names:
         captions = captions.append_column("model_id", pa.nulls(captions.num_rows, pa.string()))
+    # one sort, then contiguous runs per (source, model): no per-source scan of the table
+    t = captions.sort_by([("source_uri", "ascending"), ("model_id", "ascending"),
+                          ("window_index", "ascending")])
+    srcs, mids = t.column("source_uri").to_pylist(), t.column("model_id").to_pylist()
     out: list[dict] = []
-    keys = captions.select(["source_uri", "model_id"]).group_by(
-        ["source_uri", "model_id"]).aggregate([]).to_pylist()
-    for k in sorted(keys, key=lambda k: (k["source_uri"], k["model_id"] or "")):
-        mask = pc.equal(captions.column("source_uri"), k["source_uri"])
-        mid = captions.column("model_id")
-        mask = pc.and_(mask, pc.is_null(mid) if k["model_id"] is None
-                       else pc.fill_null(pc.equal(mid, k["model_id"]), False))
-        for seg in source_segments(captions.filter(mask), sim, words):
-            out.append(dict(source_uri=k["source_uri"], model_id=k["model_id"], **seg))
+    a = 0
+    for b in range(1, t.num_rows + 1):
+        if b < t.num_rows and (srcs[b], mids[b]) == (srcs[a], mids[a]):
+            continue
+        for seg in source_segments(t.slice(a, b - a), sim, words):
+            out.append(dict(source_uri=srcs[a], model_id=mids[a], **seg))
+        a = b
+    out.sort(key=lambda r: (r["source_uri"], r["model_id"] or "", r["segment_index"]))
     return pa.Table.from_pylist(out, schema=SEGMENT_SCHEMA)
 
 
