@@ -31,14 +31,15 @@ HARMLESS = (
 )
 
 
-def quiet_ray_logging() -> None:
-    """Ray's Python-side notices only at ERROR and above on the console (files keep all)."""
+def ray_console_level(level: int) -> None:
+    """Ray's Python-side notices on the console from ``level`` up (its log files keep all):
+    ERROR when quiet, INFO (Ray's default) when verbose."""
     import ray.data  # noqa: F401  (configures the ray.data handlers this adjusts)
 
-    logging.getLogger("ray").setLevel(logging.ERROR)
+    logging.getLogger("ray").setLevel(level)
     for h in logging.getLogger("ray.data").handlers:
         if not hasattr(h, "baseFilename"):  # the console handler; not the session log files
-            h.setLevel(logging.ERROR)
+            h.setLevel(level)
 
 
 class StderrFilter:
@@ -109,9 +110,10 @@ def quiet_driver(verbose: bool = False):
     """Within the block, hide Ray's notices in this driver (``verbose``: hide nothing). Scoped,
     not process-wide, so a caller that redirects fd 2 itself (pytest's capture) gets it back."""
     if verbose:
+        ray_console_level(logging.INFO)
         yield
         return
-    quiet_ray_logging()
+    ray_console_level(logging.ERROR)
     f = StderrFilter().start()
     try:
         yield

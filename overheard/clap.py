@@ -165,7 +165,7 @@ def save_clap_model(model: ClapModel, feature_extractor: ClapFeatureExtractor, t
 
 def _model_id(uri: str, local: str) -> str:
     """basename of the model URI + first 12 hex of sha256 over its weight file(s)."""
-    name = os.path.basename(uri.rstrip("/")) or "clap"
+    name = os.path.basename(uri.rstrip("/")).split("@")[0] or "clap"  # hf://org/name@sha
     files = [local] if os.path.isfile(local) else [
         os.path.join(local, f) for f in sorted(os.listdir(local))
         if f in WEIGHT_FILES or (f.startswith("model-") and f.endswith(".safetensors"))]
