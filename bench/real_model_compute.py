@@ -32,18 +32,11 @@ CORPORA = {"Clotho dev": 3839 * 5, "AudioCaps train": 49838, "WavCaps": 403050}
 PEAK_BF16 = 989e12
 
 
-def count_flops(fn) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as fc:
-        fn()
-    return float(fc.get_total_flops())
-
-
 def main(argv=None) -> int:
     import torch
     from transformers import ClapConfig, ClapModel
 
+    from model_actors import count_flops
     from overheard.decoder import CaptionDecoder, DecoderConfig
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -138,8 +138,19 @@ def pin_models(cfg: CaptionConfig) -> CaptionConfig:
     reads the same snapshot from its node's hub cache."""
     from overheard import hub
 
-    return dataclasses.replace(cfg, **{k: hub.pin(hub.model_ref(getattr(cfg, k)))
-                                       for k in ("model", "clap", "decoder") if getattr(cfg, k)})
+    pinned = {}
+    for k in ("model", "clap", "decoder"):
+        v = getattr(cfg, k)
+        if not v:
+            continue
+        try:
+            pinned[k] = hub.pin(hub.model_ref(v))
+        except FileNotFoundError as e:
+            if v.startswith("hf://"):
+                raise
+            # org/name is also how a relative local path looks
+            raise type(e)(f"{e} (--{k} {v}: no local path of that name exists either)") from None
+    return dataclasses.replace(cfg, **pinned)
 
 
 def resolve_model(cfg: CaptionConfig) -> tuple[str, str]:

@@ -4,7 +4,7 @@ Credentials come only from the standard mechanisms (AWS env vars / profiles / in
 through s3fs, ``FSSPEC_*`` config); nothing here accepts or logs secrets. ``S3_ENDPOINT_URL``
 (or ``AWS_ENDPOINT_URL``) selects an S3-compatible server. ``hf://org/name[@rev]/sub``
 URIs are Hugging Face Hub models, resolved through the hub's own cache by ``overheard.hub`` in
-``exists``/``localize`` (bare ``org/name`` ids become such URIs where a job takes a model:
+``exists``/``localize``/``read_bytes``/``open_input`` (bare ``org/name`` ids become such URIs where a job takes a model:
 ``hub.model_ref``).
 """
 
@@ -62,6 +62,8 @@ def join(base: str, *parts: str) -> str:
 def open_input(uri: str, block_size: int = 8 << 20):
     """A seekable binary file object. Remote objects are read with range requests in
     ``block_size`` blocks (8 MiB: one request per ~10 min of 128 kbit/s AAC), never whole."""
+    if uri.startswith("hf://"):
+        uri = hub.resolve(uri)
     fs, path = get_fs(uri)
     if protocol_of(uri) == "file":
         return open(path, "rb")
@@ -92,6 +94,8 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
 
 
 def read_bytes(uri: str) -> bytes:
+    if uri.startswith("hf://"):
+        uri = hub.resolve(uri)
     fs, path = get_fs(uri)
     with fs.open(path, "rb") as f:
         return f.read()
