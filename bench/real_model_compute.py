@@ -11,7 +11,7 @@ Measures, at the published shapes with random weights (no downloads):
               caption token, and training tokens/s on this CPU (AdamW, batch --batch)
 then prints, per corpus (caption counts as published: Clotho v2.1 development 3,839 clips x 5;
 AudioCaps train 49,838 clips x 1; WavCaps 403,050 captions), the FLOPs of embedding it once and of
---epochs of decoder training, and the GPU time at --mfu of an H100/H200's 989 dense bf16 TFLOP/s
+--epochs of decoder training, and the GPU seconds at --mfu of an H100/H200's 989 dense bf16 TFLOP/s
 (an assumption: no GPU here) next to the CPU time at the measured rates.
 """
 
@@ -98,17 +98,17 @@ def main(argv=None) -> int:
           f"{f_token / 1e9:.3f} G | {dec_tps:.0f} tokens/s |")
     print()
     gpu = PEAK_BF16 * a.mfu
-    print(f"| corpus | captions | embed once: PFLOP, GPU min, CPU h | {a.epochs} epochs of "
-          f"decoder: Mtokens, PFLOP, GPU min, CPU h |")
+    print(f"| corpus | captions | embed once: PFLOP, GPU s, CPU h | {a.epochs} epochs of "
+          f"decoder: Mtokens, PFLOP, GPU s, CPU h |")
     print("|---|---:|---:|---:|")
     for name, n in CORPORA.items():
         fe = n * f_text
         ntok = n * a.caption_tokens * a.epochs
         fd = ntok * f_token
-        print(f"| {name} | {n:,} | {fe / 1e15:.2f}, {fe / gpu / 60:.1f}, {n / text_cps / 3600:.1f} | "
-              f"{ntok / 1e6:.1f}, {fd / 1e15:.2f}, {fd / gpu / 60:.1f}, "
+        print(f"| {name} | {n:,} | {fe / 1e15:.2f}, {fe / gpu:.1f}, {n / text_cps / 3600:.1f} | "
+              f"{ntok / 1e6:.1f}, {fd / 1e15:.2f}, {fd / gpu:.0f}, "
               f"{ntok / dec_tps / 3600:.1f} |")
-    print(f"\nGPU minutes at {a.mfu:.0%} of 989 TFLOP/s (bf16 dense, H100/H200): an assumption, "
+    print(f"\nGPU seconds at {a.mfu:.0%} of 989 TFLOP/s (bf16 dense, H100/H200): an assumption, "
           f"not a measurement.")
     return 0
 

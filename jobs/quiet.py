@@ -114,7 +114,10 @@ def quiet_driver(verbose: bool = False):
         yield
         return
     ray_console_level(logging.ERROR)
-    f = StderrFilter().start()
+    try:
+        f = StderrFilter().start()
+    except OSError:  # no fd 2 to filter (a closed stderr): nothing to hide either
+        f = StderrFilter()
     try:
         yield
     finally:
