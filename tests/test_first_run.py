@@ -67,7 +67,4 @@ def test_verbose_shows_rays_notices(two_clips, tiny_model, ray_local, tmp_path, 
     err = capfd.readouterr().err
     assert rc == 0
     assert CORE_WORKER_E.search(err), err[-2000:]  # one per actor pool, from Ray Data itself
-    assert "Execution plan" in err
-    rc = main([two_clips, str(tmp_path / "out2"), "--model", tiny_model, "--show", "0"])
-    err = capfd.readouterr().err
-    assert rc == 0 and not CORE_WORKER_E.search(err) and "Execution plan" not in err, err[-2000:]
+    assert "Execution plan" in err  # Ray Data's console log, back at INFO
