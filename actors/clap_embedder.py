@@ -35,7 +35,11 @@ def fit_to_model(x: np.ndarray, valid: int, n: int) -> np.ndarray:
         out[: reps * valid] = np.tile(x[:valid], reps)
         return out[None]
     chunks = [x[i:i + n] for i in range(0, valid, n)] or [x[:n]]
-    return np.stack([fit_to_model(c, min(len(c), valid - i * n), n)[0]
+    # each chunk as CLAP would see that audio alone: a partial last chunk (the 20-25 s of a 25-s
+    # clip in a --whole-clip 30 window) is repeat-padded from its own real samples, not left
+    # with the window's padding (zeros after 25 s: the window repeats only whole copies)
+    return np.stack([fit_to_model(c[:max(1, min(len(c), valid - i * n))],
+                                  min(len(c), valid - i * n), n)[0]
                      for i, c in enumerate(chunks)])
 
 

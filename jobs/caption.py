@@ -52,7 +52,9 @@ class CaptionConfig:
     output: str = field(metadata={"help": "output folder/prefix (local or s3://)"})
     model: str = field(default=DEFAULT_MODEL, metadata={
         "help": "model directory holding clap/ (HF ClapModel dir) or clap.pt, and decoder/; or a "
-                "DALI model: dali/ (config.json naming its CLAP and LLaVA) or a dali checkpoint dir"})
+                "DALI model: dali/ (config.json naming its CLAP and LLaVA) or a dali checkpoint dir. "
+                "Local, s3://, or a Hugging Face repo id org/name[@rev] / hf://org/name[@rev][/dir] "
+                "(resolved through the hub's cache; offline needs it cached)"})
     mode: str = field(default="audio", metadata={
         "help": "audio | audio+image: DALI models also see the video frame at each window's "
                 "midpoint (files without video fall back to audio); 'audio' decodes no frames"})
@@ -61,8 +63,10 @@ class CaptionConfig:
                 "per-window seed (the seed paper's reference samples at 0.2)"})
     max_new_tokens: int = field(default=0, metadata={"help": "DALI: caption length cap (0: model's)"})
     clap: str = field(default="", metadata={
-        "help": "override: HF ClapModel directory or original LAION-CLAP .pt checkpoint"})
-    decoder: str = field(default="", metadata={"help": "override: caption decoder directory"})
+        "help": "override: HF ClapModel directory, original LAION-CLAP .pt checkpoint, or a "
+                "Hugging Face repo id (laion/clap-htsat-unfused, org/name@rev, hf://...)"})
+    decoder: str = field(default="", metadata={
+        "help": "override: caption decoder directory (or hub id / hf:// URI)"})
     window: float = field(default=10.0, metadata={"help": "window length, seconds"})
     hop: float = field(default=0.0, metadata={"help": "hop between window starts (0: = window)"})
     min_window: float = field(default=0.5, metadata={
@@ -128,8 +132,35 @@ class CaptionConfig:
         "help": "auto | on | off: Ray Data's own progress bars and, for a local cluster, Ray's "
                 "dashboard; auto = on when the job runs on a cluster (--ray-address or "
                 "$RAY_ADDRESS, e.g. under ray job submit)"})
+    whole_clip: float = field(default=0.0, metadata={
+        "help": "S > 0: whole-clip windows: a source up to S s long is ONE window as long as the "
+                "source (CLAP averages its 10-s chunks), e.g. 30 for Clotho's 15-30-s clips; "
+                "longer sources are cut into S-s windows. Replaces --window/--hop"})
+    verbose: bool = field(default=False, metadata={
+        "help": "show Ray's own notices (log records, the core worker's actor lines)"})
     run_id: str = ""
     progress: bool = True
+
+
+def pin_models(cfg: CaptionConfig) -> CaptionConfig:
+    """Hub references in --model/--clap/--decoder -> ``hf://org/name@<commit>``: resolved once
+    in the driver (an offline cold cache fails here, before any work), and every actor then
+    reads the same snapshot from its node's hub cache."""
+    from overheard import hub
+
+    pinned = {}
+    for k in ("model", "clap", "decoder"):
+        v = getattr(cfg, k)
+        if not v:
+            continue
+        try:
+            pinned[k] = hub.pin(hub.model_ref(v))
+        except FileNotFoundError as e:
+            if v.startswith("hf://"):
+                raise
+            # org/name is also how a relative local path looks
+            raise type(e)(f"{e} (--{k} {v}: no local path of that name exists either)") from None
+    return dataclasses.replace(cfg, **pinned)
 
 
 def resolve_model(cfg: CaptionConfig) -> tuple[str, str]:
@@ -263,6 +294,23 @@ def pack_sources(sources: list[tuple[str, str, int]], block_bytes: int = BLOCK_B
     return blocks
 
 
+def effective_windows(cfg: CaptionConfig) -> CaptionConfig:
+    """--whole-clip S is --window S --hop S: a source up to S s gives one window whose valid
+    length is the source's (decode_windows: a clip shorter than the window is one window), and
+    the CLAP actor averages that window's model-length chunks (actors/clap_embedder.fit_to_model),
+    so a 25-s Clotho clip is embedded as the normalised mean of its 0-10, 10-20, 20-25 s chunks."""
+    if cfg.whole_clip > 0:
+        return dataclasses.replace(cfg, window=cfg.whole_clip, hop=cfg.whole_clip)
+    return cfg
+
+
+def windowing_text(cfg: CaptionConfig) -> str:
+    """How the run cut sources into windows, as recorded in its manifest."""
+    if cfg.whole_clip > 0:
+        return f"whole clip (sources up to {cfg.whole_clip:g} s: one window each)"
+    return f"{cfg.window:g}-s windows, hop {cfg.hop or cfg.window:g} s"
+
+
 def _preflight(what: str, uri: str, fn):
     try:
         return fn()
@@ -287,8 +335,12 @@ def _ray_init(cfg: CaptionConfig):
     import ray
 
     if not ray.is_initialized():
+        import logging
+
+        # quiet: the token set-up and "Started a local Ray instance" notices (jobs/quiet.py)
         ray.init(address=cfg.ray_address or None, include_dashboard=ray_ui(cfg),
-                 log_to_driver=True, ignore_reinit_error=True)
+                 log_to_driver=True, ignore_reinit_error=True,
+                 logging_level=logging.INFO if cfg.verbose else logging.ERROR)
     return ray
 
 
@@ -353,6 +405,7 @@ def build(cfg: CaptionConfig, sources: list[tuple], clap: str, decoder: str,
     def pool(requested: int, gpus_each: float) -> ActorPoolStrategy:
         lo, hi = pool_size(requested, cfg.min_actors, gpus_total, gpus_each, cpus_total)
         return ActorPoolStrategy(min_size=lo, max_size=hi)
+    cfg = effective_windows(cfg)
     sized = [s if len(s) == 3 else (s[0], s[1], 0) for s in sources]
     blocks = pack_sources(sized) if cfg.pack_sources else [[(u, v)] for u, v, _ in sized]
     ds = ray.data.from_arrow([pa.table({"source_uri": [u for u, _ in b],
@@ -366,10 +419,12 @@ def build(cfg: CaptionConfig, sources: list[tuple], clap: str, decoder: str,
         # fractional CPUs: on a 2-core node whole-CPU actors would leave no CPU for the
         # reader and Ray Data waits forever (see README, "Resources")
         num_cpus=cfg.decode_cpus,
-        # Retry a decode task whose worker died (OOM, preemption). Stating it also keeps Ray
-        # Data from fusing decoding into the CLAP actor when both ask for the same CPUs: fused,
-        # all decoding would run serially inside the encoder actors instead of scaling apart.
-        max_retries=-1,
+        # memory=0 reserves nothing (as unset) but makes the remote args differ from the model
+        # actors', which keeps Ray Data from fusing decoding into them when both ask for the same
+        # CPUs: fused, all decoding would run serially inside the model actors instead of
+        # scaling apart. (max_retries=-1 did this before; it is Ray Data's default for tasks and
+        # passing it is deprecated in Ray 2.60.) Decode tasks whose worker died are retried.
+        memory=0,
     )
     if dali:
         from actors.dali_captioner import DaliCaptioner
@@ -429,6 +484,9 @@ def run(cfg: CaptionConfig) -> dict:
     # the store's own reason (botocore never echoes the secret key).
     if cfg.mode not in ("audio", "audio+image"):
         raise ValueError(f"--mode must be 'audio' or 'audio+image', got {cfg.mode!r}")
+    if cfg.whole_clip < 0:
+        raise ValueError(f"--whole-clip must be >= 0 seconds, got {cfg.whole_clip}")
+    cfg = effective_windows(pin_models(cfg))
     dali = _preflight("read the model", cfg.model, lambda: dali_checkpoint(cfg))
     frame_size = 0
     if dali:
@@ -456,6 +514,8 @@ def run(cfg: CaptionConfig) -> dict:
                     windows=0, window_failures=0, audio_hours=0.0, failures_by_type={},
                     model_ids=[], parts=[])
     manifest["mode"] = cfg.mode if dali else "audio"
+    manifest["windowing"] = windowing_text(cfg)
+    manifest["whole_clip_s"] = cfg.whole_clip
     manifest["windows_with_frames"] = 0
     publish_manifest(cfg, manifest)
     if todo:
@@ -572,8 +632,16 @@ def summary_text(m: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jobs.quiet import quiet_driver
+    from overheard.hub import HubNotCached
+
     cfg = parse(CaptionConfig, argv, "overheard caption", "Caption an audio/video archive.")
-    m = run(cfg)
+    try:
+        with quiet_driver(cfg.verbose):
+            m = run(cfg)
+    except HubNotCached as e:
+        print(f"overheard caption: error: {e}", file=sys.stderr)
+        return 2
     if cfg.show:
         from jobs.show import format_rows, read_captions
         print(format_rows(read_captions(cfg.output, run_id=m["run_id"]), cfg.show))

@@ -16,6 +16,7 @@ COMMANDS = {
     "embed-captions": ("jobs.embed_captions", "CLAP text embeddings of a caption corpus (cached)"),
     "train-decoder": ("training.decoder", "train the caption decoder on caption text only"),
     "estimate-gap": ("training.gap", "noise variance + gap vector from audio/caption samples"),
+    "build-model": ("training.build_model", "CLAP + caption corpus -> model dir (clap/ decoder/ MODEL_CARD.md)"),
     "evaluate": ("jobs.evaluate", "score a caption table against references (BLEU, METEOR, CIDEr-D, ...)"),
     "train-audibility": ("training.audibility", "train the audibility classifier (audible vs not-audible sentences)"),
     "dali-tiny": ("jobs.cli:dali_tiny", "write a tiny random DALI model (clap/ llava/ dali/), no downloads"),

@@ -62,7 +62,9 @@ class EmbedCaptionsConfig:
 
 
 def clap_path(cfg: EmbedCaptionsConfig) -> str:
-    path = cfg.clap or (storage.join(cfg.model, "clap") if cfg.model else "")
+    from overheard.hub import model_ref  # Hugging Face repo ids -> hf:// URIs
+
+    path = model_ref(cfg.clap) or (storage.join(model_ref(cfg.model), "clap") if cfg.model else "")
     if not path:
         raise ValueError("give --clap PATH or --model DIR (holding clap/)")
     return path

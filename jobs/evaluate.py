@@ -5,8 +5,13 @@
     overheard evaluate ./out refs.csv --metrics all          # + SPICE/SPIDEr (Java 8/11 + CoreNLP jars)
 
 CAPTIONS: a caption-job output folder (its ``captions/*.parquet``), a folder of Parquet parts, or
-one Parquet file, local or s3://.  Each source is scored by the caption of its FIRST window
-(lowest ``window_index``; a 10-s clip is one window).
+one Parquet file, local or s3://.  ``--windowing`` says which caption stands for a clip:
+    first  the caption of its FIRST window (lowest ``window_index``; a 10-s clip is one window);
+           the report counts the clips that had more windows than the one scored
+    whole  the clip's one whole-clip window: caption with ``overheard caption --whole-clip S``
+           (S >= the longest clip, e.g. 30 for Clotho's 15-30-s clips), which embeds each clip as
+           CLAP's normalised mean over its 10-s chunks; a clip with several windows is an error
+The report (and its first line on stdout) says which was used.
 REFERENCES: CSV / Parquet in the Clotho layout (``file_name, caption_1..caption_5``) or the
 AudioCaps layout (``youtube_id`` [+ ``audiocap_id, start_time``], one ``caption`` per row, rows of
 one clip grouped).  A source matches a reference by file basename: exactly, else without the
@@ -384,8 +389,16 @@ def read_references(uri: str) -> dict[str, list[str]]:
     return {k: v for k, v in out.items() if v}
 
 
-def read_hypotheses(uri: str) -> dict[str, str]:
-    """{file basename: caption of the source's first window} of a caption table / output dir."""
+WINDOWINGS = ("first", "whole")
+
+
+def read_hypotheses(uri: str, windowing: str = "first", counts: dict | None = None
+                    ) -> dict[str, str]:
+    """{file basename: caption of the source's first window} of a caption table / output dir.
+    ``windowing="whole"``: every source must have exactly one window (ValueError naming some
+    that do not). ``counts``, if given, receives {basename: windows of that source}."""
+    if windowing not in WINDOWINGS:
+        raise ValueError(f"--windowing must be one of {WINDOWINGS}, got {windowing!r}")
     import pyarrow.parquet as pq
 
     fs, path = storage.get_fs(uri)
@@ -398,16 +411,27 @@ def read_hypotheses(uri: str) -> dict[str, str]:
     if not files:
         raise FileNotFoundError(f"no caption Parquet files at {uri} (expected {uri}/captions/*.parquet)")
     best: dict[str, tuple[int, str, str]] = {}
+    seen: dict[str, set] = {}
     for u in files:
         with storage.open_input(u) as f:
             t = pq.read_table(f, columns=["source_uri", "window_index", "caption"])
         for s, w, c in zip(*(t.column(n).to_pylist() for n in ("source_uri", "window_index", "caption"))):
             w = int(w or 0)
+            seen.setdefault(s, set()).add(w)
             if s not in best or w < best[s][0]:
                 best[s] = (w, s, c or "")
+    multi = sorted(s for s, ws in seen.items() if len(ws) > 1)
+    if windowing == "whole" and multi:
+        raise ValueError(
+            f"--windowing whole: {len(multi)} of {len(seen)} clips have several windows (e.g. "
+            f"{[m.rsplit('/', 1)[-1] for m in multi[:3]]}); caption them with --whole-clip S, "
+            f"S >= the longest clip (Clotho: 30), or score their first windows (--windowing first)")
     out: dict[str, str] = {}
     for s, (_, _, c) in sorted(best.items()):
-        out[s.rstrip("/").rsplit("/", 1)[-1]] = c
+        name = s.rstrip("/").rsplit("/", 1)[-1]
+        out[name] = c
+        if counts is not None:
+            counts[name] = len(seen[s])
     return out
 
 
@@ -446,14 +470,16 @@ def match(hyps: dict[str, str], refs: dict[str, list[str]]) -> tuple[dict, dict,
 
 # ----------------------------------------------------------------------------- job
 def evaluate(captions: str, references: str, metrics=DEFAULT_METRICS, tokenizer: str = "ptb",
-             corenlp: str = "", scorer: Scorer | None = None, strict: bool = False) -> dict:
+             corenlp: str = "", scorer: Scorer | None = None, strict: bool = False,
+             windowing: str = "first") -> dict:
     """Score ``captions`` against ``references``; returns the report dict (see module doc)."""
     t0 = time.time()
     requested = parse_metrics(metrics)
     own = scorer is None
     sc = scorer or Scorer(requested, tokenizer, corenlp)  # checks Java/jars before reading
     try:
-        hyps = read_hypotheses(captions)
+        counts: dict[str, int] = {}
+        hyps = read_hypotheses(captions, windowing, counts)
         refs = read_references(references)
         h, r, unmatched, missing = match(hyps, refs)
         if strict and (unmatched or missing):
@@ -473,6 +499,8 @@ def evaluate(captions: str, references: str, metrics=DEFAULT_METRICS, tokenizer:
         "metrics": {m: corpus[m] for m in requested if m in corpus},
         "not_computed": not_computed,
         "tokenizer": sc.tokenizer, "implementation": "pycocoevalcap 1.2",
+        "windowing": windowing,
+        "clips_with_unscored_windows": sorted(k for k in h if counts.get(k, 1) > 1),
         "n_scored": len(h), "n_captioned": len(hyps), "n_references": len(refs),
         "captions_without_references": unmatched, "references_without_captions": missing,
         "per_clip": {k: {"caption": h[k], **per[k]} for k in sorted(h)},
@@ -485,8 +513,13 @@ LABELS = {"bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": 
           "spider": "SPIDEr"}
 
 
+WINDOWING_TEXT = {"first": "the first window of each clip",
+                  "whole": "whole clips (one window as long as the clip)"}
+
+
 def format_report(rep: dict) -> str:
-    lines = ["| metric | score |", "|---|---:|"]
+    lines = [f"scored: {WINDOWING_TEXT[rep.get('windowing', 'first')]}", "",
+             "| metric | score |", "|---|---:|"]
     for m, v in rep["metrics"].items():
         lines.append(f"| {LABELS[m]} | {v:.4f} |")
     for m, why in rep["not_computed"].items():
@@ -494,6 +527,11 @@ def format_report(rep: dict) -> str:
     lines.append("")
     lines.append(f"{rep['n_scored']} clips scored ({rep['n_captioned']} captioned, "
                  f"{rep['n_references']} with references); tokenizer {rep['tokenizer']}")
+    if rep.get("clips_with_unscored_windows"):
+        x = rep["clips_with_unscored_windows"]
+        lines.append(f"NOTE: {len(x)} clips have more windows than the first one scored, e.g. "
+                     f"{x[:3]}; caption with --whole-clip S and use --windowing whole to score "
+                     f"whole clips")
     if rep["captions_without_references"]:
         x = rep["captions_without_references"]
         lines.append(f"WARNING: {len(x)} captioned clips have no references (not scored), e.g. {x[:3]}")
@@ -522,10 +560,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corenlp-dir", default="", help="folder holding the CoreNLP 3.6.0 jars for "
                                                       "SPICE (default: pycocoevalcap/spice/lib)")
     ap.add_argument("--strict", action="store_true", help="unmatched clips are an error")
+    ap.add_argument("--windowing", default="first", choices=WINDOWINGS,
+                    help="first: score each clip's first window; whole: each clip's one "
+                         "whole-clip window (caption with --whole-clip S)")
     a = ap.parse_args(argv)
     try:
         rep = evaluate(a.captions, a.references, a.metrics, a.tokenizer, a.corenlp_dir,
-                       strict=a.strict)
+                       strict=a.strict, windowing=a.windowing)
     except (MetricUnavailable, ValueError, FileNotFoundError) as e:
         print(f"overheard evaluate: error: {e}", file=sys.stderr)
         return 2

@@ -319,7 +319,9 @@ def run(cfg: IndexConfig) -> dict:
     run_ids = set().union(*runs_by_part.values()) if runs_by_part else set()
     claps = _run_claps(root, run_ids)
     if cfg.clap:
-        claps[clap_model_id(cfg.clap)] = cfg.clap
+        from overheard.hub import model_ref  # Hugging Face repo ids -> hf:// URIs
+
+        claps[clap_model_id(model_ref(cfg.clap))] = model_ref(cfg.clap)
     for cid, path in claps.items():
         if storage.protocol_of(path) == "file":
             path = os.path.abspath(path)

@@ -171,7 +171,9 @@ def _encoder(path: str):
 
 def resolve_clap(index: str, clap: str | None = None) -> str:
     if clap:
-        return clap
+        from overheard.hub import model_ref  # Hugging Face repo ids -> hf:// URIs
+
+        return model_ref(clap)
     meta = read_meta(index)
     claps = meta.get("claps", {})
     cid = meta.get("default_clap_id")

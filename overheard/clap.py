@@ -116,7 +116,21 @@ def _load_tokenizer_from(directory: str):
 def load_clap_model(path: str):
     """Load a CLAP model once: ``path`` (local, s3://, any fsspec URL) -> (ClapModel in eval mode,
     ClapFeatureExtractor, tokenizer or None). See the module docstring for accepted layouts."""
+    from transformers.utils import logging as hf_logging
+
     local = storage.localize(path)
+    # no "Loading weights" progress bar per load (one per actor and one in the driver, on every
+    # run); loading a CLAP takes well under a second to a few seconds
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _load_clap_model(path, local)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def _load_clap_model(path: str, local: str):
     if _is_checkpoint_file(local):
         from overheard.clap_convert import convert_laion_checkpoint
 
@@ -151,7 +165,7 @@ def save_clap_model(model: ClapModel, feature_extractor: ClapFeatureExtractor, t
 
 def _model_id(uri: str, local: str) -> str:
     """basename of the model URI + first 12 hex of sha256 over its weight file(s)."""
-    name = os.path.basename(uri.rstrip("/")) or "clap"
+    name = os.path.basename(uri.rstrip("/")).split("@")[0] or "clap"  # hf://org/name@sha
     files = [local] if os.path.isfile(local) else [
         os.path.join(local, f) for f in sorted(os.listdir(local))
         if f in WEIGHT_FILES or (f.startswith("model-") and f.endswith(".safetensors"))]

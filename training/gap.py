@@ -175,7 +175,8 @@ def embed_audio_files(encoder, uris: list[str], max_windows: int = 6) -> np.ndar
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="overheard estimate-gap", description=__doc__.splitlines()[0])
-    ap.add_argument("--clap", required=True, help="CLAP model (HF ClapModel dir or LAION .pt)")
+    ap.add_argument("--clap", required=True, help="CLAP model (HF ClapModel dir or LAION .pt, "
+                                                  "or a Hugging Face repo id / hf:// URI)")
     ap.add_argument("--pairs", default="", help="paired audio-caption file")
     ap.add_argument("--audio-root", default="", help="base for relative audio paths in --pairs")
     ap.add_argument("--audio", default="", help="unpaired audio files: folder / prefix / glob")
@@ -189,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     if not a.pairs and not (a.audio and a.captions):
         ap.error("give --pairs, or --audio and --captions (or both)")
     from overheard.clap import ClapEncoder
+    from overheard.hub import model_ref
 
-    enc = ClapEncoder(a.clap)
+    enc = ClapEncoder(model_ref(a.clap))  # also a Hugging Face repo id / hf:// URI
     pa_, pt_, ua, ut = None, None, None, None
     if a.pairs:
         pairs = read_pairs(a.pairs, a.audio_root)
