@@ -1,12 +1,13 @@
-"""``overheard serve`` on a real caption output: the caption job (tiny random-weight model) runs
-on generated clips from a local folder and from the suite's S3 server, the server builds its
-index itself (Ray Data index job), the HTTP API is checked for what it returns and refuses, and a
-real headless Chromium loads the pages (search results, audio bytes behind the player, the runs
+"""``overheard serve`` on a real caption output: the caption job (the shipped sound-world model)
+runs on generated scenes and clips from a local folder and from the suite's S3 server, the
+server builds its index itself (Ray Data index job), the HTTP API is checked for what it returns
+and refuses, and a real headless Chromium loads the pages (search results, audio bytes behind the player, the runs
 plot, the failures filter). Set OVERHEARD_WRITE_DOCS=1 to refresh the README's screenshot."""
 
 from __future__ import annotations
 
 import asyncio
+import html
 import io
 import json
 import os
@@ -60,30 +61,38 @@ def api(base, path, **params):
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_model, ray_local, s3_server, s3_bucket):
-    from jobs.caption import CaptionConfig, run
+def served(tmp_path_factory, ray_local, s3_server, s3_bucket):
+    from jobs.caption import DEFAULT_MODEL, CaptionConfig, run
     from jobs.serve import Archive, ServeConfig, prepare_index
+
+    from overheard.soundworld import write_dataset
 
     root = tmp_path_factory.mktemp("serve")
     inp, out = root / "in", root / "out"
     inp.mkdir()
-    mf.make_tone(str(inp / "tone_a.wav"), seconds=5.0, freq=440, channels=2)
-    mf.make_speech(str(inp / "speech_a.mp3"), "glass breaks and a dog barks in the rain")
-    (inp / "broken.flac").write_bytes(bytes(range(256)) * 16)  # -> one "corrupt" failure row
+    # 4 sound-world scenes (10 s each) for the shipped sound-world model to caption, a stereo
+    # tone of 3 windows, a broken file (one "corrupt" failure row) and a tone on the S3 server
+    world = write_dataset(str(root / "world"), 4, seed=3, split="serve")
+    mf.make_tone(str(inp / "tone_a.wav"), seconds=25.0, freq=440, channels=2)
+    (inp / "broken.flac").write_bytes(bytes(range(256)) * 16)
     fs = s3_server.fs()
     s3_in = f"{s3_bucket}/serve-in"
-    mf.make_tone(str(root / "tone_s3.flac"), seconds=3.0, freq=1200)
+    mf.make_tone(str(root / "tone_s3.flac"), seconds=12.0, freq=1200)
     fs.put(str(root / "tone_s3.flac"), f"{s3_in}/tone_s3.flac")
-    common = dict(output=str(out), model=tiny_model, progress=False, window=2.0, show=0,
-                  flush_interval=600)
-    m1 = run(CaptionConfig(input=str(inp), run_id="run-local", **common))
-    m2 = run(CaptionConfig(input=f"s3://{s3_in}/", run_id="run-s3", **common))
+    s3_uri = f"s3://{s3_in}/tone_s3.flac"
+    # one run over a manifest naming local files and an S3 object (each caption run pays ~20 s
+    # of actor start-up, so one run, not two)
+    manifest = root / "sources.csv"
+    files = sorted(str(p) for p in inp.iterdir()) + sorted(
+        os.path.join(world, f) for f in os.listdir(world) if f.endswith(".flac"))
+    manifest.write_text("uri\n" + "".join(f"{u}\n" for u in files + [s3_uri]))
+    m1 = run(CaptionConfig(input=str(manifest), output=str(out), model=DEFAULT_MODEL,
+                           progress=False, show=0, flush_interval=600, run_id="run-1"))
     cfg = ServeConfig(output=str(out), port=0)
     idx = prepare_index(cfg)  # no --index: builds OUTPUT/search-index with the Ray Data job
     archive = Archive(str(out), idx)
     srv = Server(cfg, archive)
-    yield dict(root=root, inp=inp, out=out, url=srv.url, archive=archive, index=idx, m1=m1, m2=m2,
-               model=tiny_model, s3_uri=f"s3://{s3_in}/tone_s3.flac", cfg=cfg)
+    yield dict(root=root, inp=inp, out=out, url=srv.url, index=idx, m1=m1, s3_uri=s3_uri)
     srv.stop()
 
 
@@ -140,8 +149,8 @@ def test_audio_is_the_captioned_window(served, which):
     """The WAV holds exactly the job reader's samples of that span (channel mean, 48 kHz)."""
     rows = _captions(served["out"])
     uri = (str(served["inp"] / "tone_a.wav") if which == "local_stereo" else served["s3_uri"])
-    r = [x for x in rows if x["source_uri"] == uri][1]  # the second window: starts at 2 s
-    assert r["start_s"] == pytest.approx(2.0)
+    r = [x for x in rows if x["source_uri"] == uri][1]  # the second window: starts at 10 s
+    assert r["start_s"] == pytest.approx(10.0)
     st, h, body = api(served["url"], "/api/audio", source_uri=uri, start_s=r["start_s"],
                       end_s=r["end_s"])
     assert st == 200 and h["Content-Type"] == "audio/wav" and body[:4] == b"RIFF"
@@ -179,18 +188,18 @@ def test_source_runs_failures_api(served):
     tone = str(served["inp"] / "tone_a.wav")
     s = json.loads(api(base, "/api/source", source_uri=tone)[2])
     assert s["name"] == "tone_a.wav"
-    assert [w["window_index"] for w in s["windows"]] == [0, 1, 2]  # 5 s in 2-s windows
+    assert [w["window_index"] for w in s["windows"]] == [0, 1, 2]  # 25 s in 10-s windows
+    assert [w["end_s"] for w in s["windows"]] == [10.0, 20.0, 25.0]
     runs = json.loads(api(base, "/api/runs")[2])
-    assert [m["run_id"] for m in runs] == ["run-local", "run-s3"]
-    for m, m0 in zip(runs, (served["m1"], served["m2"])):
-        assert m["windows"] == m0["windows"] > 0
-        assert m["audio_hours"] == m0["audio_hours"]
-        assert m["windows_per_s"] == m0["windows_per_s"]
-        assert m["throughput"][0] == [0.0, 0]
-        assert m["throughput"][-1][1] == m0["windows"]  # every window was committed in a part
-        xs = [p[0] for p in m["throughput"]]
-        assert xs == sorted(xs) and xs[-1] <= m0["wall_s"] + 1e-6
-    assert runs[0]["failures_by_type"] == {"corrupt": 1}
+    assert [m["run_id"] for m in runs] == ["run-1"]
+    m, m0 = runs[0], served["m1"]
+    assert m["windows"] == m0["windows"] == len(_captions(out)) == 4 + 3 + 2
+    assert (m["audio_hours"], m["windows_per_s"]) == (m0["audio_hours"], m0["windows_per_s"])
+    assert m["throughput"][0] == [0.0, 0]
+    assert m["throughput"][-1][1] == m0["windows"]  # every window was committed in a part
+    xs = [p[0] for p in m["throughput"]]
+    assert xs == sorted(xs) and 0 < xs[-1] <= m0["wall_s"] + 1e-6
+    assert m["failures_by_type"] == {"corrupt": 1}
     f = json.loads(api(base, "/api/failures")[2])
     assert f["counts"] == {"corrupt": 1} and f["total"] == 1
     assert f["rows"][0]["source_uri"] == str(served["inp"] / "broken.flac")
@@ -204,7 +213,7 @@ def test_no_credentials_in_responses(served, tmp_path):
     from jobs.serve import Archive, ServeConfig
     out = tmp_path / "out"
     shutil.copytree(served["out"] / "captions", out / "captions")
-    m = dict(json.load(open(served["out"] / "runs" / "run-local" / "manifest.json")),
+    m = dict(json.load(open(served["out"] / "runs" / "run-1" / "manifest.json")),
              run_id="run-x", input="s3://AKIAEXAMPLE:topsecret-1@bucket/in/",
              storage_options={"secret": "topsecret-2"}, aws_secret_access_key="topsecret-3")
     (out / "runs" / "run-x").mkdir(parents=True)
@@ -213,8 +222,9 @@ def test_no_credentials_in_responses(served, tmp_path):
     srv = Server(cfg, Archive(str(out), served["index"]))
     try:
         body = api(srv.url, "/api/runs")[2]
-        runs = json.loads(body)
-        assert runs[0]["input"] == "s3://***@bucket/in/"
+        runs = {m["run_id"]: m for m in json.loads(body)}
+        assert runs["run-x"]["input"] == "s3://***@bucket/in/"
+        assert runs["run-x"]["storage_options"] == {}
         assert b"topsecret" not in body and b"overheard-test-secret" not in body
     finally:
         srv.stop()
@@ -270,6 +280,11 @@ def test_pages_in_headless_chromium(served, tmp_path):
     hits = re.findall(r'<li class="hit">(.*?)</li>', dom, re.S)
     assert hits, dom[-3000:]
     first = hits[0]
+    # the page shows the window's own caption (as text) under its file name
+    name = html.unescape(re.search(r'class="file">([^<]+)</a>', first).group(1))
+    cap = html.unescape(re.search(r'<div class="cap">([^<]*)</div>', first).group(1))
+    assert cap in {r["caption"] for r in _captions(served["out"])
+                   if os.path.basename(r["source_uri"]) == name}
     assert re.search(r"\d:\d\d\.\d–\d:\d\d\.\d", first)  # start–end
     assert "confidence" in first and "score 0." in first
     src = re.search(r'<audio[^>]* src="([^"]+)"', first).group(1).replace("&amp;", "&")
@@ -280,7 +295,7 @@ def test_pages_in_headless_chromium(served, tmp_path):
     assert len(x) == round((float(q["end_s"][0]) - float(q["start_s"][0])) * sr)
 
     dom = browse(base + "runs", tmp_path / "p2")
-    assert dom.count('<svg class="plot"') == 2 and dom.count("<polyline") == 2
+    assert dom.count('<svg class="plot"') == 1 and dom.count("<polyline") == 1
     assert "hours captioned" in dom and "corrupt: 1" in dom
     assert re.search(r"<tbody><tr><td[^>]*>broken\.flac</td>", dom)
     dom = browse(base + "runs?error_type=timeout", tmp_path / "p3")

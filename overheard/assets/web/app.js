@@ -92,7 +92,9 @@ function plot(series, wps) {  // committed windows over time, as an inline SVG
   const svg = svgEl("svg", {class: "plot", width: W, height: H, viewBox: `0 0 ${W} ${H}`, role: "img"});
   svg.append(svgEl("title", {})); svg.lastChild.textContent = `windows committed over time (${wps} windows/s on average)`;
   svg.append(svgEl("line", {x1: L, y1: H - B, x2: W - R, y2: H - B}), svgEl("line", {x1: L, y1: T, x2: L, y2: H - B}));
-  svg.append(svgEl("polyline", {points: series.map((p) => `${X(p[0]).toFixed(1)},${Y(p[1]).toFixed(1)}`).join(" ")}));
+  // a staircase: windows count as done when their part is committed, not before
+  const pts = series.flatMap((p, i) => (i ? [[p[0], series[i - 1][1]], p] : [p]));
+  svg.append(svgEl("polyline", {points: pts.map((p) => `${X(p[0]).toFixed(1)},${Y(p[1]).toFixed(1)}`).join(" ")}));
   const label = (x, y, s, anchor) => { const e = svgEl("text", {x, y, "text-anchor": anchor}); e.textContent = s; svg.append(e); };
   label(L - 4, T + 8, String(ymax), "end"); label(L - 4, H - B, "0", "end");
   label(W - R, H - B + 14, `${xmax.toFixed(1)} s`, "end"); label(L, H - B + 14, "0 s", "start");
