@@ -446,10 +446,17 @@ async def start(cfg: ServeConfig, archive: Archive):
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(ServeConfig, argv, "overheard serve", __doc__.split("\n\n")[0])
+    from jobs.index import captions_dir
+
+    if not _parts(captions_dir(cfg.output)[0]):  # before starting Ray or creating anything
+        print(f"overheard serve: no caption parts under {cfg.output}", file=sys.stderr)
+        return 2
     idx = prepare_index(cfg)
     archive = Archive(cfg.output, idx, cfg.clap)
-    if archive.rows.num_rows:  # load the CLAP text tower now, not on the first query
+    try:  # load the CLAP text tower now, not on the first query
         archive.search("warm up", 1)
+    except (FileNotFoundError, ValueError) as e:  # no index rows / no CLAP: pages still work
+        print(f"search unavailable: {str(e).splitlines()[0]}", file=sys.stderr)
 
     async def serve():
         runner, url = await start(cfg, archive)

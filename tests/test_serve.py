@@ -275,7 +275,7 @@ def browse(url, tmp, screenshot=None):
                     "(scripts/setup.sh installs it)")
 def test_pages_in_headless_chromium(served, tmp_path):
     base = served["url"]
-    dom = browse(base + "?" + urllib.parse.urlencode({"q": "a dog barks in the rain"}),
+    dom = browse(base + "?" + urllib.parse.urlencode({"q": "someone types on a keyboard"}),
                  tmp_path / "p1")
     hits = re.findall(r'<li class="hit">(.*?)</li>', dom, re.S)
     assert hits, dom[-3000:]
@@ -308,7 +308,7 @@ def test_pages_in_headless_chromium(served, tmp_path):
     assert timeline.count("<button") == 3 and 'class="on"' in timeline
 
     png = tmp_path / "search.png"
-    browse(base + "?" + urllib.parse.urlencode({"q": "a dog barks in the rain"}),
+    browse(base + "?" + urllib.parse.urlencode({"q": "someone types on a keyboard"}),
            tmp_path / "p5", screenshot=png)
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
@@ -318,10 +318,14 @@ def test_pages_in_headless_chromium(served, tmp_path):
                screenshot=os.path.join(ROOT, "docs", "serve-runs.png"))
 
 
-def test_cli_registered():
-    from jobs.cli import COMMANDS
+def test_cli(tmp_path, capsys):
+    from jobs.cli import COMMANDS, main
     from jobs.config_cli import parser_for
     from jobs.serve import ServeConfig
     assert COMMANDS["serve"][0] == "jobs.serve"
     a = parser_for(ServeConfig, "overheard serve", "").parse_args(["./out"])
     assert (a.host, a.port, a.token, a.index, a.max_span_s) == ("127.0.0.1", 8000, "", "", 60.0)
+    # no caption output: one line, exit 2, nothing created
+    assert main(["serve", str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.strip() == f"overheard serve: no caption parts under {tmp_path / 'nothing'}"
+    assert not (tmp_path / "nothing").exists()
