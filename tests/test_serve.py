@@ -232,6 +232,29 @@ def test_no_credentials_in_responses(served, tmp_path):
         assert os.environ["AWS_SECRET_ACCESS_KEY"].encode() not in get(served["url"] + path)[2]
 
 
+def test_confidence_from_caption_parts(served, tmp_path):
+    """Parts with a ``confidence`` column (another change adds it to the caption job): search
+    results and the source page carry the part's value for that window."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from jobs.serve import Archive
+    (tmp_path / "out" / "captions").mkdir(parents=True)
+    for f in sorted((served["out"] / "captions").glob("*.parquet")):
+        t = pq.read_table(f)
+        conf = pc.divide(pc.cast(t.column("window_index"), pa.float32()), pa.scalar(10.0,
+                                                                                      pa.float32()))
+        pq.write_table(t.append_column("confidence", conf), tmp_path / "out" / "captions" / f.name)
+    arc = Archive(str(tmp_path / "out"), served["index"])
+    hits = arc.search("someone types on a keyboard", 9)
+    assert len(hits) == 9
+    assert [h["confidence"] for h in hits] == [pytest.approx(h["window_index"] / 10) for h in hits]
+    tone = arc.source(str(served["inp"] / "tone_a.wav"))
+    assert [w["confidence"] for w in tone["windows"]] == [0.0, pytest.approx(0.1),
+                                                          pytest.approx(0.2)]
+
+
 def test_token(served):
     from jobs.serve import Archive, ServeConfig
     cfg = ServeConfig(output=str(served["out"]), index=served["index"], port=0, token="s3cr3t-t0k")
