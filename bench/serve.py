@@ -177,12 +177,10 @@ def main() -> int:
             from jobs.index import clap_model_id
             write_output(out, a.rows, clap_model_id(clap) + "+bench-decoder")
         t = time.time()
-        import ray
-
         from jobs.index import IndexConfig, run
-        ray.init(num_cpus=2, include_dashboard=False)
         s = run(IndexConfig(captions=out, index=idx, clap=clap))
-        ray.shutdown()
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            sys.modules["ray"].shutdown()  # an index job on Ray Data: free the CPUs it held
         print(f"index: {s['rows_total']} rows, {s['parts_new']} new parts, "
               f"{time.time() - t:.1f} s", flush=True)
         proc = subprocess.Popen([sys.executable, "-m", "jobs.serve", out, "--index", idx,

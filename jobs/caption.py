@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
@@ -102,8 +103,13 @@ class CaptionConfig:
     fuse_models: bool = field(default=True, metadata={
         "help": "run CLAP and the decoder in one actor pool (captioner_actors actors, batches "
                 "of captioner_batch, CLAP in chunks of encoder_batch); off: two pools"})
-    encoder_actors: int = field(default=1, metadata={"help": "CLAP actors (two pools only)"})
-    captioner_actors: int = 1
+    encoder_actors: int = field(default=0, metadata={
+        "help": "most CLAP actors (two pools only); 0 = auto, as --captioner-actors"})
+    captioner_actors: int = field(default=0, metadata={
+        "help": "most model actors; the pool autoscales between --min-actors and this. 0 = auto: "
+                "one per GPU the cluster can offer (its autoscaler's limits included), or one per "
+                "4 CPUs on a CPU-only cluster"})
+    min_actors: int = field(default=1, metadata={"help": "model actors kept running (pool minimum)"})
     actor_cpus: float = field(default=0.5, metadata={"help": "CPUs reserved per model actor"})
     gpus_per_actor: float = field(default=-1.0, metadata={
         "help": "GPUs per model actor; -1: when the cluster has GPUs 1 per fused or DALI "
@@ -118,6 +124,10 @@ class CaptionConfig:
     show: int = field(default=20, metadata={"help": "print this many captions at the end"})
     ray_address: str = field(default="", metadata={"help": "Ray cluster address ('' = local "
                                                            "or $RAY_ADDRESS)"})
+    ray_progress: str = field(default="auto", metadata={
+        "help": "auto | on | off: Ray Data's own progress bars and, for a local cluster, Ray's "
+                "dashboard; auto = on when the job runs on a cluster (--ray-address or "
+                "$RAY_ADDRESS, e.g. under ray job submit)"})
     run_id: str = ""
     progress: bool = True
 
@@ -263,13 +273,55 @@ def _preflight(what: str, uri: str, fn):
             "S3_ENDPOINT_URL.") from None
 
 
+def ray_ui(cfg: CaptionConfig) -> bool:
+    """Whether Ray's own progress bars / dashboard are on: ``--ray-progress``, where auto means
+    "on a cluster" (an address given, or set by ``ray job submit``)."""
+    if cfg.ray_progress not in ("auto", "on", "off"):
+        raise ValueError(f"--ray-progress must be auto, on or off, got {cfg.ray_progress!r}")
+    if cfg.ray_progress == "auto":
+        return bool(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+    return cfg.ray_progress == "on"
+
+
 def _ray_init(cfg: CaptionConfig):
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=cfg.ray_address or None, include_dashboard=False,
+        ray.init(address=cfg.ray_address or None, include_dashboard=ray_ui(cfg),
                  log_to_driver=True, ignore_reinit_error=True)
     return ray
+
+
+# CPU-only clusters: one model actor per this many CPUs. Measured on 2 cores (README
+# "Performance"): per 10-s window the models cost 0.014 CPU-s against 0.031-0.057 for decoding,
+# so the models are ~20-30% of the work: one single-threaded actor per 4 CPUs keeps both busy.
+CPUS_PER_CPU_ACTOR = 4
+
+
+def cluster_gpus(ray) -> float:
+    """GPUs the cluster can offer: those present now, or what its autoscaler may launch
+    (cluster.yaml's GPU workers start at 0 nodes; asking for GPU actors is what launches them)."""
+    now = float(ray.cluster_resources().get("GPU", 0))
+    try:
+        from ray._private.state import state
+        most = (state.get_max_resources_from_cluster_config() or {}).get("GPU", 0)
+    except Exception:  # no autoscaler config (a local or hand-started cluster)
+        most = 0
+    return max(now, float(most or 0))
+
+
+def pool_size(requested: int, minimum: int, gpus_total: float, gpus_per_actor: float,
+              cpus_total: float) -> tuple[int, int]:
+    """(min, max) actors of a model pool: ``requested`` > 0 caps it; 0 = one actor per GPU share
+    the cluster can offer, or one per ``CPUS_PER_CPU_ACTOR`` CPUs without GPUs."""
+    if requested > 0:
+        most = requested
+    elif gpus_per_actor > 0:
+        most = int(gpus_total // gpus_per_actor)
+    else:
+        most = int(cpus_total // CPUS_PER_CPU_ACTOR)
+    most = max(1, most)
+    return max(1, min(minimum, most)), most
 
 
 def build(cfg: CaptionConfig, sources: list[tuple], clap: str, decoder: str,
@@ -285,15 +337,22 @@ def build(cfg: CaptionConfig, sources: list[tuple], clap: str, decoder: str,
     from actors.windows import decode_sources
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # the driver prints its own files/windows progress
+    # the driver prints its own files/windows progress; Ray Data's bars are for cluster runs
+    ctx.enable_progress_bars = ray_ui(cfg)
     gpus = gpus_fused = cfg.gpus_per_actor
+    gpus_total = cluster_gpus(ray)
     if gpus < 0:
         # two small pools share a card; a DALI or fused CLAP+decoder actor takes a whole one
         # (LLaVA-7B: 14 GB bf16)
-        has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        has_gpu = gpus_total > 0
         gpus = (1.0 if dali else 0.5) if has_gpu else 0.0
         gpus_fused = 1.0 if has_gpu else 0.0
     device = "cuda" if gpus > 0 else "cpu"
+    cpus_total = float(ray.cluster_resources().get("CPU", 0))
+
+    def pool(requested: int, gpus_each: float) -> ActorPoolStrategy:
+        lo, hi = pool_size(requested, cfg.min_actors, gpus_total, gpus_each, cpus_total)
+        return ActorPoolStrategy(min_size=lo, max_size=hi)
     sized = [s if len(s) == 3 else (s[0], s[1], 0) for s in sources]
     blocks = pack_sources(sized) if cfg.pack_sources else [[(u, v)] for u, v, _ in sized]
     ds = ray.data.from_arrow([pa.table({"source_uri": [u for u, _ in b],
@@ -321,7 +380,7 @@ def build(cfg: CaptionConfig, sources: list[tuple], clap: str, decoder: str,
                                        max_new_tokens=cfg.max_new_tokens, window_s=cfg.window,
                                        device=device, dtype=cfg.dtype,
                                        torch_threads=cfg.torch_threads),
-            compute=ActorPoolStrategy(size=cfg.captioner_actors),
+            compute=pool(cfg.captioner_actors, gpus),
             num_cpus=cfg.actor_cpus, num_gpus=gpus,
         )
         return ds.drop_columns(["audio_embedding"]) if not cfg.embeddings else ds
@@ -340,20 +399,20 @@ def build(cfg: CaptionConfig, sources: list[tuple], clap: str, decoder: str,
             ClapCaptioner, batch_size=cfg.captioner_batch, batch_format="pyarrow",
             fn_constructor_kwargs=dict(clap_kwargs=clap_kwargs, captioner_kwargs=captioner_kwargs,
                                        encoder_batch=cfg.encoder_batch),
-            compute=ActorPoolStrategy(size=cfg.captioner_actors),
+            compute=pool(cfg.captioner_actors, gpus_fused),
             num_cpus=cfg.actor_cpus, num_gpus=gpus_fused,
         )
     else:
         ds = ds.map_batches(
             ClapEmbedder, batch_size=cfg.encoder_batch, batch_format="pyarrow",
             fn_constructor_kwargs=clap_kwargs,
-            compute=ActorPoolStrategy(size=cfg.encoder_actors),
+            compute=pool(cfg.encoder_actors, gpus),
             num_cpus=cfg.actor_cpus, num_gpus=gpus,
         )
         ds = ds.map_batches(
             Captioner, batch_size=cfg.captioner_batch, batch_format="pyarrow",
             fn_constructor_kwargs=captioner_kwargs,
-            compute=ActorPoolStrategy(size=cfg.captioner_actors),
+            compute=pool(cfg.captioner_actors, gpus),
             num_cpus=cfg.actor_cpus, num_gpus=gpus,
         )
     if not cfg.embeddings:
@@ -398,15 +457,33 @@ def run(cfg: CaptionConfig) -> dict:
                     model_ids=[], parts=[])
     manifest["mode"] = cfg.mode if dali else "audio"
     manifest["windows_with_frames"] = 0
+    publish_manifest(cfg, manifest)
     if todo:
         _stream(cfg, todo, clap, decoder, manifest, dali, frame_size)
     manifest["status"] = manifest.get("status_final", "completed")
     manifest.pop("status_final", None)
-    manifest["wall_s"] = round(time.time() - t0, 3)
-    manifest["windows_per_s"] = round(manifest["windows"] / max(manifest["wall_s"], 1e-9), 3)
-    storage.write_bytes_atomic(storage.join(run_dir, "manifest.json"),
-                               json.dumps(manifest, indent=2, default=str).encode())
+    publish_manifest(cfg, manifest)
     return manifest
+
+
+def publish_manifest(cfg: CaptionConfig, manifest: dict) -> None:
+    """Rewrite ``runs/<run>/manifest.json`` atomically: at the start, after every committed part
+    (the counts then are exactly what is on disk), and at the end. ``overheard status`` reads it."""
+    now = time.time()
+    manifest["updated_at"] = now
+    manifest["wall_s"] = round(now - manifest["started_at"], 3)
+    manifest["windows_per_s"] = round(manifest["windows"] / max(manifest["wall_s"], 1e-9), 3)
+    done = manifest["sources_captioned"] + manifest["sources_failed"]
+    left = manifest["sources_todo"] - done
+    first = manifest.get("first_output_at")
+    if manifest["status"] == "running" and first and done and now > first and left > 0:
+        # rate since the first output: start-up (models loading) is not a rate
+        manifest["eta_s"] = round(left / (done / (now - first)), 1)
+    else:
+        manifest.pop("eta_s", None)
+    storage.write_bytes_atomic(
+        storage.join(cfg.output, "runs", cfg.run_id, "manifest.json"),
+        json.dumps(manifest, indent=2, default=str).encode())
 
 
 def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0):
@@ -419,66 +496,72 @@ def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0):
         bar = tqdm(total=len(todo), unit="file", file=sys.stderr, dynamic_ncols=True)
     t_start = time.time()
     model_ids: set[str] = set()
-    first = None  # when the first source was released
+
+    def release(r) -> None:
+        if r is None:
+            return
+        # counted before add(): a part written by add() then holds everything counted, so
+        # the manifest published at each commit states exactly what is on disk
+        _count(manifest, r)
+        manifest.setdefault("first_output_at", time.time())
+        writer.add(r)
+        if bar is not None:
+            bar.update(r.sources)
+            el = max(time.time() - t_start, 1e-9)
+            bar.set_postfix(windows=manifest["windows"], win_s=f"{manifest['windows'] / el:.1f}",
+                            failed=manifest["sources_failed"], refresh=False)
+
     try:
         for tbl in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if writer is None:
                 dim = (tbl.schema.field("audio_embedding").type.list_size
                        if "audio_embedding" in tbl.column_names else None)
                 writer = PartWriter(cfg.output, cfg.run_id, dim, cfg.rows_per_part,
-                                    cfg.flush_interval)
+                                    cfg.flush_interval, on_commit=lambda: _committed(
+                                        cfg, manifest, writer))
             if "audio_embedding" not in tbl.column_names and writer.schema.get_field_index(
                     "audio_embedding") >= 0:
                 raise RuntimeError("embedding column vanished mid-run")
             model_ids.update(tbl.column("model_id").unique().to_pylist())
-            for r in asm.add(tbl):
-                writer.add(r)
-                _count(manifest, r)
-                if first is None:
-                    first = time.time()
-                if bar is not None:
-                    bar.update(1)
-                    el = max(time.time() - t_start, 1e-9)
-                    bar.set_postfix(windows=manifest["windows"],
-                                    win_s=f"{manifest['windows'] / el:.1f}",
-                                    failed=manifest["sources_failed"], refresh=False)
+            release(asm.add(tbl))
+        if writer is not None:
+            release(asm.finish())  # what is still staged at the end of the stream
     except KeyboardInterrupt:
         manifest["status_final"] = "interrupted"
     finally:
         if writer is not None:
+            writer.on_commit = None  # the final manifest is published by run()
             writer.flush()
             manifest["parts"] = writer.parts
         if bar is not None:
             bar.close()
         manifest["model_ids"] = sorted(m for m in model_ids if m)
-        if first is not None:
+        if "first_output_at" in manifest:
             # start-up: listing, model checks, actors loading, the first file through
-            manifest["first_output_s"] = round(first - manifest["started_at"], 3)
-        manifest["sources_incomplete"] = len(asm.pending)
-        if asm.pending and "status_final" not in manifest:
+            manifest["first_output_s"] = round(manifest["first_output_at"] - manifest["started_at"], 3)
+        manifest["sources_incomplete"] = asm.pending_sources()
+        if manifest["sources_incomplete"] and "status_final" not in manifest:
             manifest["status_final"] = "incomplete"
 
 
+def _committed(cfg: CaptionConfig, manifest: dict, writer) -> None:
+    manifest["parts"] = list(writer.parts)
+    publish_manifest(cfg, manifest)
+
+
 def _count(manifest: dict, r) -> None:
+    """Add one release's counts (``jobs.sink.Released``) to the manifest."""
     manifest["windows"] += r.windows
     if r.captions is not None and manifest["mode"] == "audio+image":
         # counted on released (deduplicated) rows, so a resent window is not counted twice
-        manifest["windows_with_frames"] += sum(
-            1 for d in r.captions.column("decoding").to_pylist() if "+image" in d)
+        manifest["windows_with_frames"] += int(pc.sum(pc.cast(pc.match_substring(
+            r.captions.column("decoding"), "+image"), pa.int64())).as_py() or 0)
     manifest["audio_hours"] = round(manifest["audio_hours"] + r.audio_s / 3600.0, 6)
-    source_failed = any(f["stage"] in ("read", "decode") for f in r.failures)
-    if r.windows and not source_failed:
-        manifest["sources_captioned"] += 1
-    elif r.windows:
-        manifest["sources_captioned"] += 1
-        manifest["sources_failed"] += 1
-    else:
-        manifest["sources_failed"] += 1
-    for f in r.failures:
-        if f["stage"] not in ("read", "decode"):
-            manifest["window_failures"] += 1
-        manifest["failures_by_type"][f["error_type"]] = (
-            manifest["failures_by_type"].get(f["error_type"], 0) + 1)
+    manifest["sources_captioned"] += r.captioned
+    manifest["sources_failed"] += r.failed
+    manifest["window_failures"] += r.window_failures
+    for k, n in r.failures_by_type.items():
+        manifest["failures_by_type"][k] = manifest["failures_by_type"].get(k, 0) + n
 
 
 def summary_text(m: dict) -> str:

@@ -8,6 +8,8 @@ import sys
 COMMANDS = {
     "caption": ("jobs.caption", "caption an audio/video archive into Parquet"),
     "show": ("jobs.show", "print captions from an output folder"),
+    "status": ("jobs.status", "what a caption run did or is doing (its live manifest)"),
+    "timeline": ("jobs.timeline", "caption windows -> per-source timelines (SRT, WebVTT, JSONL)"),
     "index": ("jobs.index", "load caption tables into a search index (LanceDB), incrementally"),
     "search": ("jobs.search", "find windows by a text query (CLAP vectors + caption keywords)"),
     "serve": ("jobs.serve", "browse and listen: a local web page over captions, search and runs"),

@@ -3,23 +3,29 @@
     overheard index ./out ./search-index
     python -m jobs.index s3://bucket/captions/ ./search-index      # OUTPUT or OUTPUT/captions
 
-Stages (Ray Data, streaming):
-    parts (driver: list caption parts, drop those the index already holds)
-    -> read_parquet [CPU tasks, fractional] -> to_index_rows [CPU tasks, fractional: key, clap_id]
-    -> driver: merge-insert batches into the LanceDB table on ``key`` (no duplicates, ever)
+Stages (one process, streaming; no Ray: ingest is I/O and LanceDB's own writer threads):
+    parts (list caption parts, drop those the index already holds)
+    -> each part read in Parquet batches of --batch-size rows (never a whole part in memory)
+    -> to_index_rows (key, clap_id, part; confidence null where the parts have none)
+    -> merge_insert into the LanceDB table on ``key`` (no duplicates, ever)
     -> record the ingested parts (path, version, rows) -> refresh the FTS (and vector) indexes
 
-Store layout under INDEX (a LanceDB database directory, local)::
+Store layout under INDEX (a LanceDB database directory, local or ``s3://bucket/prefix``)::
 
     windows.lance        one row per window: key, source_uri, source_version, window_index, start_s,
-                         end_s, caption, decoding, logprob, clap_similarity, audibility, model_id,
-                         clap_id, run_id, part, audio_embedding fixed_size_list<float32>[D]
+                         end_s, caption, decoding, logprob, clap_similarity, audibility,
+                         confidence (nullable float32), model_id, clap_id, run_id, part,
+                         audio_embedding fixed_size_list<float32>[D]
                          indexes: full text (BM25) on caption; IVF-PQ (cosine) on audio_embedding
                          once the table holds --ann-min-rows rows (below that, search is exact)
     parts.lance          ingest log: part (URI), version, rows, run_id, indexed_at
     overheard_index.json format version, embedding dim, CLAP ids of the rows, CLAP model dirs by
                          CLAP id (from the caption runs' manifests, or --clap): ``overheard search``
                          embeds queries with it
+
+On ``s3://`` LanceDB gets the endpoint from ``S3_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL`` (plain
+``http://`` endpoints are allowed) and credentials from the standard AWS variables or the
+instance role, as the rest of overheard; they are passed to LanceDB, never printed.
 
 Incremental: a rerun lists the parts again and reads only those missing from ``parts`` (or whose
 version changed). Rows are merged on ``key`` = sha1(source_uri, window_index, model_id)
@@ -49,26 +55,24 @@ FORMAT = "overheard.search_index"
 FORMAT_VERSION = 1
 KEY_COLUMNS = ("source_uri", "window_index", "model_id")
 CAPTION_COLUMNS = ["source_uri", "source_version", "window_index", "start_s", "end_s", "caption",
-                   "decoding", "logprob", "clap_similarity", "audibility", "model_id", "run_id",
-                   "audio_embedding"]
+                   "decoding", "logprob", "clap_similarity", "audibility", "confidence", "model_id",
+                   "run_id", "audio_embedding"]
+OPTIONAL_COLUMNS = {"confidence": pa.float32()}  # older caption parts lack it: null in the index
 
 
 @dataclass
 class IndexConfig:
     captions: str = field(metadata={"help": "caption job output folder (OUTPUT or OUTPUT/captions; "
                                             "local or s3://)"})
-    index: str = field(metadata={"help": "search index directory (LanceDB database, local)"})
+    index: str = field(metadata={"help": "search index directory (LanceDB database; local or "
+                                          "s3://)"})
     clap: str = field(default="", metadata={
         "help": "CLAP model dir the captions were made with (default: from the runs' manifests)"})
     batch_size: int = field(default=8192, metadata={"help": "rows per merge-insert"})
-    read_cpus: float = field(default=0.25, metadata={
-        "help": "CPUs per read/convert task (fractional: on 2 cores whole-CPU tasks starve the "
-                "reader)"})
     ann_min_rows: int = field(default=100_000, metadata={
         "help": "build the IVF-PQ vector index once the table holds this many rows (exact "
                 "search below; the index is then updated incrementally)"})
     limit_parts: int = field(default=0, metadata={"help": "ingest at most this many new parts"})
-    ray_address: str = field(default="", metadata={"help": "Ray cluster address ('' = local)"})
 
 
 def window_key(source_uri: str, window_index: int, model_id: str) -> str:
@@ -106,6 +110,7 @@ def index_schema(dim: int) -> pa.Schema:
         pa.field("logprob", pa.float32()),
         pa.field("clap_similarity", pa.float32()),
         pa.field("audibility", pa.float32()),
+        pa.field("confidence", pa.float32()),
         pa.field("model_id", pa.string(), nullable=False),
         pa.field("clap_id", pa.string()),
         pa.field("run_id", pa.string()),
@@ -124,15 +129,17 @@ PARTS_SCHEMA = pa.schema([
 
 
 def to_index_rows(batch: pa.Table) -> pa.Table:
-    """Ray Data stage. Columns in: the caption table's (+ ``path`` of the part); out: the index
-    table's (``index_schema``): adds ``key``, ``clap_id`` (model_id before '+'), ``part``."""
+    """Columns in: the caption table's (+ ``path`` of the part; ``confidence`` optional); out: the
+    index table's (``index_schema``): adds ``key``, ``clap_id`` (model_id before '+'), ``part``,
+    a null ``confidence`` where the part has none."""
     uris = batch.column("source_uri").to_pylist()
     widx = batch.column("window_index").to_pylist()
     mids = batch.column("model_id").to_pylist()
     keys = [window_key(u, w, m) for u, w, m in zip(uris, widx, mids)]
     cols = {"key": pa.array(keys, pa.string())}
     for f in CAPTION_COLUMNS[:-1]:
-        cols[f] = batch.column(f)
+        cols[f] = (batch.column(f) if f in batch.column_names
+                   else pa.nulls(batch.num_rows, OPTIONAL_COLUMNS[f]))
     cols["clap_id"] = pa.array([m.split("+", 1)[0] for m in mids], pa.string())
     cols["part"] = batch.column("path").cast(pa.string())
     emb = batch.column("audio_embedding")
@@ -142,52 +149,58 @@ def to_index_rows(batch: pa.Table) -> pa.Table:
     return t.select(index_schema(dim).names).cast(index_schema(dim))
 
 
-def _ray(cfg: IndexConfig):
-    import ray
+def read_part(part: str, batch_size: int):
+    """Batches (pa.Table) of one caption part's index columns, ``path`` = the part's URI."""
+    import pyarrow.parquet as pq
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address or None, include_dashboard=False,
-                 ignore_reinit_error=True)
-    return ray
+    fs, path = storage.get_fs(part)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        cols = [c for c in CAPTION_COLUMNS if c in pf.schema_arrow.names]
+        for rb in pf.iter_batches(batch_size=batch_size, columns=cols):
+            t = pa.Table.from_batches([rb])
+            yield t.append_column("path", pa.array([part] * t.num_rows, pa.string()))
 
 
-def build(cfg: IndexConfig, parts: list[str]):
-    """The Ray Data pipeline over the new caption ``parts`` (URIs); returns the lazy Dataset."""
-    ray = _ray(cfg)
-    import ray.data
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    fs, _ = storage.get_fs(parts[0])
-    paths = [storage.get_fs(p)[1] for p in parts]
-    pafs = None if storage.protocol_of(parts[0]) == "file" else PyFileSystem(FSSpecHandler(fs))
-    ds = ray.data.read_parquet(paths, filesystem=pafs, include_paths=True,
-                               num_cpus=cfg.read_cpus)
-    ds = ds.select_columns(CAPTION_COLUMNS + ["path"])
-    return ds.map_batches(to_index_rows, batch_format="pyarrow", num_cpus=cfg.read_cpus,
-                          batch_size=cfg.batch_size)
+def storage_options(index: str) -> dict:
+    """LanceDB (object_store) options for an ``s3://`` index: the endpoint overheard uses for
+    every other object (``S3_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL``), plain HTTP allowed for it,
+    credentials and region from the standard AWS variables when set (else the instance role)."""
+    if storage.protocol_of(index) not in ("s3", "s3a"):
+        return {}
+    opts = {}
+    endpoint = os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["aws_endpoint"] = endpoint
+        if endpoint.startswith("http://"):
+            opts["allow_http"] = "true"
+    for env, key in (("AWS_ACCESS_KEY_ID", "aws_access_key_id"),
+                     ("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"),
+                     ("AWS_SESSION_TOKEN", "aws_session_token"),
+                     ("AWS_DEFAULT_REGION", "aws_region"), ("AWS_REGION", "aws_region")):
+        if os.environ.get(env):
+            opts[key] = os.environ[env]
+    return opts
 
 
 def connect(index: str):
     import lancedb
 
-    if storage.protocol_of(index) != "file":
-        raise ValueError("the search index lives on a local path (copy it to object storage "
-                         "after building if needed)")
-    os.makedirs(index, exist_ok=True)
-    return lancedb.connect(index)
+    if storage.protocol_of(index) == "file":
+        os.makedirs(index, exist_ok=True)
+        return lancedb.connect(index)
+    return lancedb.connect(index, storage_options=storage_options(index))
 
 
 def read_meta(index: str) -> dict:
-    p = os.path.join(index, META)
-    if not os.path.exists(p):
+    p = storage.join(index, META)
+    if not storage.exists(p):
         return {"format": FORMAT, "version": FORMAT_VERSION, "claps": {}}
-    with open(p) as f:
-        return json.load(f)
+    return json.loads(storage.read_bytes(p))
 
 
 def _write_meta(index: str, meta: dict) -> None:
-    storage.write_bytes_atomic(os.path.join(index, META),
+    storage.write_bytes_atomic(storage.join(index, META),
                                json.dumps(meta, indent=2, sort_keys=True).encode())
 
 
@@ -242,7 +255,6 @@ def _run_claps(output_root: str, run_ids: set[str]) -> dict[str, str]:
 def run(cfg: IndexConfig) -> dict:
     """Ingest the caption parts not yet in the index; returns a summary (also printed by main)."""
     t0 = time.time()
-    _ray(cfg)  # before LanceDB starts its runtime threads: Ray forks its daemons
     db = connect(cfg.index)
     meta = read_meta(cfg.index)
     done = ingested_parts(db)
@@ -268,19 +280,17 @@ def run(cfg: IndexConfig) -> dict:
     tables = _tables(db)
     before = db.open_table(WINDOWS).count_rows() if WINDOWS in tables else 0
     tbl = db.open_table(WINDOWS) if WINDOWS in tables else None
+    if tbl is not None and "confidence" not in tbl.schema.names:
+        tbl.add_columns(pa.field("confidence", pa.float32()))  # an index made before the column
     rows_by_part: dict[str, int] = {}
     runs_by_part: dict[str, set] = {}
     clap_ids: set[str] = set(meta.get("clap_ids", []))
-    if usable:
-        ds = build(cfg, [u for u, _ in usable])
-        # read_parquet's ``path`` column drops the protocol: map it back to the listed URIs
-        back = {storage.get_fs(u)[1]: u for u, _ in usable}
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=cfg.batch_size):
+    for part, _ in usable:
+        for batch in read_part(part, cfg.batch_size):
             if batch.num_rows == 0:
                 continue
-            parts_col = [back.get(p, p) for p in batch.column("part").to_pylist()]
-            batch = batch.set_column(batch.schema.get_field_index("part"), "part",
-                                     pa.array(parts_col, pa.string()))
+            batch = to_index_rows(batch)
+            parts_col = batch.column("part").to_pylist()
             clap_ids.update(pc.unique(batch.column("clap_id")).to_pylist())
             for p, rid in zip(parts_col, batch.column("run_id").to_pylist()):
                 rows_by_part[p] = rows_by_part.get(p, 0) + 1

@@ -13,10 +13,13 @@ over the index made by ``overheard index``:
 * text: the ``--pool`` best BM25 matches of the query's words in ``caption`` (stemmed,
   stop-words removed).
 
-Fusion is reciprocal rank fusion (Cormack et al. 2009): ``score = sum over lists of
-1 / (rrf_k + rank)`` with rank starting at 1 and ``rrf_k = 60``; a window found by both lists
-ranks above one found by a single list at a similar position. Ties break on the cosine, then the
-key. ``--mode vector`` / ``--mode text`` return one list alone (score = cosine / BM25).
+Hybrid (the default) is LanceDB's own hybrid query: both lists run inside LanceDB
+(``query_type="hybrid"``, limit ``--pool`` per list) and are fused by its ``RRFReranker(K=60)``:
+reciprocal rank fusion (Cormack et al. 2009), ``score = sum over lists of 1 / (K + rank)``, rank
+from 1; a window found by both lists ranks above one found by a single list at a similar
+position. Ties on the fused score break on the cosine, then the key (LanceDB's own order for
+ties is its merge order). The first ``k`` are returned. ``--mode vector`` / ``--mode text``
+return one list alone (score = cosine / BM25).
 
 Python API: ``search(index, query, k=10, clap=None)``, ``vector_search(index, vector, k)``,
 ``text_search(index, query, k)`` return lists of dicts with the fields in ``RESULT_FIELDS`` plus
@@ -33,17 +36,33 @@ import sys
 import numpy as np
 
 from jobs.index import WINDOWS, connect, read_meta
+from overheard import storage
 
 RESULT_FIELDS = ["key", "source_uri", "window_index", "start_s", "end_s", "caption", "model_id",
-                 "run_id"]
+                 "run_id", "confidence"]
 RRF_K = 60
 
 
 def _table(index: str):
-    if not os.path.isdir(index):
-        raise FileNotFoundError(f"no search index at {index} (build it with `overheard index`)")
+    missing = FileNotFoundError(f"no search index at {index} (build it with `overheard index`)")
+    if storage.protocol_of(index) == "file" and not os.path.isdir(index):
+        raise missing
     db = connect(index)
-    return db.open_table(WINDOWS)
+    try:
+        return db.open_table(WINDOWS)
+    except (ValueError, FileNotFoundError) as e:  # no windows table there
+        raise missing from e
+
+
+def _fields(tbl) -> list[str]:
+    """RESULT_FIELDS this table has (an index built before ``confidence`` lacks it)."""
+    names = set(tbl.schema.names)
+    return [f for f in RESULT_FIELDS if f in names]
+
+
+def _complete(row: dict) -> dict:
+    row.setdefault("confidence", None)
+    return row
 
 
 def _sql_str(s: str) -> str:
@@ -57,16 +76,22 @@ def vector_search(index: str, vector, k: int = 10, clap_id: str | None = None,
     tbl = table if table is not None else _table(index)
     v = np.asarray(vector, dtype=np.float32).ravel()
     q = (tbl.search(v, vector_column_name="audio_embedding").distance_type("cosine")
-         .select(RESULT_FIELDS + ["_distance"]).limit(k))
+         .select(_fields(tbl) + ["_distance"]).limit(k))
+    q = _restrict(q, tbl, clap_id)
+    out = []
+    for r in q.to_list():
+        cos = 1.0 - float(r.pop("_distance"))
+        out.append(_complete(dict(r, cosine=cos, score=cos)))
+    return out
+
+
+def _restrict(q, tbl, clap_id: str | None):
+    """Rows of that CLAP only (other models' spaces differ); ANN probes once there is an index."""
     if clap_id:
         q = q.where(f"clap_id = {_sql_str(clap_id)}", prefilter=True)
     if _has_vector_index(tbl):
         q = q.nprobes(20).refine_factor(5)
-    out = []
-    for r in q.to_list():
-        cos = 1.0 - float(r.pop("_distance"))
-        out.append(dict(r, cosine=cos, score=cos))
-    return out
+    return q
 
 
 def _has_vector_index(tbl) -> bool:
@@ -80,31 +105,61 @@ def text_search(index: str, query: str, k: int = 10, clap_id: str | None = None,
     if not query.strip():
         return []
     q = (tbl.search(query, query_type="fts", fts_columns="caption")
-         .select(RESULT_FIELDS + ["_score"]).limit(k))
+         .select(_fields(tbl) + ["_score"]).limit(k))
     if clap_id:
         q = q.where(f"clap_id = {_sql_str(clap_id)}", prefilter=True)
     out = []
     for r in q.to_list():
         s = float(r.pop("_score"))
-        out.append(dict(r, bm25=s, score=s))
+        out.append(_complete(dict(r, bm25=s, score=s)))
     return out
 
 
-def fuse(vector_hits: list[dict], text_hits: list[dict], k: int, rrf_k: int = RRF_K) -> list[dict]:
-    """Reciprocal rank fusion of two ranked lists of rows (dicts with ``key``)."""
-    rows: dict[str, dict] = {}
-    for name, hits in (("vector_rank", vector_hits), ("text_rank", text_hits)):
-        for rank, h in enumerate(hits, start=1):
-            r = rows.setdefault(h["key"], {**{f: h[f] for f in RESULT_FIELDS}, "score": 0.0,
-                                           "vector_rank": None, "text_rank": None,
-                                           "cosine": None, "bm25": None})
-            r[name] = rank
-            r["score"] += 1.0 / (rrf_k + rank)
-            for f in ("cosine", "bm25"):
-                if f in h:
-                    r[f] = h[f]
-    ranked = sorted(rows.values(), key=lambda r: (-r["score"], -(r["cosine"] or -2.0), r["key"]))
-    return ranked[:k]
+def _rrf(rrf_k: int):
+    """LanceDB's ``RRFReranker`` that also keeps each list's row ids in order, so results can
+    say which rank each list gave them (the fusion itself is LanceDB's, unchanged)."""
+    from lancedb.rerankers import RRFReranker
+
+    class _KeepRanks(RRFReranker):
+        ranks: dict[str, dict[int, int]] = {}
+
+        def rerank_hybrid(self, query, vector_results, fts_results):
+            self.ranks = {
+                name: {rid: i for i, rid in enumerate(t["_rowid"].to_pylist() if t else [], 1)}
+                for name, t in (("vector_rank", vector_results), ("text_rank", fts_results))}
+            return super().rerank_hybrid(query, vector_results, fts_results)
+
+    return _KeepRanks(K=rrf_k, return_score="all")
+
+
+def hybrid_search(index: str, query: str, vector, k: int = 10, clap_id: str | None = None,
+                  pool: int = 50, rrf_k: int = RRF_K, table=None) -> list[dict]:
+    """LanceDB hybrid query (``pool`` vector + ``pool`` BM25 candidates) fused by its
+    ``RRFReranker(K=rrf_k)``; rows carry ``score`` (the fused one), ``cosine`` / ``bm25`` and
+    ``vector_rank`` / ``text_rank`` (None for a list that did not return the row)."""
+    tbl = table if table is not None else _table(index)
+    if not query.strip():  # no words: the vector list alone, ranked as a one-list fusion
+        hits = vector_search(index, vector, k, clap_id, table=tbl)
+        return [dict(h, score=1.0 / (rrf_k + i), vector_rank=i, text_rank=None, bm25=None)
+                for i, h in enumerate(hits, 1)]
+    v = np.asarray(vector, dtype=np.float32).ravel()
+    rrf = _rrf(rrf_k)  # one per query: it holds this query's ranks
+    q = (tbl.search(query_type="hybrid", vector_column_name="audio_embedding",
+                    fts_columns="caption")
+         .vector(v).text(query).distance_type("cosine")
+         .select(_fields(tbl)).limit(max(k, pool)).with_row_id(True).rerank(rrf))
+    q = _restrict(q, tbl, clap_id)
+    out = []
+    for r in q.to_list():
+        d, s, rid = r.get("_distance"), r.get("_score"), r["_rowid"]
+        out.append(_complete(dict(
+            {f: r.get(f) for f in RESULT_FIELDS}, score=float(r["_relevance_score"]),
+            cosine=None if d is None else 1.0 - float(d), bm25=None if s is None else float(s),
+            vector_rank=rrf.ranks["vector_rank"].get(rid),
+            text_rank=rrf.ranks["text_rank"].get(rid))))
+    out.sort(key=lambda r: (-r["score"], -(r["cosine"] if r["cosine"] is not None else -2.0),
+                            r["key"]))
+    return out[:k]
 
 
 @functools.lru_cache(maxsize=4)
@@ -134,7 +189,9 @@ def embed_query(index: str, query: str, clap: str | None = None) -> tuple[np.nda
 
 def search(index: str, query: str, k: int = 10, clap: str | None = None, mode: str = "hybrid",
            pool: int = 50, rrf_k: int = RRF_K) -> list[dict]:
-    """Text query -> windows: CLAP-text vector search fused with BM25 caption matches (RRF)."""
+    """Text query -> windows: CLAP-text vector search fused with BM25 caption matches (LanceDB
+    hybrid query + RRFReranker). Dicts with ``RESULT_FIELDS`` + ``score`` (+ ``cosine``,
+    ``bm25``, ``vector_rank``, ``text_rank`` in hybrid mode)."""
     tbl = _table(index)
     if mode == "text":
         return text_search(index, query, k, table=tbl)
@@ -144,13 +201,11 @@ def search(index: str, query: str, k: int = 10, clap: str | None = None, mode: s
         raise ValueError(f"the index holds windows embedded by CLAP {', '.join(known)}; the "
                          f"query CLAP is {clap_id}: pass --clap with the model the captions "
                          "were made with")
-    vhits = vector_search(index, vec, max(k, pool) if mode == "hybrid" else k, clap_id, table=tbl)
     if mode == "vector":
-        return vhits
+        return vector_search(index, vec, k, clap_id, table=tbl)
     if mode != "hybrid":
         raise ValueError(f"mode must be hybrid, vector or text, not {mode!r}")
-    thits = text_search(index, query, max(k, pool), clap_id, table=tbl)
-    return fuse(vhits, thits, k, rrf_k)
+    return hybrid_search(index, query, vec, k, clap_id, pool, rrf_k, table=tbl)
 
 
 def format_hits(hits: list[dict]) -> str:
@@ -164,7 +219,7 @@ def format_hits(hits: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="overheard search", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("index", help="index directory built by `overheard index`")
+    p.add_argument("index", help="index directory built by `overheard index` (local or s3://)")
     p.add_argument("query", help="what to look for, e.g. \"the sound of rain\"")
     p.add_argument("-k", "--k", type=int, default=10, help="results to show")
     p.add_argument("--clap", default=None,

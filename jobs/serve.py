@@ -421,12 +421,11 @@ def prepare_index(cfg: ServeConfig) -> str:
     from jobs.index import IndexConfig, run
 
     idx = default_index(cfg.output)
-    import ray
-
-    ours = not ray.is_initialized()
+    ray_was_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     s = run(IndexConfig(captions=cfg.output, index=idx, clap=cfg.clap))
-    if ours:  # the server does not need Ray: give its ~500 MB back
-        ray.shutdown()
+    ray = sys.modules.get("ray")
+    if ray is not None and not ray_was_up and ray.is_initialized():
+        ray.shutdown()  # started for the index job only: the server does not need its ~500 MB
     print(f"index {idx}: {s['parts_new']} new parts, {s['rows_added']} rows added, "
           f"{s['rows_total']} in all", file=sys.stderr)
     return idx

@@ -151,9 +151,10 @@ def test_source_changed_while_read_is_retried(tmp_path):
     assert rows[-1]["error_type"] == "changed" and rows[-1]["windows_kept"] == len(rows) - 1
     import pyarrow as pa
     from actors.windows import _table
-    rel = SourceAssembler().add(_table(rows))
-    assert len(rel) == 1 and rel[0].captions is None  # nothing of the mixed read is kept
-    assert rel[0].failures[0]["retryable"]
+    rel = SourceAssembler(min_rows=0).add(_table(rows))
+    assert rel.sources == 1 and rel.captions is None  # nothing of the mixed read is kept
+    [fail] = rel.failures.to_pylist()
+    assert fail["retryable"] and fail["windows_kept"] == 0 and "discarded" in fail["message"]
 
 
 def test_readers_never_see_partial_parts(ray_local, tiny_model, tmp_path):

@@ -1,6 +1,6 @@
 """Index, search and OpenSearch export on real caption parts: the caption job (tiny random-weight
 CLAP + decoder) runs on generated clips, its Parquet parts go into a LanceDB index through the
-Ray Data index job, and the bulk export is checked against the ``_bulk`` format's shape."""
+index job (no Ray: LanceDB merge_insert; local and on the loopback S3 server), and the bulk export is checked against the ``_bulk`` format's shape."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from tests import media_factory as mf
 
 D_FIELDS = {"key", "source_uri", "window_index", "start_s", "end_s", "caption", "model_id",
-            "run_id", "score"}
+            "run_id", "score", "confidence"}
 
 
 def _caption(inp, out, model, **kw):
@@ -101,7 +101,7 @@ def test_own_embedding_finds_its_window_first(indexed):
 
 def test_full_text_finds_a_caption_word(indexed):
     from jobs.index import window_key
-    from jobs.search import fuse, text_search
+    from jobs.search import hybrid_search, text_search
     caps = _captions(indexed["out"]).to_pylist()
     word, row = None, None
     for r in caps:
@@ -116,10 +116,28 @@ def test_full_text_finds_a_caption_word(indexed):
     key = window_key(row["source_uri"], row["window_index"], row["model_id"])
     assert key in {h["key"] for h in hits}
     assert all(h["bm25"] > 0 for h in hits)
-    # fusion: a window in both lists outranks windows found by one list at the same ranks
-    a = [dict(h, key=k) for h, k in zip(hits[:1] * 3, "xyz")]
-    fused = fuse(a, [dict(a[1])], k=3)
-    assert fused[0]["key"] == "y" and fused[0]["vector_rank"] == 2 and fused[0]["text_rank"] == 1
+    # LanceDB's hybrid + RRFReranker: the embedding of the window least like any other, with a
+    # word of its caption: that window is first in the vector list and in the text list, so its
+    # fused score is 1 / (60 + 1) + 1 / (60 + its text rank); every score is the RRF sum
+    caps_t = _captions(indexed["out"])
+    x = caps_t.column("audio_embedding").combine_chunks().values.to_numpy().reshape(
+        caps_t.num_rows, -1)
+    sim = x @ x.T
+    np.fill_diagonal(sim, -1)
+    i = int(np.argmin(sim.max(axis=1)))
+    r = caps[i]
+    words = [w for w in re.findall(r"[a-z]{3,}", r["caption"].lower())] or ["x"]
+    fused = hybrid_search(indexed["index"], " ".join(words), x[i], k=len(caps))
+    me = next(h for h in fused if h["key"] == window_key(r["source_uri"], r["window_index"],
+                                                           r["model_id"]))
+    assert me["vector_rank"] == 1 and me["cosine"] == pytest.approx(1.0, abs=1e-4)
+    if me["text_rank"] is not None:
+        assert me["score"] == pytest.approx(1 / 61 + 1 / (60 + me["text_rank"]), rel=1e-6)
+    for h in fused:
+        ranks = [q for q in (h["vector_rank"], h["text_rank"]) if q is not None]
+        assert ranks and h["score"] == pytest.approx(sum(1 / (60 + q) for q in ranks), rel=1e-6)
+    assert [h["score"] for h in fused] == sorted((h["score"] for h in fused), reverse=True)
+    assert {"confidence", "cosine", "bm25"} <= set(fused[0])
 
 
 def test_incremental_second_run_adds_exactly_its_rows(indexed):
@@ -164,6 +182,73 @@ def test_index_reads_caption_parts_from_s3(captioned, s3_server, s3_bucket, tmp_
     # the module's second run may or may not have been written before the copy
     assert s["rows_total"] == s["rows_added"] > 0 and s["rows_total"] <= n.num_rows
     assert s["parts_new"] == len(caps)
+
+
+def test_index_on_s3_is_built_incrementally_and_searched(captioned, s3_server, s3_bucket,
+                                                        capsys):
+    """The LanceDB database itself on the loopback S3 server (storage_options: endpoint,
+    allow_http, credentials from the environment; the secret is never printed)."""
+    from jobs.index import main as index_main
+    from jobs.search import search, vector_search
+    idx = f"s3://{s3_bucket}/search-index"
+    assert index_main([str(captioned["out"]), idx]) == 0
+    n = _captions(captioned["out"]).num_rows  # the module's second run may have landed
+    printed = capsys.readouterr()
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in printed.out + printed.err
+    assert f"{n} in all" in printed.out
+    fs = s3_server.fs()
+    assert fs.exists(f"{s3_bucket}/search-index/windows.lance")
+    assert fs.exists(f"{s3_bucket}/search-index/overheard_index.json")
+    assert index_main([str(captioned["out"]), idx]) == 0  # incremental: nothing new
+    assert f"0 added, {n} in all" in capsys.readouterr().out
+    hits = search(idx, "the sound of rain", k=3)
+    assert 0 < len(hits) <= 3 and all(D_FIELDS <= set(h) for h in hits)
+    assert all(h["confidence"] is None for h in hits)  # these parts have no confidence column
+    caps = _captions(captioned["out"])
+    v = caps.column("audio_embedding")[0].as_py()
+    assert vector_search(idx, v, k=1)[0]["cosine"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_index_job_runs_without_ray(captioned, tmp_path):
+    """``overheard index`` in a fresh interpreter never imports Ray (LanceDB does the work)."""
+    import subprocess
+    import sys
+    code = ("import sys; from jobs.index import main; main(sys.argv[1:]); "
+            "print('RAY' if any(m == 'ray' or m.startswith('ray.') for m in sys.modules) "
+            "else 'NO-RAY')")
+    r = subprocess.run([sys.executable, "-c", code, str(captioned["out"]), str(tmp_path / "i")],
+                       capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "NO-RAY"
+    assert " added, " in r.stdout
+
+
+def test_confidence_is_carried_when_the_parts_have_it(captioned, tmp_path):
+    """Caption parts with a ``confidence`` column (float32, nullable) into an index that was
+    built before from parts without one: the column is added, values kept, nulls stay null."""
+    import lancedb
+    import pyarrow.parquet as pq
+
+    from jobs.index import IndexConfig, run
+    caps = _captions(captioned["out"]).slice(0, 3)
+    out = tmp_path / "out"
+    (out / "captions").mkdir(parents=True)
+    pq.write_table(caps.slice(0, 1), str(out / "captions" / "part-a.parquet"))
+    idx = str(tmp_path / "idx")
+    run(IndexConfig(captions=str(out), index=idx))
+    conf = pa.array([0.25, None], pa.float32())
+    pq.write_table(caps.slice(1, 2).append_column("confidence", conf),
+                   str(out / "captions" / "part-b.parquet"))
+    s = run(IndexConfig(captions=str(out), index=idx))
+    assert s["rows_added"] == 2 and s["rows_total"] == 3
+    t = lancedb.connect(idx).open_table("windows").to_arrow()
+    assert t.schema.field("confidence").type == pa.float32()
+    rows = caps.to_pylist()
+    by_key = {(r["source_uri"], r["window_index"]): r["confidence"] for r in t.to_pylist()}
+    assert by_key[(rows[0]["source_uri"], rows[0]["window_index"])] is None
+    assert by_key[(rows[1]["source_uri"], rows[1]["window_index"])] == 0.25
+    assert by_key[(rows[2]["source_uri"], rows[2]["window_index"])] is None
 
 
 def test_export_opensearch_bulk_shape(captioned, tmp_path, capsys):
