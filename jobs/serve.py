@@ -17,7 +17,7 @@ API (JSON unless stated; what the pages use):
 * ``GET /api/search?q=&k=``  -> ``[{source_uri, window_index, start_s, end_s, caption,
   confidence, score}]`` (``jobs.search.search``: CLAP-text vectors fused with BM25; ``k`` <= 100)
 * ``GET /api/audio?source_uri=&start_s=&end_s=`` -> ``audio/wav`` (16-bit mono 48 kHz), decoded
-  by the job's reader (``overheard.media.iter_audio``, channel mean, 48 kHz) from local or s3://
+  by the job's reader (``overheard.span.read_span``: channel mean, 48 kHz) from local or s3://
 * ``GET /api/source?source_uri=`` -> ``{source_uri, name, windows: [...], failures: [...]}``
 * ``GET /api/runs`` -> ``[manifest + {throughput: [[seconds, windows committed], ...]}]``
 * ``GET /api/failures?error_type=&run_id=&limit=`` -> ``{counts: {type: n}, total, rows: [...]}``
@@ -51,7 +51,8 @@ import pyarrow.parquet as pq
 
 from jobs.config_cli import parse
 from overheard import storage
-from overheard.media import TARGET_SR, MediaError, iter_audio
+from overheard.media import TARGET_SR, MediaError
+from overheard.span import read_span
 
 # Columns the server keeps in memory from the caption parts (no embeddings: ~100 B per window).
 LIGHT_COLUMNS = ["source_uri", "window_index", "start_s", "end_s", "caption", "model_id",
@@ -188,27 +189,11 @@ class Archive:
                     failures=self.failures(source_uri=uri, limit=1000)["rows"])
 
     def audio_wav(self, uri: str, start_s: float, end_s: float) -> bytes:
-        """The window ``[start_s, end_s)`` as 16-bit mono WAV at 48 kHz. Samples are counted as
-        the caption job counts them (decoded stream from the file start, channel mean, 48 kHz),
-        so the span is exactly what was captioned; decoding stops at ``end_s``."""
-        a, b = int(round(start_s * TARGET_SR)), int(round(end_s * TARGET_SR))
-        got, pos = [], 0
+        """The window ``[start_s, end_s)`` as 16-bit mono WAV at 48 kHz, read by
+        ``overheard.span.read_span``: the job's reader and sample counting (exact in the first
+        2 minutes of a file; later spans are found by seeking)."""
         with storage.open_input(uri) as f:
-            gen = iter_audio(f, TARGET_SR, chunk_s=1.0)
-            try:
-                for chunk in gen:
-                    lo, hi = max(a - pos, 0), min(b - pos, chunk.size)
-                    if hi > lo:
-                        got.append(chunk[lo:hi])
-                    pos += chunk.size
-                    if pos >= b:
-                        break
-            except MediaError:
-                if not got:  # a truncated file still serves the windows it captioned
-                    raise
-            finally:
-                gen.close()
-        x = np.concatenate(got) if got else np.zeros(0, np.float32)
+            x = read_span(f, start_s, end_s, TARGET_SR)
         pcm = (np.clip(x, -1.0, 1.0) * 32767.0).round().astype("<i2")
         buf = io.BytesIO()
         with wave.open(buf, "wb") as w:

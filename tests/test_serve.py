@@ -162,6 +162,37 @@ def test_audio_is_the_captioned_window(served, which):
     assert np.abs(x).max() > 1000  # a tone, not silence
 
 
+@pytest.mark.parametrize("name,rate,channels", [("long.flac", 48000, 1),
+                                                ("long.wav", 44100, 2)])
+def test_late_span_is_found_by_seeking(tmp_path, monkeypatch, name, rate, channels):
+    """Past 2 minutes ``read_span`` seeks instead of decoding from the start; on FLAC and PCM
+    it returns the same samples as the job's from-the-start counting (44.1 kHz stereo: resampled
+    and mixed by a fresh filter graph at the seek point, so compared with a tolerance)."""
+    from overheard import span
+    from overheard.media import iter_audio
+    from overheard.span import read_span
+    path = tmp_path / name
+    mf.run(mf.FFMPEG + ["-f", "lavfi", "-i", f"anoisesrc=color=pink:sample_rate={rate}:"
+                        f"amplitude=0.3:seed=7:duration=150", "-ac", str(channels), str(path)])
+    full = np.concatenate(list(iter_audio(str(path))))
+    want = full[round(130.0 * 48000):round(134.0 * 48000)]
+
+    def no_fallback(*a):
+        raise AssertionError("decoded from the start instead of seeking")
+    monkeypatch.setattr(span, "_from_start", no_fallback)
+    got = read_span(str(path), 130.0, 134.0)
+    assert len(got) == len(want) == 4 * 48000
+    if rate == 48000:
+        assert np.array_equal(got, want)
+    else:  # same placement (no lag), same samples to the resampler's filter transient
+        lags = range(-48, 49)
+        best = max(lags, key=lambda k: float(np.dot(got[480:-480], np.roll(want, k)[480:-480])))
+        assert best == 0
+        assert np.abs(got[480:] - want[480:]).max() < 1e-3
+    with open(path, "rb") as f:  # a file object (the server's local and s3:// case)
+        assert np.array_equal(read_span(f, 130.0, 134.0), got)
+
+
 def test_audio_refuses_what_is_not_captioned(served):
     base, inp = served["url"], served["inp"]
     tone = str(inp / "tone_a.wav")
