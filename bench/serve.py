@@ -132,6 +132,13 @@ def fetch(url: str) -> tuple[float, bytes]:
     return (time.perf_counter() - t) * 1000.0, body
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used so far (/proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q))
 
@@ -192,11 +199,14 @@ def main() -> int:
         qs = [QUERIES[i] for i in rng.integers(0, len(QUERIES), a.queries + 5)]
         lat, sizes = [], []
         for i, q in enumerate(qs):
+            if i == 5:
+                cpu0 = cpu_s(proc.pid)
             ms, body = fetch(url + "api/search?" + urllib.parse.urlencode({"q": q, "k": a.k}))
             if i >= 5:
                 lat.append(ms)
                 sizes.append(len(body))
                 assert len(json.loads(body)) == a.k
+        search_cpu_ms = (cpu_s(proc.pid) - cpu0) * 1000.0 / a.queries
         other = {}
         for name, path in [("source (30 windows)", "api/source?" + urllib.parse.urlencode(
                                {"source_uri": f"s3://archive/tapes/{a.rows // 60:06d}.mp4"})),
@@ -220,6 +230,8 @@ def main() -> int:
     print("|---|---|---|---|")
     print(f"| /api/search (hybrid: tiny text tower + vector + BM25 + RRF) | {pct(lat, 50):.0f} | "
           f"{pct(lat, 95):.0f} | {statistics.median(sizes):.0f} |")
+    print(f"| server CPU per search (all its threads; load-independent) | {search_cpu_ms:.0f} "
+          f"(mean) | | |")
     for name, (ms, n) in other.items():
         print(f"| /api/{name} | {ms:.0f} (median of 20) | | {n} |")
     if tower is not None:
