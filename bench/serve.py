@@ -12,7 +12,7 @@ and one run manifest. The query CLAP is a random-weight CLAP with the tiny test 
 a full-size text tower (RoBERTa-base, random weights, same FLOPs as the real one) is measured
 separately and printed, since it adds to every query.
 
-Steps: write the output -> ``jobs.index.run`` (Ray Data; at 100k rows it also builds the IVF-PQ
+Steps: write the output -> ``jobs.index.run`` (at 100k rows it also builds the IVF-PQ
 index) -> ``python -m jobs.serve OUTPUT --index INDEX --port 0`` in a subprocess -> sequential
 requests from this process (``urllib``), one at a time, after 5 warm-up queries. Prints a table.
 """
@@ -187,7 +187,7 @@ def main() -> int:
         from jobs.index import IndexConfig, run
         s = run(IndexConfig(captions=out, index=idx, clap=clap))
         if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-            sys.modules["ray"].shutdown()  # an index job on Ray Data: free the CPUs it held
+            sys.modules["ray"].shutdown()  # an index job that ran on Ray: free its CPUs
         print(f"index: {s['rows_total']} rows, {s['parts_new']} new parts, "
               f"{time.time() - t:.1f} s", flush=True)
         proc = subprocess.Popen([sys.executable, "-m", "jobs.serve", out, "--index", idx,

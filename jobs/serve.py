@@ -400,7 +400,7 @@ def default_index(output: str) -> str:
 
 
 def prepare_index(cfg: ServeConfig) -> str:
-    """``cfg.index``, or build/update the default index of OUTPUT incrementally (Ray Data)."""
+    """``cfg.index``, or build/update the default index of OUTPUT incrementally (``jobs.index.run``)."""
     if cfg.index:
         return cfg.index
     from jobs.index import IndexConfig, run

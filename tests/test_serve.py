@@ -1,6 +1,6 @@
 """``overheard serve`` on a real caption output: the caption job (the shipped sound-world model)
 runs on generated scenes and clips from a local folder and from the suite's S3 server, the
-server builds its index itself (Ray Data index job), the HTTP API is checked for what it returns
+server builds its index itself (the index job), the HTTP API is checked for what it returns
 and refuses, and a real headless Chromium loads the pages (search results, audio bytes behind the player, the runs
 plot, the failures filter). Set OVERHEARD_WRITE_DOCS=1 to refresh the README's screenshot."""
 
@@ -89,7 +89,7 @@ def served(tmp_path_factory, ray_local, s3_server, s3_bucket):
     m1 = run(CaptionConfig(input=str(manifest), output=str(out), model=DEFAULT_MODEL,
                            progress=False, show=0, flush_interval=600, run_id="run-1"))
     cfg = ServeConfig(output=str(out), port=0)
-    idx = prepare_index(cfg)  # no --index: builds OUTPUT/search-index with the Ray Data job
+    idx = prepare_index(cfg)  # no --index: builds OUTPUT/search-index with the index job
     archive = Archive(str(out), idx)
     srv = Server(cfg, archive)
     yield dict(root=root, inp=inp, out=out, url=srv.url, index=idx, m1=m1, s3_uri=s3_uri)
