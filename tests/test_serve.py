@@ -1,8 +1,9 @@
 """``overheard serve`` on a real caption output: the caption job (the shipped sound-world model)
 runs on generated scenes and clips from a local folder and from the suite's S3 server, the
 server builds its index itself (the index job), the HTTP API is checked for what it returns
-and refuses, and a real headless Chromium loads the pages (search results, audio bytes behind the player, the runs
-plot, the failures filter). Set OVERHEARD_WRITE_DOCS=1 to refresh the README's screenshot."""
+and refuses, and a real headless Chromium loads the pages (search results, audio bytes behind
+the player, the runs plot, the failures filter). Set OVERHEARD_WRITE_DOCS=1 to refresh the
+README's screenshots."""
 
 from __future__ import annotations
 
