@@ -87,7 +87,8 @@ def write_output(out: str, rows: int, model_id: str, part_rows: int = 10_000) ->
     for p, start in enumerate(range(0, rows, part_rows)):
         ids = np.arange(start, min(start + part_rows, rows))
         n = len(ids)
-        x = centres[rng.integers(0, 256, n)] + 0.6 * rng.standard_normal((n, 512)).astype(np.float32)
+        x = (centres[rng.integers(0, 256, n)]
+             + 0.6 * rng.standard_normal((n, 512)).astype(np.float32))
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         caps = [f"{SUBJECTS[a]} {ACTIONS[b]} {SETTINGS[c]}" for a, b, c in zip(
             rng.integers(0, len(SUBJECTS), n), rng.integers(0, len(ACTIONS), n),

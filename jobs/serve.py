@@ -1,6 +1,6 @@
 """``overheard serve OUTPUT``: browse and listen -- a local web page over captions, search and runs.
 
-    overheard serve ./out                       # builds/updates ./out/search-index first, then serves
+    overheard serve ./out                       # updates ./out/search-index first, then serves
     overheard serve ./out --index ./search-index --port 8080
     overheard serve s3://bucket/out --host 0.0.0.0 --token "$(openssl rand -hex 16)"
 
@@ -400,7 +400,7 @@ def default_index(output: str) -> str:
 
 
 def prepare_index(cfg: ServeConfig) -> str:
-    """``cfg.index``, or build/update the default index of OUTPUT incrementally (``jobs.index.run``)."""
+    """``cfg.index``, or the default index of OUTPUT, built/updated by ``jobs.index.run``."""
     if cfg.index:
         return cfg.index
     from jobs.index import IndexConfig, run

@@ -382,5 +382,6 @@ def test_cli(tmp_path, capsys):
     assert (a.host, a.port, a.token, a.index, a.max_span_s) == ("127.0.0.1", 8000, "", "", 60.0)
     # no caption output: one line, exit 2, nothing created
     assert main(["serve", str(tmp_path / "nothing")]) == 2
-    assert capsys.readouterr().err.strip() == f"overheard serve: no caption parts under {tmp_path / 'nothing'}"
+    err = capsys.readouterr().err.strip()
+    assert err == f"overheard serve: no caption parts under {tmp_path / 'nothing'}"
     assert not (tmp_path / "nothing").exists()
