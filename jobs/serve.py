@@ -54,7 +54,8 @@ from overheard import storage
 from overheard.media import TARGET_SR, MediaError
 from overheard.span import read_span
 
-# Columns the server keeps in memory from the caption parts (no embeddings: ~100 B per window).
+# Columns the server keeps in memory from the caption parts (no embeddings: 130 B per window
+# in Arrow on bench/serve.py's 100k rows).
 LIGHT_COLUMNS = ["source_uri", "window_index", "start_s", "end_s", "caption", "model_id",
                  "run_id", "confidence"]
 API_FIELDS = ["source_uri", "window_index", "start_s", "end_s", "caption", "confidence", "score"]
