@@ -12,6 +12,7 @@ COMMANDS = {
     "timeline": ("jobs.timeline", "caption windows -> per-source timelines (SRT, WebVTT, JSONL)"),
     "index": ("jobs.index", "load caption tables into a search index (LanceDB), incrementally"),
     "search": ("jobs.search", "find windows by a text query (CLAP vectors + caption keywords)"),
+    "serve": ("jobs.serve", "browse and listen: a local web page over captions, search and runs"),
     "export-opensearch": ("jobs.export", "caption tables -> OpenSearch/Elasticsearch _bulk NDJSON"),
     "embed-captions": ("jobs.embed_captions", "CLAP text embeddings of a caption corpus (cached)"),
     "train-decoder": ("training.decoder", "train the caption decoder on caption text only"),

@@ -7,6 +7,7 @@ need=()
 for t in ffmpeg sox espeak-ng; do command -v "$t" >/dev/null || need+=("$t"); done
 command -v java >/dev/null || need+=(default-jre-headless)  # METEOR + PTB tokenizer (jobs/evaluate.py)
 [ -d /usr/share/buckle/wav ] || need+=(bucklespring-data)  # recorded keyboard sounds (overheard.soundworld)
+command -v chromium >/dev/null || need+=(chromium)  # headless browser for tests/test_serve.py
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -qq
