@@ -548,7 +548,8 @@ def publish_manifest(cfg: CaptionConfig, manifest: dict) -> None:
 
 def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0):
     ds = build(cfg, todo, clap, decoder, dali, frame_size)
-    asm = SourceAssembler()
+    # no staging longer than the flush interval: --flush-interval 0 writes each source at once
+    asm = SourceAssembler(max_delay_s=min(0.5, cfg.flush_interval))
     writer = None
     bar = None
     if cfg.progress:

@@ -66,5 +66,7 @@ def test_verbose_shows_rays_notices(two_clips, tiny_model, ray_local, tmp_path, 
                "--verbose"])
     err = capfd.readouterr().err
     assert rc == 0
-    assert CORE_WORKER_E.search(err), err[-2000:]  # one per actor pool, from Ray Data itself
-    assert "Execution plan" in err  # Ray Data's console log, back at INFO
+    # Ray Data's console log, back at INFO. (The core worker's "E ... constructor arguments" line
+    # is printed once per driver process, so after other jobs in the same pytest process it does
+    # not come again; its absence in quiet mode is checked in a fresh process above.)
+    assert "Execution plan" in err, err[-2000:]
