@@ -26,12 +26,14 @@ fail: a source the listing found unreadable), ``members`` (tgz/hf: the group's s
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import posixpath
 import shutil
 import tarfile
 import tempfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -197,8 +199,10 @@ def index_shard(uri: str, version: str, size: int, suffixes: tuple[str, ...]) ->
 
 
 def _is_store_error(e: BaseException) -> bool:
-    return isinstance(e, OSError) and not isinstance(e, (tarfile.TarError, EOFError)) and \
-        "gzip" not in type(e).__module__
+    """True for the store failing (retryable: OSError, botocore/aiohttp errors), False for bad
+    bytes (permanent: tar/gzip/zlib/Parquet format errors)."""
+    return not isinstance(e, (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile,
+                              pa.ArrowException, ValueError, UnicodeDecodeError))
 
 
 # ------------------------------------------------------------------------ Parquet embedded audio
@@ -258,19 +262,18 @@ def index_hf_parquet(uri: str, version: str, size: int) -> list[tuple]:
                     row += 1
             return out
     except Exception as e:  # noqa: BLE001 - unreadable footer, truncated file, store error
-        etype = "read_error" if _is_store_error(e) and not isinstance(e, pa.ArrowException) \
-            else ("empty_file" if size == 0 else "corrupt")
+        etype = "read_error" if _is_store_error(e) else ("empty_file" if size == 0 else "corrupt")
         return [_fail(uri, version, etype, f"unreadable Parquet file: {type(e).__name__}: {e}")]
 
 
-def parquet_is_hf(uri: str) -> bool:
-    """True when the Parquet file at ``uri`` has the HF audio column (reads the footer only);
-    False for URI manifests and for files whose footer cannot be read (the caller decides)."""
+def parquet_is_hf(uri: str) -> bool | None:
+    """True when the Parquet file at ``uri`` has the HF audio column (reads the footer only),
+    False for other tables (URI manifests), None when the footer cannot be read."""
     try:
         with _open_parquet(uri) as f:
             return is_hf_audio(pq.ParquetFile(f).schema_arrow)
     except Exception:  # noqa: BLE001
-        return False
+        return None
 
 
 # ---------------------------------------------------------------------------- JSONL manifests
@@ -335,22 +338,25 @@ def list_located(uri: str, suffixes: tuple[str, ...]) -> list[tuple] | None:
     info = fs.info(path)
     version, size = storage.version_of(info), int(info.get("size") or 0)
     if low.endswith(".parquet"):
-        return index_hf_parquet(uri, version, size) if parquet_is_hf(uri) else None
+        return None if parquet_is_hf(uri) is False else index_hf_parquet(uri, version, size)
     return index_shard(uri, version, size, suffixes)
 
 
 def expand(files: list[tuple[str, str, int]], suffixes: tuple[str, ...]) -> list[tuple]:
     """A folder/prefix/glob listing ``(uri, version, size)`` with shards and HF Parquet files
     replaced by their sources (indexed ``INDEX_THREADS`` at a time); other Parquet files (URI
-    manifests, anything else) are dropped, media files kept as they are. Sorted by uri."""
+    manifests, other tables) are dropped, a Parquet file with an unreadable footer is one
+    failure source, media files are kept as they are. Sorted by uri."""
     plain, jobs = [], []
     for u, v, n in files:
         low = u.lower()
         if low.endswith(SHARD_SUFFIXES):
             jobs.append(lambda u=u, v=v, n=n: index_shard(u, v, n, suffixes))
         elif low.endswith(".parquet"):
-            jobs.append(lambda u=u, v=v, n=n: (index_hf_parquet(u, v, n) if parquet_is_hf(u)
-                                               else [(u, v, n)] if low.endswith(suffixes)
+            # an unreadable footer is indexed anyway: its failure row, not silence
+            jobs.append(lambda u=u, v=v, n=n: (index_hf_parquet(u, v, n)
+                                               if parquet_is_hf(u) is not False
+                                               else [(u, v, n)] if u.lower().endswith(suffixes)
                                                else []))
         else:
             plain.append((u, v, n))
@@ -561,8 +567,7 @@ def _iter_hf(uri: str, rg: int, members: list[dict]) -> Iterator[tuple[str, Loca
             col = pq.ParquetFile(f).read_row_group(rg, columns=["audio"]).column("audio")
             rows = col.to_pylist()
     except Exception as e:  # noqa: BLE001 - a damaged row group: each of its rows fails once
-        et = "read_error" if _is_store_error(e) and not isinstance(e, pa.ArrowException) \
-            else "corrupt"
+        et = "read_error" if _is_store_error(e) else "corrupt"
         for m in members:
             yield m["uri"], Located(_raiser(et, f"row group {rg} unreadable: "
                                                 f"{type(e).__name__}: {e}"), uri, meta=m["meta"])
