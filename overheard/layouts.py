@@ -513,8 +513,8 @@ def _iter_tgz(shard: str, members: list[dict]) -> Iterator[tuple[str, Located]]:
                     todo[ti.name] = m
                     raise e
                 spool.seek(0)
-                yield m["uri"], Located(lambda s=spool, u=m["uri"]: _Unclosable(s, u), shard,
-                                        meta=m["meta"])
+                # the decoder closes the spool when done with it; closing again is a no-op
+                yield m["uri"], Located(lambda s=spool: s, shard, meta=m["meta"])
                 spool.close()
                 if not todo:
                     break
@@ -527,32 +527,6 @@ def _iter_tgz(shard: str, members: list[dict]) -> Iterator[tuple[str, Located]]:
             et = "read_error" if _is_store_error(err) else "truncated"
             msg = f"shard stream failed before member {m['name']}: {type(err).__name__}: {err}"
         yield m["uri"], Located(_raiser(et, msg), shard, meta=m["meta"])
-
-
-class _Unclosable:
-    """The spooled member as the decoder sees it; the tgz iterator (not the decoder) closes the
-    spool once it moves on to the next member."""
-
-    def __init__(self, f, name: str):
-        self._f, self.name = f, name
-
-    def read(self, n: int = -1) -> bytes:
-        return self._f.read(n)
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self._f.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._f.tell()
-
-    def seekable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        pass
 
 
 def _named_bytes(data: bytes, name: str) -> io.BytesIO:

@@ -202,7 +202,6 @@ def test_jsonl_manifest_spans(ray_local, tiny_model, media, tmp_path):
     from jobs.caption import CaptionConfig, run
 
     _, d = media
-    man = tmp_path / "train_manifest.json"
     lines = [
         {"audio_filepath": str(d / "a.flac"), "offset": 3.5, "duration": 12.0, "text": "first"},
         {"audio_filepath": "a.flac", "offset": 15.5, "duration": 7.5, "text": "second"},
