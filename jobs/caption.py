@@ -191,7 +191,7 @@ def validate_models(clap: str, decoder: str) -> None:
 
 def list_sources(cfg: CaptionConfig) -> list[tuple[str, str]]:
     """Sorted (uri, version) pairs from a folder/prefix/glob/file or a manifest table."""
-    return [(u, v) for u, v, _ in list_sources_sized(cfg)]
+    return [(u, v) for u, v, *_ in list_sources_sized(cfg)]
 
 
 def list_sources_sized(cfg: CaptionConfig) -> list[tuple]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import posixpath
 import shutil
 import tarfile
@@ -284,7 +285,8 @@ def read_jsonl(uri: str) -> list[tuple]:
     (seconds). Lines with a span become ``<file>#t=<offset>,<end>`` (locator kind ``span``);
     other keys of the line go into source_meta. A malformed line is one failure source
     ``<manifest uri>#line=<n>`` (permanent); identical lines collapse to one source."""
-    base = uri.rsplit("/", 1)[0] if "/" in uri else "."
+    base = (os.path.dirname(os.path.abspath(uri)) if storage.protocol_of(uri) == "file"
+            else uri.rsplit("/", 1)[0])
     data = storage.read_bytes(uri)
     out: dict[str, tuple] = {}
     for n, raw in enumerate(data.splitlines(), start=1):
@@ -333,6 +335,7 @@ def list_located(uri: str, suffixes: tuple[str, ...]) -> list[tuple] | None:
     low = path.lower()
     if not low.endswith(SHARD_SUFFIXES + JSONL_SUFFIXES + (".parquet",)) or not fs.isfile(path):
         return None
+    uri = storage.unstrip(fs, path)  # ids as a folder listing writes them (absolute locally)
     if low.endswith(JSONL_SUFFIXES):
         return read_jsonl(uri)
     info = fs.info(path)
