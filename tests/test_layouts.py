@@ -287,7 +287,7 @@ class CountingFile:
 def test_tar_members_are_ranged_reads(media, tmp_path, monkeypatch):
     """Indexing a shard reads headers (and small companions), seeking over member data; a member
     opens as a sub-file that reads only its own range."""
-    from overheard import layouts, storage
+    from overheard import layouts
     from overheard.media import decode_windows
 
     clips, _ = media
@@ -314,7 +314,6 @@ def test_tar_members_are_ranged_reads(media, tmp_path, monkeypatch):
     # measured: 20 headers + 20 companions = 40 x 512 B (+ tarfile's record reads) of 1.8 MB
     assert opened[0].read_bytes < 0.05 * size, (opened[0].read_bytes, size)
     uri, _, n, loc = srcs[7]
-    monkeypatch.setattr(storage, "open_input", lambda u, **kw: counting_open(u, "rb"))
     (_, located), = layouts.iter_sources(uri, loc)
     f = located.open()
     ws = list(decode_windows(f, window_s=10.0))
