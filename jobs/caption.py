@@ -275,8 +275,10 @@ def _layout_blocks(sources: list[tuple], pack: bool) -> list[pa.Table]:
     locs = {s[0]: (s[3] if len(s) == 4 else None) for s in single}
     sized = [(u, v, n) for u, v, n, *_ in single]
     blocks = pack_sources(sized) if pack else [[(u, v)] for u, v, _ in sized]
-    rows = [[(u, v, locs[u]) for u, v in b] for b in blocks]
-    rows += [[layouts.group_row(sorted(g, key=_container_order))] for _, g in sorted(groups.items())]
+    # groups first: a whole shard / row group is the largest unit, and large blocks start first
+    # (see pack_sources) so they do not form the run's tail
+    rows = [[layouts.group_row(sorted(g, key=_container_order))] for _, g in sorted(groups.items())]
+    rows += [[(u, v, locs[u]) for u, v in b] for b in blocks]
     return [pa.table({"source_uri": pa.array([u for u, _, _ in b], pa.string()),
                       "source_version": pa.array([v for _, v, _ in b], pa.string()),
                       "locator": pa.array([loc for _, _, loc in b], layouts.LOCATOR_TYPE)})
