@@ -104,7 +104,14 @@ def build_hf(d, media) -> dict:
 
 
 @pytest.fixture(scope="module")
-def layout_run(ray_local, s3_server, s3_bucket, tiny_model, media, tmp_path_factory):
+def bucket(s3_server):
+    """A bucket of this module's own: other tests list the shared bucket's keys."""
+    s3_server.fs().mkdir("overheard-layouts")
+    return "overheard-layouts"
+
+
+@pytest.fixture(scope="module")
+def layout_run(ray_local, s3_server, bucket, tiny_model, media, tmp_path_factory):
     """Shards + HF Parquet files in one prefix of the loopback S3 server. The caption job runs
     three times: limited to 3 sources (as if stopped early), then to the end, then again (must
     add nothing). One layout run shared by the tests below (each run costs ~10 s idle)."""
@@ -115,8 +122,8 @@ def layout_run(ray_local, s3_server, s3_bucket, tiny_model, media, tmp_path_fact
     local = root / "in"
     want = build_shards(local / "shards", media)
     want.update(build_hf(local / "hf", media))
-    fs.put(str(local) + "/", f"{s3_bucket}/layouts/", recursive=True)
-    base = f"s3://{s3_bucket}/layouts"
+    fs.put(str(local) + "/", f"{bucket}/layouts/", recursive=True)
+    base = f"s3://{bucket}/layouts"
     want = {u.replace(str(local), base): secs for u, secs in want.items()}
     out = str(root / "out")
     cfg = CaptionConfig(input=base + "/", output=out, model=tiny_model, progress=False, show=0)
@@ -373,7 +380,7 @@ def test_truncated_shards(media, tmp_path):
     assert any(r["source_uri"] == f"{tar}#0.ogg" and r["n_windows"] == 2 for r in rows)
 
 
-def test_store_outage_while_streaming_a_tgz_shard(s3_server, s3_bucket, tmp_path):
+def test_store_outage_while_streaming_a_tgz_shard(s3_server, bucket, tmp_path):
     """The store goes away after the first member of a .tar.gz shard was decoded: the members
     not yet streamed are each one retryable read_error (never 'truncated'), and streaming the
     shard again once the store is back decodes them."""
@@ -398,8 +405,8 @@ def test_store_outage_while_streaming_a_tgz_shard(s3_server, s3_bucket, tmp_path
                 w.writeframes((rng.standard_normal(120 * 16000) * 3000).astype("<i2").tobytes())
             _add(tf, f"{i}.wav", b.getvalue())
     fs = s3_server.fs()
-    fs.put(str(gz), f"{s3_bucket}/outage-tgz/noise.tar.gz")
-    uri = f"s3://{s3_bucket}/outage-tgz/noise.tar.gz"
+    fs.put(str(gz), f"{bucket}/outage-tgz/noise.tar.gz")
+    uri = f"s3://{bucket}/outage-tgz/noise.tar.gz"
     srcs = layouts.list_located(uri, (".wav",))
     assert [s[0] for s in srcs] == [f"{uri}#{i}.wav" for i in range(3)]
     (block,) = _layout_blocks(srcs, True)
