@@ -15,6 +15,9 @@ With ``frame_size`` > 0 (the caption job's ``audio+image`` mode) each window row
                                b"" when the source has no usable video there (the window is then
                                captioned from audio alone; the job never fails a source for it)
 In ``audio`` mode the column is absent and no video is decoded at all.
+Archive layouts (overheard.layouts): the input may also carry ``locator`` (struct, see there): a
+tar member, a span of a file, or a group (a .tar.gz shard, a Parquet row group) that expands
+into one source per member; every window row then carries ``source_meta`` (JSON string or null).
 A source ends with exactly one terminal row (its last window, or its failure row), which lets
 the writer know when every window of a source has arrived, whatever order they come in.
 """
@@ -27,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from overheard import storage
+from overheard.layouts import Located, iter_sources
 from overheard.media import MediaError, decode_windows
 
 WINDOW_COLUMNS = (
@@ -53,6 +57,7 @@ def _table(rows: list[dict]) -> pa.Table:
         "stage": pa.array([r["stage"] for r in rows], pa.string()),
         "windows_kept": pa.array([r["windows_kept"] for r in rows], pa.int32()),
     }
+    cols["source_meta"] = pa.array([r.get("source_meta") for r in rows], pa.string())
     if rows and "frame" in rows[0]:
         cols["frame"] = pa.array([r["frame"] for r in rows], pa.large_binary())
     return pa.table(cols)
@@ -151,9 +156,11 @@ def failure_row(uri: str, version: str, stage: str, error_type: str, message: st
 
 def source_windows(uri: str, version: str, *, window_s: float, hop_s: float | None,
                    min_window_s: float, pad_mode: str, max_duration_s: float | None,
-                   timeout_s: float | None) -> Iterator[dict]:
+                   timeout_s: float | None, located: Located | None = None) -> Iterator[dict]:
     """Rows for one source: its windows, the last one flagged with ``n_windows``, or windows
-    then a failure row. Never raises for bad input."""
+    then a failure row. Never raises for bad input. ``located``: how to open a source of an
+    archive layout (tar member, span, Parquet row; overheard.layouts), else ``uri`` is opened."""
+    vuri = located.version_uri if located is not None else uri
     def window_row(w, n_windows=-1):
         return dict(source_uri=uri, source_version=version, window_index=w.index,
                     start_s=float(w.start_s), end_s=float(w.end_s),
@@ -162,7 +169,10 @@ def source_windows(uri: str, version: str, *, window_s: float, hop_s: float | No
                     windows_kept=0)
 
     try:
-        f = IOGuard(storage.open_input(uri))
+        f = IOGuard(storage.open_input(uri) if located is None else located.open())
+    except MediaError as e:  # a layout source the listing/group read found unreadable
+        yield failure_row(uri, version, "read", e.error_type, e.message)
+        return
     except Exception as e:  # permissions, missing object, network: worth a retry later
         yield failure_row(uri, version, "read", "read_error", f"cannot open: {type(e).__name__}: {e}")
         return
@@ -172,7 +182,9 @@ def source_windows(uri: str, version: str, *, window_s: float, hop_s: float | No
         with f:
             for w in decode_windows(f, window_s=window_s, hop_s=hop_s, min_window_s=min_window_s,
                                     pad_mode=pad_mode, max_duration_s=max_duration_s,
-                                    timeout_s=timeout_s):
+                                    timeout_s=timeout_s,
+                                    **({} if located is None else dict(start_s=located.start_s,
+                                                                       end_s=located.end_s))):
                 if pending is not None:
                     yield window_row(pending)
                 pending = w
@@ -184,7 +196,7 @@ def source_windows(uri: str, version: str, *, window_s: float, hop_s: float | No
             yield failure_row(uri, version, "read", "read_error",
                               f"read failed after {count} windows: {type(f.error).__name__}: "
                               f"{f.error}", windows_kept=count)
-        elif version and (now := current_version(uri)) != version:
+        elif version and (now := current_version(vuri)) != version:
             # a file rewritten mid-read often looks truncated or corrupt; it is neither
             yield failure_row(uri, version, "read", "changed",
                               f"source changed while being read (version {version} -> {now}); "
@@ -208,7 +220,7 @@ def source_windows(uri: str, version: str, *, window_s: float, hop_s: float | No
     if pending is None:
         yield failure_row(uri, version, "decode", "no_audio_samples", "no audio decoded")
         return
-    now = current_version(uri) if version else version
+    now = current_version(vuri) if version else version
     if now != version:
         # The object was rewritten while we read it: the windows may mix two versions.
         # Retryable, so the sink discards them and a rerun captions the new version whole.
@@ -237,9 +249,7 @@ def decode_sources(batch: pa.Table, *, window_s: float = 10.0, hop_s: float | No
     """Ray Data generator UDF (batch_format="pyarrow"): sources in, window tables out,
     ``WINDOWS_PER_YIELD`` windows at a time so memory stays flat for hour-long files.
     ``frame_size`` > 0 adds each window's midpoint frame (see the module docstring)."""
-    uris = batch.column("source_uri").to_pylist()
-    versions = batch.column("source_version").to_pylist()
-    for uri, version in zip(uris, versions):
+    for uri, version, located in _sources(batch):
         rows: list[dict] = []
         frames = _Frames(uri, frame_size, timeout_s) if frame_size > 0 else None
 
@@ -251,7 +261,9 @@ def decode_sources(batch: pa.Table, *, window_s: float = 10.0, hop_s: float | No
         try:
             for row in source_windows(uri, version or "", window_s=window_s, hop_s=hop_s,
                                       min_window_s=min_window_s, pad_mode=pad_mode,
-                                      max_duration_s=max_duration_s, timeout_s=timeout_s):
+                                      max_duration_s=max_duration_s, timeout_s=timeout_s,
+                                      located=located):
+                row["source_meta"] = located.meta if located is not None else None
                 rows.append(row)
                 if len(rows) >= WINDOWS_PER_YIELD:
                     yield out(rows)
@@ -261,6 +273,18 @@ def decode_sources(batch: pa.Table, *, window_s: float = 10.0, hop_s: float | No
         finally:
             if frames is not None:
                 frames.close()
+
+
+def _sources(batch: pa.Table) -> Iterator[tuple[str, str, Located | None]]:
+    """(source_uri, version, Located or None) per source of the input rows; a group row (a
+    .tar.gz shard, a Parquet row group) expands lazily into its members, in container order."""
+    uris = batch.column("source_uri").to_pylist()
+    versions = batch.column("source_version").to_pylist()
+    locs = (batch.column("locator").to_pylist() if "locator" in batch.column_names
+            else [None] * len(uris))
+    for uri, version, loc in zip(uris, versions, locs):
+        for member_uri, located in iter_sources(uri, loc):
+            yield member_uri, version, located
 
 
 def samples_matrix(column, rows: list[int], n: int) -> np.ndarray:

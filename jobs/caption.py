@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import overheard
 from jobs.config_cli import parse, to_json
 from jobs.sink import PartWriter, SourceAssembler, done_sources
-from overheard import storage
+from overheard import layouts, storage
 
 ASSETS = os.path.join(os.path.dirname(overheard.__file__), "assets")
 # The embedded default: a tiny CLAP trained on the sound world + a text-only decoder (5.3 MB,
@@ -47,8 +47,10 @@ URI_COLUMNS = ("uri", "source_uri", "path", "url", "file")
 
 @dataclass
 class CaptionConfig:
-    input: str = field(metadata={"help": "folder/prefix, glob, single file, or a manifest "
-                                         ".parquet/.csv with a 'uri' column (local or s3://)"})
+    input: str = field(metadata={"help": "folder/prefix, glob, single file, a manifest "
+                                         ".parquet/.csv with a 'uri' column or a .jsonl (NeMo), "
+                                         "WebDataset .tar/.tar.gz shards, Hugging Face Parquet "
+                                         "with an 'audio' column (local or s3://)"})
     output: str = field(metadata={"help": "output folder/prefix (local or s3://)"})
     model: str = field(default=DEFAULT_MODEL, metadata={
         "help": "model directory holding clap/ (HF ClapModel dir) or clap.pt, and decoder/; or a "
@@ -230,12 +232,18 @@ def validate_models(clap: str, decoder: str) -> None:
 
 def list_sources(cfg: CaptionConfig) -> list[tuple[str, str]]:
     """Sorted (uri, version) pairs from a folder/prefix/glob/file or a manifest table."""
-    return [(u, v) for u, v, _ in list_sources_sized(cfg)]
+    return [(u, v) for u, v, *_ in list_sources_sized(cfg)]
 
 
-def list_sources_sized(cfg: CaptionConfig) -> list[tuple[str, str, int]]:
+def list_sources_sized(cfg: CaptionConfig) -> list[tuple]:
     """Sorted (uri, version, size in bytes) from a folder/prefix/glob/file or a manifest table
-    (size from its optional 'size' column; 0 = unknown)."""
+    (size from its optional 'size' column; 0 = unknown). Sources of archive layouts (tar shard
+    members, HF Parquet rows, JSONL spans) carry a 4th element, their locator
+    (overheard.layouts)."""
+    suffixes = () if cfg.all_files else MEDIA_SUFFIXES
+    located = layouts.list_located(cfg.input, MEDIA_SUFFIXES)
+    if located is not None:
+        return located
     fs, path = storage.get_fs(cfg.input)
     if path.lower().endswith(MANIFEST_SUFFIXES) and fs.isfile(path):
         with fs.open(path, "rb") as f:
@@ -251,8 +259,8 @@ def list_sources_sized(cfg: CaptionConfig) -> list[tuple[str, str, int]]:
         return sorted({(u, v or "", int(n or 0)) for u, v, n in zip(uris, vers, sizes) if u})
     if not fs.exists(path) and not any(ch in path for ch in "*?["):
         raise FileNotFoundError(f"input not found: {cfg.input}")
-    suffixes = () if cfg.all_files else MEDIA_SUFFIXES
-    return [(u, v, n) for u, n, v in storage.list_files(cfg.input, suffixes)]
+    listed = storage.list_files(cfg.input, suffixes and suffixes + layouts.CONTAINER_SUFFIXES)
+    return layouts.expand([(u, v, n) for u, n, v in listed], suffixes or MEDIA_SUFFIXES)
 
 
 # Source packing for the decode stage. A Ray Data task per source costs ~0.05-0.1 CPU-s of
@@ -309,6 +317,36 @@ def windowing_text(cfg: CaptionConfig) -> str:
     if cfg.whole_clip > 0:
         return f"whole clip (sources up to {cfg.whole_clip:g} s: one window each)"
     return f"{cfg.window:g}-s windows, hop {cfg.hop or cfg.window:g} s"
+
+
+def _layout_blocks(sources: list[tuple], pack: bool) -> list[pa.Table]:
+    """Decode-input blocks when archive layouts are present: the sources of one group (a .tar.gz
+    shard: one stream; a Parquet row group: one read) become one row and one block of their own;
+    the rest (loose files, tar members, spans) are packed like loose files. Each row carries its
+    locator (null for loose files)."""
+    groups: dict[str, list[tuple]] = {}
+    single: list[tuple] = []
+    for s in sources:
+        loc = s[3] if len(s) == 4 else None
+        key = layouts.group_key(loc)
+        (groups.setdefault(key, []) if key else single).append(s)
+    locs = {s[0]: (s[3] if len(s) == 4 else None) for s in single}
+    sized = [(u, v, n) for u, v, n, *_ in single]
+    blocks = pack_sources(sized) if pack else [[(u, v)] for u, v, _ in sized]
+    # groups first: a whole shard / row group is the largest unit, and large blocks start first
+    # (see pack_sources) so they do not form the run's tail
+    rows = [[layouts.group_row(sorted(g, key=_container_order))] for _, g in sorted(groups.items())]
+    rows += [[(u, v, locs[u]) for u, v in b] for b in blocks]
+    return [pa.table({"source_uri": pa.array([u for u, _, _ in b], pa.string()),
+                      "source_version": pa.array([v for _, v, _ in b], pa.string()),
+                      "locator": pa.array([loc for _, _, loc in b], layouts.LOCATOR_TYPE)})
+            for b in rows]
+
+
+def _container_order(s: tuple):
+    """Members of a group in the order their container holds them (tar order / row order)."""
+    loc = s[3]
+    return loc["length"] if loc["kind"] == "hf" else loc["offset"]
 
 
 def _preflight(what: str, uri: str, fn):
@@ -405,11 +443,16 @@ def build(cfg: CaptionConfig, sources: list[tuple], clap: str, decoder: str,
     def pool(requested: int, gpus_each: float) -> ActorPoolStrategy:
         lo, hi = pool_size(requested, cfg.min_actors, gpus_total, gpus_each, cpus_total)
         return ActorPoolStrategy(min_size=lo, max_size=hi)
+
     cfg = effective_windows(cfg)
-    sized = [s if len(s) == 3 else (s[0], s[1], 0) for s in sources]
-    blocks = pack_sources(sized) if cfg.pack_sources else [[(u, v)] for u, v, _ in sized]
-    ds = ray.data.from_arrow([pa.table({"source_uri": [u for u, _ in b],
-                                        "source_version": [v for _, v in b]}) for b in blocks])
+    sized = [s if len(s) >= 3 else (s[0], s[1], 0) for s in sources]
+    if any(len(s) == 4 for s in sized):
+        ds = ray.data.from_arrow(_layout_blocks(sized, cfg.pack_sources))
+    else:
+        blocks = pack_sources(sized) if cfg.pack_sources else [[(u, v)] for u, v, _ in sized]
+        ds = ray.data.from_arrow([pa.table({"source_uri": [u for u, _ in b],
+                                            "source_version": [v for _, v in b]})
+                                  for b in blocks])
     ds = ds.map_batches(
         decode_sources, batch_size=1, batch_format="pyarrow",
         fn_kwargs=dict(window_s=cfg.window, hop_s=cfg.hop or None, min_window_s=cfg.min_window,

@@ -222,8 +222,12 @@ class _MeanDownmixer:
 
 
 def _iter_audio(src, sr: int, chunk_s: float, deadline: float | None,
-                max_duration_s: float | None) -> Iterator[np.ndarray]:
-    """iter_audio plus the duration limit (checked on the declared and on the decoded duration)."""
+                max_duration_s: float | None, start_s: float = 0.0,
+                end_s: float | None = None) -> Iterator[np.ndarray]:
+    """iter_audio plus the duration limit (checked on the declared and on the decoded duration)
+    and an optional span [start_s, end_s) of the file (JSONL manifests' offset/duration):
+    the demuxer seeks to the key frame before start_s and the samples before it are dropped
+    (placed by the first decoded frame's timestamp), decoding stops at end_s."""
     if sr <= 0 or chunk_s <= 0:
         raise ValueError(f"sr and chunk_s must be > 0, got {sr}, {chunk_s}")
     name = _name(src)
@@ -236,8 +240,10 @@ def _iter_audio(src, sr: int, chunk_s: float, deadline: float | None,
         if deadline is not None and time.monotonic() > deadline:  # opening an s3 object can be slow
             raise MediaError("timeout", f"{name}: decode deadline passed while opening")
         declared = _declared_duration(container, stream)
-        if max_duration_s is not None and declared is not None and declared > max_duration_s:
-            raise MediaError("too_long", f"{name}: declared duration {declared:.1f} s > limit {max_duration_s:g} s")
+        # span end: the requested end, but never past what the container declares
+        span_end = declared if end_s is None else (end_s if declared is None else min(end_s, declared))
+        if max_duration_s is not None and span_end is not None and span_end - start_s > max_duration_s:
+            raise MediaError("too_long", f"{name}: declared duration {span_end - start_s:.1f} s > limit {max_duration_s:g} s")
         if stream.codec_context is None:
             raise MediaError("unsupported", f"{name}: no decoder for audio codec {stream.codec_tag or '?'}")
 
@@ -248,10 +254,24 @@ def _iter_audio(src, sr: int, chunk_s: float, deadline: float | None,
         total_n = 0  # samples emitted + pending, at rate sr
         mixer = None
         in_fmt = None
+        seeked = False
+        if start_s > 0:
+            try:
+                container.seek(int(start_s / stream.time_base), stream=stream, backward=True)
+                seeked = True
+            except (av.error.FFmpegError, ValueError, OverflowError):
+                pass  # unseekable: decode from 0 and drop start_s of samples
+        skip_n = None if seeked else int(round(start_s * sr))  # samples to drop before start_s
+        span_n = None if end_s is None else int(round((end_s - start_s) * sr))
 
         def convert(arrays) -> None:
-            nonlocal pending_n, total_n
+            nonlocal pending_n, total_n, skip_n
             for a in arrays:
+                if skip_n:
+                    drop = min(skip_n, a.size)
+                    a, skip_n = a[drop:], skip_n - drop
+                if span_n is not None and a.size > span_n - total_n:
+                    a = a[: max(span_n - total_n, 0)]
                 if a.size:
                     pending.append(a)
                     pending_n += a.size
@@ -271,7 +291,14 @@ def _iter_audio(src, sr: int, chunk_s: float, deadline: float | None,
             for packet in container.demux(stream):
                 if deadline is not None and time.monotonic() > deadline:
                     raise MediaError("timeout", f"{where()}: decode deadline passed")
+                if span_n is not None and total_n >= span_n:
+                    break
                 for frame in packet.decode():
+                    if skip_n is None:  # first frame after the seek: where did it land?
+                        if frame.time is None:
+                            raise MediaError("unsupported", f"{name}: cannot seek to {start_s:g} s "
+                                                            "(frames carry no timestamps)")
+                        skip_n = max(0, int(round((start_s - frame.time) * sr)))
                     # The graph is configured from the first frame; a mid-stream change of rate/layout/
                     # format/channel count (seen in concatenated or broadcast streams) needs a fresh one
                     # (new pan gains too), after draining the old one so its buffered tail is not lost.
@@ -317,10 +344,10 @@ def _iter_audio(src, sr: int, chunk_s: float, deadline: float | None,
                                         f"({stream.channels} channels, {stream.rate} Hz) and decodes to nothing")
         # A clean EOF well before the declared duration: bytes were cut (e.g. an mp3 cut mid-file
         # decodes without any decoder error, just fewer frames).
-        if declared is not None and total_n > 0:
-            got = total_n / sr
-            if declared - got > max(_TRUNCATION_MIN_S, _TRUNCATION_FRAC * declared):
-                raise MediaError("truncated", f"{name}: stream ends at {got:.2f} s, container declares {declared:.2f} s")
+        if span_end is not None and total_n > 0:
+            got, want = total_n / sr, span_end - start_s
+            if want - got > max(_TRUNCATION_MIN_S, _TRUNCATION_FRAC * want):
+                raise MediaError("truncated", f"{name}: stream ends at {start_s + got:.2f} s, container declares {span_end:.2f} s")
     finally:
         container.close()
 
@@ -437,8 +464,12 @@ def iter_windows(chunks: Iterable[np.ndarray], sr: int, window_s: float = 10.0, 
 
 def decode_windows(src, sr: int = TARGET_SR, window_s: float = 10.0, hop_s: float | None = None,
                    min_window_s: float = 0.5, pad_mode: str = "repeatpad",
-                   max_duration_s: float | None = None, timeout_s: float | None = None) -> Iterator[Window]:
+                   max_duration_s: float | None = None, timeout_s: float | None = None,
+                   start_s: float = 0.0, end_s: float | None = None) -> Iterator[Window]:
     """Decode ``src`` (path or seekable file object) into windows: ``iter_windows(iter_audio(src))``.
+
+    ``start_s``/``end_s``: caption only that span of the file (``end_s`` None: to the end);
+    windows start at start_s, start_s + hop, ... and carry the file's own times.
 
     ``max_duration_s``: MediaError("too_long") when the declared duration, or the decoded one (+0.5 s
     slack), exceeds it. ``timeout_s``: wall-clock budget from the first ``next()``, -> "timeout".
@@ -449,9 +480,11 @@ def decode_windows(src, sr: int = TARGET_SR, window_s: float = 10.0, hop_s: floa
     # Chunks of <= 10 s keep the window buffer at <= window + 10 s (3.8 MB for 10-s windows at 48 kHz).
     chunk_s = min(window_s, 10.0) if window_s > 0 else 10.0
     n = 0
-    for w in iter_windows(_iter_audio(src, sr, chunk_s, deadline, max_duration_s),
+    for w in iter_windows(_iter_audio(src, sr, chunk_s, deadline, max_duration_s, start_s, end_s),
                           sr, window_s=window_s, hop_s=hop_s, min_window_s=min_window_s, pad_mode=pad_mode):
         n += 1
+        if start_s:
+            w.start_s, w.end_s = w.start_s + start_s, w.end_s + start_s
         yield w
     if n == 0:
         raise MediaError("no_audio_samples", f"{_name(src)}: audio stream decoded to 0 samples")

@@ -45,6 +45,10 @@ def caption_schema(embedding_dim: int | None) -> pa.Schema:
         pa.field("audibility", pa.float32()),
         pa.field("model_id", pa.string(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
+        # archive layouts: companion members of a tar shard, the HF row's path and scalar
+        # columns, a JSONL line's other keys (JSON text); null for loose files. Added without a
+        # version bump: a new nullable column changes no existing column's meaning.
+        pa.field("source_meta", pa.string()),
     ]
     if embedding_dim:
         fields.append(pa.field("audio_embedding", pa.list_(pa.float32(), embedding_dim)))
