@@ -18,6 +18,8 @@ the second run refuse before it lists or decodes anything.
 * A heartbeat thread rewrites the lease every ``stale_s / 4`` seconds. A lease whose heartbeat
   is older than ``stale_s`` (default 120 s) belongs to a killed run and is taken over (the stale
   object is removed, then created exclusively again, so of two runs taking over one wins).
+  A lease written on this host by a process that no longer exists is taken over at once (a
+  rerun right after a kill -9 does not wait).
 * If a heartbeat finds the lease gone or held by another run (ours went stale: a paused
   process), ``lost`` is set; the caption job stops before writing another part.
 """
@@ -37,6 +39,20 @@ LEASE_NAME = "_lease.json"
 
 class LeaseHeld(RuntimeError):
     """Another live run holds the output's lease."""
+
+
+def _dead_here(held: dict) -> bool:
+    """The lease's run was on this host and its process is gone (killed, crashed): no need to
+    wait for its heartbeat to go stale."""
+    if held.get("host") != socket.gethostname() or not isinstance(held.get("pid"), int):
+        return False
+    try:
+        os.kill(held["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists but is not ours to signal
+        return False
+    return False
 
 
 class OutputLease:
@@ -104,7 +120,8 @@ class OutputLease:
             if held is None:
                 continue  # released between our create and our read: try again
             age = time.time() - float(held.get("heartbeat", 0) or 0)
-            if age <= float(held.get("stale_s", self.stale_s) or self.stale_s):
+            if age <= float(held.get("stale_s", self.stale_s) or self.stale_s) \
+                    and not _dead_here(held):
                 raise LeaseHeld(self._held_message(held))
             self._remove()  # a killed run's lease: take it over
         raise LeaseHeld(f"could not take the lease {self.uri} (other runs keep taking it)")

@@ -183,6 +183,8 @@ def _open(src) -> "av.container.InputContainer":
     except PermissionError as e:
         raise MediaError("read_error", f"{name}: permission denied") from e
     except av.error.FFmpegError as e:
+        if e.errno == errno.ENOMEM:
+            raise MediaError("out_of_memory", f"{name}: FFmpeg out of memory while opening") from e
         kind = "unsupported" if isinstance(e, (av.error.PatchWelcomeError, av.error.DecoderNotFoundError,
                                                av.error.DemuxerNotFoundError)) else "corrupt"
         what = _sniff(src)
@@ -357,6 +359,8 @@ def _iter_audio(src, sr: int, chunk_s: float, deadline: float | None,
             raise
         except av.error.FFmpegError as e:
             msg = e.strerror or str(e)
+            if e.errno == errno.ENOMEM:  # the worker, not the file: retryable
+                raise MediaError("out_of_memory", f"{where()}: FFmpeg out of memory ({msg})") from e
             if total_n == 0 and not pending_n:
                 raise MediaError("corrupt", f"{name}: audio stream does not decode ({msg})") from e
             try:
