@@ -319,6 +319,11 @@ def _iter_audio(src, sr: int, chunk_s: float, deadline: float | None,
         def convert(arrays) -> None:
             nonlocal pending_n, total_n
             for a in arrays:
+                if a.size and not np.isfinite(a).all():
+                    # NaN/Inf samples (float WAVs) become silence here: left in, the resampler
+                    # smears one NaN over its filter taps into the window before it, and the
+                    # encoder then fails both windows (issue 15); now the NaN costs < 1 ms
+                    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
                 if a.size:
                     pending.append(a)
                     pending_n += a.size
