@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import overheard
 from jobs.config_cli import check, parse, to_json
 from jobs.lease import LeaseHeld, OutputLease
-from jobs.sink import PartWriter, SourceAssembler, done_sources
+from jobs.sink import PartWriter, SourceAssembler, done_sources, quarantine_damaged
 from overheard import storage
 
 ASSETS = os.path.join(os.path.dirname(overheard.__file__), "assets")
@@ -451,6 +451,7 @@ def _run_leased(cfg, t0, dali, clap, decoder, frame_size, lease) -> dict:
     run_dir = storage.join(cfg.output, "runs", cfg.run_id)
     _preflight("write the output", cfg.output, lambda: storage.write_bytes_atomic(
         storage.join(run_dir, "config.json"), to_json(cfg).encode()))
+    damaged = quarantine_damaged(cfg.output)
     done = done_sources(cfg.output)
     todo = [s for s in sources if s[0] not in done]
     if cfg.limit:
@@ -462,6 +463,7 @@ def _run_leased(cfg, t0, dali, clap, decoder, frame_size, lease) -> dict:
                     sources_todo=len(todo), sources_captioned=0, sources_failed=0,
                     windows=0, window_failures=0, audio_hours=0.0, failures_by_type={},
                     model_ids=[], parts=[])
+    manifest["damaged_parts"] = damaged  # renamed .damaged-*; their sources are redone
     manifest["mode"] = cfg.mode if dali else "audio"
     manifest["windows_with_frames"] = 0
     if todo:

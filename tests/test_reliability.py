@@ -387,3 +387,19 @@ print(fail[0]['error_type'] if fail else 'none', fail and fail[0]['error_type'] 
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["out_of_memory", "True"], r.stdout
+
+
+def test_damaged_part_is_quarantined_and_its_sources_redone(tmp_path):
+    """A part cut short (full disk) used to crash every later run at start; now it is renamed
+    .damaged-*, readers skip it, and its sources count as not done."""
+    from jobs.sink import done_sources, quarantine_damaged, read_table_dir
+    caps = tmp_path / "captions"
+    caps.mkdir()
+    pq.write_table(pa.table({"source_uri": ["a", "b"]}), caps / "part-1.parquet")
+    pq.write_table(pa.table({"source_uri": ["c"]}), caps / "part-2.parquet")
+    data = (caps / "part-2.parquet").read_bytes()
+    (caps / "part-2.parquet").write_bytes(data[: len(data) // 2])
+    moved = quarantine_damaged(str(tmp_path))
+    assert moved == [str(caps / ".damaged-part-2.parquet")]
+    assert done_sources(str(tmp_path)) == {"a", "b"}
+    assert read_table_dir(str(caps)).num_rows == 2
