@@ -215,18 +215,14 @@ def source_windows(uri: str, version: str, *, window_s: float, hop_s: float | No
                           f"read failed after {count} windows: {type(e).__name__}: {e}",
                           windows_kept=count)
         return
-    except MemoryError as e:  # the worker, not the file: retryable, never a permanent row
-        if pending is not None:
-            yield window_row(pending)
-        yield failure_row(uri, version, "decode", "out_of_memory",
-                          f"worker ran out of memory after {count} windows: {e}",
-                          windows_kept=count)
-        return
     except Exception as e:  # a decoder bug must not stop the job; record it
         if pending is not None:
             yield window_row(pending)
-        yield failure_row(uri, version, "decode", "corrupt",
-                          f"unexpected {type(e).__name__}: {e}", windows_kept=count)
+        # MemoryError: the worker's fault, not the file's -> retryable, never a permanent row
+        oom = isinstance(e, MemoryError)
+        yield failure_row(uri, version, "decode", "out_of_memory" if oom else "corrupt",
+                          f"unexpected {type(e).__name__} after {count} windows: {e}",
+                          windows_kept=count)
         return
     if pending is None:
         yield failure_row(uri, version, "decode", "no_audio_samples", "no audio decoded")
