@@ -55,12 +55,15 @@ class CaptionConfig:
         "help": "model directory holding clap/ (HF ClapModel dir) or clap.pt, and decoder/; or a "
                 "DALI model: dali/ (config.json naming its CLAP and LLaVA) or a dali checkpoint dir"})
     mode: str = field(default="audio", metadata={
-        "choices": ("audio", "audio+image"), "help": "audio | audio+image: DALI models also see the video frame at each window's "
+        "choices": ("audio", "audio+image"),
+        "help": "audio | audio+image: DALI models also see the video frame at each window's "
                 "midpoint (files without video fall back to audio); 'audio' decodes no frames"})
     sample_temperature: float = field(default=0.0, metadata={
-        "min": 0.0, "max": 100.0, "help": "DALI: 0 = greedy (deterministic); > 0 samples at this temperature with a "
+        "min": 0.0, "max": 100.0,
+        "help": "DALI: 0 = greedy (deterministic); > 0 samples at this temperature with a "
                 "per-window seed (the seed paper's reference samples at 0.2)"})
-    max_new_tokens: int = field(default=0, metadata={"min": 0, "max": 4096, "help": "DALI: caption length cap (0: model's)"})
+    max_new_tokens: int = field(default=0, metadata={
+        "min": 0, "max": 4096, "help": "DALI: caption length cap (0: model's)"})
     clap: str = field(default="", metadata={
         "help": "override: HF ClapModel directory or original LAION-CLAP .pt checkpoint"})
     decoder: str = field(default="", metadata={"help": "override: caption decoder directory"})
@@ -70,7 +73,8 @@ class CaptionConfig:
     hop: float = field(default=0.0, metadata={"min": 0.0, "max": 600.0,
                                               "help": "hop between window starts (0: = window)"})
     min_window: float = field(default=0.5, metadata={
-        "min": 0.0, "help": "drop a trailing partial window shorter than this (a clip shorter than it "
+        "min": 0.0,
+        "help": "drop a trailing partial window shorter than this (a clip shorter than it "
                 "still gets one window)"})
     pad_mode: str = field(default="repeatpad", metadata={
         "choices": ("repeatpad", "zeros"), "help": "repeatpad | zeros"})
@@ -92,7 +96,8 @@ class CaptionConfig:
     guidance_candidates: int = field(default=5, metadata={
         "min": 1, "max": 1000, "help": "guidance: candidate next tokens per beam per step"})
     guidance_mode: str = field(default="beam", metadata={
-        "choices": ("beam", "topk"), "help": "guidance: beam (num_beams beams x candidates) | topk (one caption, candidates "
+        "choices": ("beam", "topk"),
+        "help": "guidance: beam (num_beams beams x candidates) | topk (one caption, candidates "
                 "per step)"})
     score_captions: bool = field(default=False, metadata={
         "help": "without guidance, still fill clap_similarity/audibility of the plain captions "
@@ -119,7 +124,8 @@ class CaptionConfig:
     actor_cpus: float = field(default=0.5, metadata={"min": 0.0,
                                                      "help": "CPUs reserved per model actor"})
     gpus_per_actor: float = field(default=-1.0, metadata={
-        "min": -1.0, "help": "GPUs per model actor; -1: when the cluster has GPUs 1 per fused or DALI "
+        "min": -1.0,
+        "help": "GPUs per model actor; -1: when the cluster has GPUs 1 per fused or DALI "
                 "actor, 0.5 per actor of two pools (they share a card), else 0"})
     encoder_batch: int = field(default=16, metadata={"min": 1, "help": "windows per CLAP batch"})
     captioner_batch: int = field(default=64, metadata={"min": 1,
@@ -131,12 +137,15 @@ class CaptionConfig:
     rows_per_part: int = field(default=50_000, metadata={"min": 1,
                                                          "help": "caption rows per Parquet part"})
     flush_interval: float = field(default=60.0, metadata={
-        "gt": 0.0, "help": "write finished sources at least this often (s): bounds work lost to a kill"})
-    show: int = field(default=20, metadata={"min": 0, "help": "print this many captions at the end"})
+        "min": 0.0, "help": "write finished sources at least this often (s; 0: after each source): "
+                            "bounds work lost to a kill"})
+    show: int = field(default=20, metadata={
+        "min": 0, "help": "print this many captions at the end"})
     ray_address: str = field(default="", metadata={"help": "Ray cluster address ('' = local "
                                                            "or $RAY_ADDRESS)"})
     lease_stale: float = field(default=120.0, metadata={
-        "gt": 0.0, "help": "a run holds OUTPUT/_lease.json, renewed every lease_stale/4 s; a second "
+        "gt": 0.0,
+        "help": "a run holds OUTPUT/_lease.json, renewed every lease_stale/4 s; a second "
                            "run on the same output refuses (exit 3) unless the lease's last "
                            "heartbeat is older than this (s): a killed run blocks no longer"})
     run_id: str = ""
