@@ -445,18 +445,18 @@ def run(cfg: CaptionConfig) -> dict:
                              f"{cfg.model} is a CLAP + text-only decoder model (audio only)")
         clap, decoder = _preflight("read the model", cfg.model, lambda: resolve_model(cfg))
         validate_models(clap, decoder)
-    # one run per output: taken before listing what is done, released when this run ends
+    sources = _preflight("list the input", cfg.input, lambda: list_sources_sized(cfg))
+    sources = [s for s in sources if not _inside(s[0], cfg.output)]
+    # one run per output: taken before reading what is done, released when this run ends
     lease = _preflight("write the output", cfg.output,
                        lambda: OutputLease(cfg.output, cfg.run_id, cfg.lease_stale).acquire())
     try:
-        return _run_leased(cfg, t0, dali, clap, decoder, frame_size, lease)
+        return _run_leased(cfg, t0, dali, clap, decoder, frame_size, lease, sources)
     finally:
         lease.release()
 
 
-def _run_leased(cfg, t0, dali, clap, decoder, frame_size, lease) -> dict:
-    sources = _preflight("list the input", cfg.input, lambda: list_sources_sized(cfg))
-    sources = [s for s in sources if not _inside(s[0], cfg.output)]
+def _run_leased(cfg, t0, dali, clap, decoder, frame_size, lease, sources) -> dict:
     run_dir = storage.join(cfg.output, "runs", cfg.run_id)
     _preflight("write the output", cfg.output, lambda: storage.write_bytes_atomic(
         storage.join(run_dir, "config.json"), to_json(cfg).encode()))

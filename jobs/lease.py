@@ -60,6 +60,7 @@ class OutputLease:
         self.output, self.run_id, self.stale_s = output, run_id, float(stale_s)
         self.uri = storage.join(output, LEASE_NAME)
         self.lost = ""
+        self._made_dir = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -72,7 +73,9 @@ class OutputLease:
         """Exclusive create; False if the lease object already exists."""
         fs, path = storage.get_fs(self.uri)
         if storage.protocol_of(self.uri) == "file":
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if not os.path.isdir(os.path.dirname(path)):
+                os.makedirs(os.path.dirname(path))
+                self._made_dir = os.path.dirname(path)  # removed again if left empty
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
@@ -157,3 +160,8 @@ class OutputLease:
         held = self._read()
         if held is not None and held.get("run_id") == self.run_id:
             self._remove()
+        if self._made_dir:
+            try:
+                os.rmdir(self._made_dir)  # a run that failed before writing leaves no folder
+            except OSError:
+                pass
