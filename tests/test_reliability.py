@@ -405,3 +405,33 @@ def test_damaged_part_is_quarantined_and_its_sources_redone(tmp_path):
     assert moved == [str(caps / ".damaged-part-2.parquet")]
     assert done_sources(str(tmp_path)) == {"a", "b"}
     assert read_table_dir(str(caps)).num_rows == 2
+
+
+def test_interrupt_reports_every_unfinished_source(ray_local, tiny_model, tmp_path):
+    """Ctrl-C (SIGINT) after the first part: the manifest counts as incomplete every source
+    not written, including those never started (it used to say 0)."""
+    import signal
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(8):
+        mf.make_tone(str(d / f"t{i}.wav"), seconds=12.0, sr=16000, channels=1, freq=300 + 60 * i)
+    out = tmp_path / "out"
+    address = ray_local.get_runtime_context().gcs_address
+    p = subprocess.Popen([sys.executable, "-m", "jobs.caption", str(d), str(out), "--model",
+                          tiny_model, "--no-progress", "--show", "0", "--ray-address", address,
+                          "--flush-interval", "0", "--captioner-batch", "1", "--encoder-batch",
+                          "1", "--no-pack-sources"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if (out / "captions").exists() and os.listdir(out / "captions"):
+            break
+        time.sleep(0.1)
+    assert p.poll() is None, "job finished before it could be interrupted"
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=120) == 1  # not "completed"
+    m = json.loads(next((out / "runs").glob("*/manifest.json")).read_text())
+    done = len(set(read_dir(str(out / "captions"))["source_uri"].to_pylist()))
+    assert m["status"] == "interrupted" and 0 < done < 8
+    assert m["sources_incomplete"] == m["sources_todo"] - m["sources_captioned"] == 8 - done
+    assert not (out / "_lease.json").exists()  # released on the way out
