@@ -24,6 +24,7 @@ the writer know when every window of a source has arrived, whatever order they c
 
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
 import numpy as np
@@ -168,14 +169,29 @@ def source_windows(uri: str, version: str, *, window_s: float, hop_s: float | No
                     n_windows=n_windows, error_type="", error_message="", stage="",
                     windows_kept=0)
 
+    started = time.monotonic()  # the decode deadline covers opening too
+    refused = refuse_source(uri)
+    if refused:
+        yield failure_row(uri, version, "read", *refused)
+        return
     try:
         f = IOGuard(storage.open_input(uri) if located is None else located.open())
+        # what was actually opened (a link's target, the object's own version): compared with
+        # the version at the end, so a manifest-supplied version (an S3 VersionId) or a link
+        # older than its target never looks "changed"
+        opened = current_version(vuri) if version else ""
     except MediaError as e:  # a layout source the listing/group read found unreadable
         yield failure_row(uri, version, "read", e.error_type, e.message)
+        return
+    except storage.NotARegularFile as e:
+        yield failure_row(uri, version, "read", "not_a_file", str(e))
         return
     except Exception as e:  # permissions, missing object, network: worth a retry later
         yield failure_row(uri, version, "read", "read_error", f"cannot open: {type(e).__name__}: {e}")
         return
+    if timeout_s is not None:
+        # a slow open spends the same budget; a tiny positive rest still times out cleanly
+        timeout_s = max(timeout_s - (time.monotonic() - started), 1e-6)
     pending = None  # one-window lookahead so the last window can carry n_windows
     count = 0
     try:
@@ -196,10 +212,10 @@ def source_windows(uri: str, version: str, *, window_s: float, hop_s: float | No
             yield failure_row(uri, version, "read", "read_error",
                               f"read failed after {count} windows: {type(f.error).__name__}: "
                               f"{f.error}", windows_kept=count)
-        elif version and (now := current_version(vuri)) != version:
+        elif version and (now := current_version(vuri)) != opened:
             # a file rewritten mid-read often looks truncated or corrupt; it is neither
             yield failure_row(uri, version, "read", "changed",
-                              f"source changed while being read (version {version} -> {now}); "
+                              f"source changed while being read (version {opened} -> {now}); "
                               f"decoder said: {e}", windows_kept=count)
         else:
             yield failure_row(uri, version, "decode", e.error_type, str(e), windows_kept=count)
@@ -214,19 +230,22 @@ def source_windows(uri: str, version: str, *, window_s: float, hop_s: float | No
     except Exception as e:  # a decoder bug must not stop the job; record it
         if pending is not None:
             yield window_row(pending)
-        yield failure_row(uri, version, "decode", "corrupt",
-                          f"unexpected {type(e).__name__}: {e}", windows_kept=count)
+        # MemoryError: the worker's fault, not the file's -> retryable, never a permanent row
+        oom = isinstance(e, MemoryError)
+        yield failure_row(uri, version, "decode", "out_of_memory" if oom else "corrupt",
+                          f"unexpected {type(e).__name__} after {count} windows: {e}",
+                          windows_kept=count)
         return
     if pending is None:
         yield failure_row(uri, version, "decode", "no_audio_samples", "no audio decoded")
         return
-    now = current_version(vuri) if version else version
-    if now != version:
+    now = current_version(vuri) if version else opened
+    if now != opened:
         # The object was rewritten while we read it: the windows may mix two versions.
         # Retryable, so the sink discards them and a rerun captions the new version whole.
         yield window_row(pending)
         yield failure_row(uri, version, "read", "changed",
-                          f"source changed while being read (version {version} -> {now})",
+                          f"source changed while being read (version {opened} -> {now})",
                           windows_kept=count)
         return
     yield window_row(pending, n_windows=count)
@@ -235,11 +254,36 @@ def source_windows(uri: str, version: str, *, window_s: float, hop_s: float | No
 def current_version(uri: str) -> str:
     """The object's version now (ETag or mtime:size), or "" if it cannot be checked."""
     try:
+        if storage.protocol_of(uri) == "file":
+            return storage.stat_version(storage.local_stat(uri))  # a link's target
         fs, path = storage.get_fs(uri)
         fs.invalidate_cache(path)
         return storage.version_of(fs.info(path))
     except Exception:
         return "unavailable"
+
+
+# Where a source may come from. Anything else named by a manifest (http://, ftp://, memory://,
+# chained "zip::", ...) would make a decode worker fetch or resolve it: refused as unsupported.
+SOURCE_PROTOCOLS = ("file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+
+
+def refuse_source(uri: str) -> tuple[str, str] | None:
+    """(error_type, message) when ``uri`` must not be opened at all, decided without opening
+    it (stat, never open: opening a FIFO blocks until a writer appears); else None."""
+    proto = storage.protocol_of(uri)
+    if proto not in SOURCE_PROTOCOLS or "::" in uri:
+        return ("unsupported", f"URL scheme {proto!r} is not a source location "
+                               f"(allowed: {', '.join(SOURCE_PROTOCOLS)})")
+    if proto == "file":
+        try:
+            what = storage.special_file(storage.local_stat(uri))
+        except OSError:
+            return None  # missing / broken link: open() reports it as read_error
+        if what:
+            return ("not_a_file", f"{uri}: not a regular file ({what}); only regular files "
+                                  "(or links to them) are sources")
+    return None
 
 
 def decode_sources(batch: pa.Table, *, window_s: float = 10.0, hop_s: float | None = None,

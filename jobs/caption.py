@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -29,8 +30,9 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 import overheard
-from jobs.config_cli import parse, to_json
-from jobs.sink import PartWriter, SourceAssembler, done_sources
+from jobs.config_cli import check, parse, to_json
+from jobs.lease import LeaseHeld, OutputLease
+from jobs.sink import PartWriter, SourceAssembler, done_sources, quarantine_damaged
 from overheard import layouts, storage
 
 ASSETS = os.path.join(os.path.dirname(overheard.__file__), "assets")
@@ -58,27 +60,38 @@ class CaptionConfig:
                 "Local, s3://, or a Hugging Face repo id org/name[@rev] / hf://org/name[@rev][/dir] "
                 "(resolved through the hub's cache; offline needs it cached)"})
     mode: str = field(default="audio", metadata={
+        "choices": ("audio", "audio+image"),
         "help": "audio | audio+image: DALI models also see the video frame at each window's "
                 "midpoint (files without video fall back to audio); 'audio' decodes no frames"})
     sample_temperature: float = field(default=0.0, metadata={
+        "min": 0.0, "max": 100.0,
         "help": "DALI: 0 = greedy (deterministic); > 0 samples at this temperature with a "
                 "per-window seed (the seed paper's reference samples at 0.2)"})
-    max_new_tokens: int = field(default=0, metadata={"help": "DALI: caption length cap (0: model's)"})
+    max_new_tokens: int = field(default=0, metadata={
+        "min": 0, "max": 4096, "help": "DALI: caption length cap (0: model's)"})
     clap: str = field(default="", metadata={
         "help": "override: HF ClapModel directory, original LAION-CLAP .pt checkpoint, or a "
                 "Hugging Face repo id (laion/clap-htsat-unfused, org/name@rev, hf://...)"})
     decoder: str = field(default="", metadata={
         "help": "override: caption decoder directory (or hub id / hf:// URI)"})
-    window: float = field(default=10.0, metadata={"help": "window length, seconds"})
-    hop: float = field(default=0.0, metadata={"help": "hop between window starts (0: = window)"})
+    # 600 s: one window is 115 MB of float32 at 48 kHz; CLAP itself sees 10 s
+    window: float = field(default=10.0, metadata={"gt": 0.0, "max": 600.0,
+                                                  "help": "window length, seconds (0 < w <= 600)"})
+    hop: float = field(default=0.0, metadata={"min": 0.0, "max": 600.0,
+                                              "help": "hop between window starts (0: = window)"})
     min_window: float = field(default=0.5, metadata={
+        "min": 0.0,
         "help": "drop a trailing partial window shorter than this (a clip shorter than it "
                 "still gets one window)"})
-    pad_mode: str = field(default="repeatpad", metadata={"help": "repeatpad | zeros"})
-    strategy: str = field(default="plain", metadata={"help": "plain | nearest | projection"})
-    search: str = field(default="beam", metadata={"help": "greedy | beam"})
-    num_beams: int = 3
-    temperature: float = field(default=0.01, metadata={"help": "projection decoding temperature"})
+    pad_mode: str = field(default="repeatpad", metadata={
+        "choices": ("repeatpad", "zeros"), "help": "repeatpad | zeros"})
+    strategy: str = field(default="plain", metadata={
+        "choices": ("plain", "nearest", "projection"), "help": "plain | nearest | projection"})
+    search: str = field(default="beam", metadata={"choices": ("greedy", "beam"),
+                                                  "help": "greedy | beam"})
+    num_beams: int = field(default=3, metadata={"min": 1, "max": 64, "help": "beam width"})
+    temperature: float = field(default=0.01, metadata={"gt": 0.0,
+                                                       "help": "projection decoding temperature"})
     guidance: bool = field(default=False, metadata={
         "help": "audibility-guided decoding: re-rank candidates each step by w_lm*LM log-prob + "
                 "w_clap*CLAP audio-text cosine + w_aud*log P(audible) (slower; overheard.guidance)"})
@@ -88,8 +101,9 @@ class CaptionConfig:
         "help": "audibility classifier directory (local or s3://); '' = the shipped one, "
                 "'none' = no audibility term"})
     guidance_candidates: int = field(default=5, metadata={
-        "help": "guidance: candidate next tokens per beam per step"})
+        "min": 1, "max": 1000, "help": "guidance: candidate next tokens per beam per step"})
     guidance_mode: str = field(default="beam", metadata={
+        "choices": ("beam", "topk"),
         "help": "guidance: beam (num_beams beams x candidates) | topk (one caption, candidates "
                 "per step)"})
     score_captions: bool = field(default=False, metadata={
@@ -99,10 +113,12 @@ class CaptionConfig:
     all_files: bool = field(default=False, metadata={
         "help": "list every file, not only known media extensions"})
     max_duration: float = field(default=6 * 3600.0, metadata={
-        "help": "sources longer than this (s) fail as too_long"})
-    decode_timeout: float = field(default=1800.0, metadata={"help": "per-source decode limit (s)"})
-    limit: int = field(default=0, metadata={"help": "caption at most this many new sources"})
-    decode_cpus: float = field(default=0.5, metadata={"help": "CPUs per decode task"})
+        "min": 0.0, "help": "sources longer than this (s) fail as too_long"})
+    decode_timeout: float = field(default=1800.0, metadata={
+        "min": 0.0, "help": "per-source decode limit (s), opening included"})
+    limit: int = field(default=0, metadata={
+        "min": 0, "help": "caption at most this many new sources (0: all)"})
+    decode_cpus: float = field(default=0.5, metadata={"gt": 0.0, "help": "CPUs per decode task"})
     pack_sources: bool = field(default=True, metadata={
         "help": "decode small files several to a task (up to 4 MB / 32 files), largest first; "
                 "off: one task per file in listing order"})
@@ -110,38 +126,70 @@ class CaptionConfig:
         "help": "run CLAP and the decoder in one actor pool (captioner_actors actors, batches "
                 "of captioner_batch, CLAP in chunks of encoder_batch); off: two pools"})
     encoder_actors: int = field(default=0, metadata={
-        "help": "most CLAP actors (two pools only); 0 = auto, as --captioner-actors"})
+        "min": 0, "help": "most CLAP actors (two pools only); 0 = auto, as --captioner-actors"})
     captioner_actors: int = field(default=0, metadata={
+        "min": 0,
         "help": "most model actors; the pool autoscales between --min-actors and this. 0 = auto: "
                 "one per GPU the cluster can offer (its autoscaler's limits included), or one per "
                 "4 CPUs on a CPU-only cluster"})
-    min_actors: int = field(default=1, metadata={"help": "model actors kept running (pool minimum)"})
-    actor_cpus: float = field(default=0.5, metadata={"help": "CPUs reserved per model actor"})
+    min_actors: int = field(default=1, metadata={
+        "min": 1, "help": "model actors kept running (pool minimum)"})
+    actor_cpus: float = field(default=0.5, metadata={"min": 0.0,
+                                                     "help": "CPUs reserved per model actor"})
     gpus_per_actor: float = field(default=-1.0, metadata={
+        "min": -1.0,
         "help": "GPUs per model actor; -1: when the cluster has GPUs 1 per fused or DALI "
                 "actor, 0.5 per actor of two pools (they share a card), else 0"})
-    encoder_batch: int = 16
-    captioner_batch: int = 64
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 (GPU)"})
-    torch_threads: int = field(default=1, metadata={"help": "intra-op threads per CPU actor"})
-    rows_per_part: int = 50_000
+    encoder_batch: int = field(default=16, metadata={"min": 1, "help": "windows per CLAP batch"})
+    captioner_batch: int = field(default=64, metadata={"min": 1,
+                                                       "help": "windows per captioner batch"})
+    dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16"),
+                                                    "help": "float32 | bfloat16 (GPU)"})
+    torch_threads: int = field(default=1, metadata={"min": 1,
+                                                    "help": "intra-op threads per CPU actor"})
+    rows_per_part: int = field(default=50_000, metadata={"min": 1,
+                                                         "help": "caption rows per Parquet part"})
     flush_interval: float = field(default=60.0, metadata={
-        "help": "write finished sources at least this often (s): bounds work lost to a kill"})
-    show: int = field(default=20, metadata={"help": "print this many captions at the end"})
+        "min": 0.0, "help": "write finished sources at least this often (s; 0: after each source): "
+                            "bounds work lost to a kill"})
+    show: int = field(default=20, metadata={
+        "min": 0, "help": "print this many captions at the end"})
     ray_address: str = field(default="", metadata={"help": "Ray cluster address ('' = local "
                                                            "or $RAY_ADDRESS)"})
     ray_progress: str = field(default="auto", metadata={
+        "choices": ("auto", "on", "off"),
         "help": "auto | on | off: Ray Data's own progress bars and, for a local cluster, Ray's "
                 "dashboard; auto = on when the job runs on a cluster (--ray-address or "
                 "$RAY_ADDRESS, e.g. under ray job submit)"})
     whole_clip: float = field(default=0.0, metadata={
+        "min": 0.0, "max": 600.0,
         "help": "S > 0: whole-clip windows: a source up to S s long is ONE window as long as the "
                 "source (CLAP averages its 10-s chunks), e.g. 30 for Clotho's 15-30-s clips; "
                 "longer sources are cut into S-s windows. Replaces --window/--hop"})
     verbose: bool = field(default=False, metadata={
         "help": "show Ray's own notices (log records, the core worker's actor lines)"})
+    lease_stale: float = field(default=120.0, metadata={
+        "gt": 0.0,
+        "help": "a run holds OUTPUT/_lease.json, renewed every lease_stale/4 s; a second "
+                           "run on the same output refuses (exit 3) unless the lease's last "
+                           "heartbeat is older than this (s): a killed run blocks no longer"})
     run_id: str = ""
     progress: bool = True
+
+    def validate(self) -> None:
+        """Cross-field rules (config_cli.check runs the per-field ones first)."""
+        if self.min_window > self.window:
+            raise ValueError(f"--min-window {self.min_window} is longer than --window "
+                             f"{self.window}")
+        try:
+            w = [float(x) for x in self.guidance_weights.split(",")]
+        except ValueError:
+            w = []
+        if len(w) != 3 or not all(math.isfinite(x) for x in w):
+            raise ValueError("--guidance-weights must be three finite numbers w_lm,w_clap,w_aud;"
+                             f" got {self.guidance_weights!r}")
+        if not self.input or not self.output:
+            raise ValueError("INPUT and OUTPUT must not be empty")
 
 
 def pin_models(cfg: CaptionConfig) -> CaptionConfig:
@@ -251,16 +299,36 @@ def list_sources_sized(cfg: CaptionConfig) -> list[tuple]:
         col = next((c for c in URI_COLUMNS if c in t.column_names), None)
         if col is None:
             raise ValueError(f"manifest {cfg.input} needs one of the columns {URI_COLUMNS}")
+        if not (pa.types.is_string(t.schema.field(col).type)
+                or pa.types.is_large_string(t.schema.field(col).type)):
+            raise ValueError(f"manifest {cfg.input}: column {col!r} must hold text (URIs), "
+                             f"got {t.schema.field(col).type}")
         uris = t.column(col).to_pylist()
+        # any type of version (an int VersionId, a timestamp) is kept as its text
         vers = (t.column("version").to_pylist() if "version" in t.column_names
                 else [""] * len(uris))
         sizes = (t.column("size").to_pylist() if "size" in t.column_names
                  else [0] * len(uris))
-        return sorted({(u, v or "", int(n or 0)) for u, v, n in zip(uris, vers, sizes) if u})
+        # a URI listed twice is one source (the first entry wins): two entries with different
+        # versions would otherwise be decoded twice and written twice
+        first: dict[str, tuple[str, str, int]] = {}
+        for u, v, n in zip(uris, vers, sizes):
+            if u and u not in first:
+                first[u] = (u, "" if v is None else str(v), _size(n))
+        return sorted(first.values())
     if not fs.exists(path) and not any(ch in path for ch in "*?["):
         raise FileNotFoundError(f"input not found: {cfg.input}")
     listed = storage.list_files(cfg.input, suffixes and suffixes + layouts.CONTAINER_SUFFIXES)
     return layouts.expand([(u, v, n) for u, n, v in listed], suffixes or MEDIA_SUFFIXES)
+
+
+def _size(n) -> int:
+    """A manifest's size cell as bytes; 0 (unknown) for anything that is not a size."""
+    try:
+        v = int(n)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+    return v if v > 0 else 0
 
 
 # Source packing for the decode stage. A Ray Data task per source costs ~0.05-0.1 CPU-s of
@@ -523,12 +591,9 @@ def run(cfg: CaptionConfig) -> dict:
     t0 = time.time()
     cfg = dataclasses.replace(cfg, run_id=cfg.run_id or time.strftime("%Y%m%dT%H%M%S") +
                               "-" + uuid.uuid4().hex[:6])
-    # Fail before any work on a missing model/input or wrong credentials, with the URI and
-    # the store's own reason (botocore never echoes the secret key).
-    if cfg.mode not in ("audio", "audio+image"):
-        raise ValueError(f"--mode must be 'audio' or 'audio+image', got {cfg.mode!r}")
-    if cfg.whole_clip < 0:
-        raise ValueError(f"--whole-clip must be >= 0 seconds, got {cfg.whole_clip}")
+    # Fail before any work on a bad option, a missing model/input or wrong credentials, with
+    # the URI and the store's own reason (botocore never echoes the secret key).
+    check(cfg)
     cfg = effective_windows(pin_models(cfg))
     dali = _preflight("read the model", cfg.model, lambda: dali_checkpoint(cfg))
     frame_size = 0
@@ -542,9 +607,21 @@ def run(cfg: CaptionConfig) -> dict:
         clap, decoder = _preflight("read the model", cfg.model, lambda: resolve_model(cfg))
         validate_models(clap, decoder)
     sources = _preflight("list the input", cfg.input, lambda: list_sources_sized(cfg))
+    sources = [s for s in sources if not _inside(s[0], cfg.output)]
+    # one run per output: taken before reading what is done, released when this run ends
+    lease = _preflight("write the output", cfg.output,
+                       lambda: OutputLease(cfg.output, cfg.run_id, cfg.lease_stale).acquire())
+    try:
+        return _run_leased(cfg, t0, dali, clap, decoder, frame_size, lease, sources)
+    finally:
+        lease.release()
+
+
+def _run_leased(cfg, t0, dali, clap, decoder, frame_size, lease, sources) -> dict:
     run_dir = storage.join(cfg.output, "runs", cfg.run_id)
     _preflight("write the output", cfg.output, lambda: storage.write_bytes_atomic(
         storage.join(run_dir, "config.json"), to_json(cfg).encode()))
+    damaged = quarantine_damaged(cfg.output)
     done = done_sources(cfg.output)
     todo = [s for s in sources if s[0] not in done]
     if cfg.limit:
@@ -556,13 +633,14 @@ def run(cfg: CaptionConfig) -> dict:
                     sources_todo=len(todo), sources_captioned=0, sources_failed=0,
                     windows=0, window_failures=0, audio_hours=0.0, failures_by_type={},
                     model_ids=[], parts=[])
+    manifest["damaged_parts"] = damaged  # renamed .damaged-*; their sources are redone
     manifest["mode"] = cfg.mode if dali else "audio"
     manifest["windowing"] = windowing_text(cfg)
     manifest["whole_clip_s"] = cfg.whole_clip
     manifest["windows_with_frames"] = 0
     publish_manifest(cfg, manifest)
     if todo:
-        _stream(cfg, todo, clap, decoder, manifest, dali, frame_size)
+        _stream(cfg, todo, clap, decoder, manifest, dali, frame_size, lease)
     manifest["status"] = manifest.get("status_final", "completed")
     manifest.pop("status_final", None)
     publish_manifest(cfg, manifest)
@@ -589,7 +667,16 @@ def publish_manifest(cfg: CaptionConfig, manifest: dict) -> None:
         json.dumps(manifest, indent=2, default=str).encode())
 
 
-def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0):
+def _inside(uri: str, output: str) -> bool:
+    """True when source ``uri`` lies under ``output`` (output placed inside the input: its
+    own parts, manifests and temp files must never become sources)."""
+    if storage.protocol_of(uri) != storage.protocol_of(output):
+        return False
+    u, o = storage.get_fs(uri)[1], storage.get_fs(output)[1].rstrip("/")
+    return u == o or u.startswith(o + "/")
+
+
+def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0, lease=None):
     ds = build(cfg, todo, clap, decoder, dali, frame_size)
     # no staging longer than the flush interval: --flush-interval 0 writes each source at once
     asm = SourceAssembler(max_delay_s=min(0.5, cfg.flush_interval))
@@ -600,6 +687,7 @@ def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0):
         bar = tqdm(total=len(todo), unit="file", file=sys.stderr, dynamic_ncols=True)
     t_start = time.time()
     model_ids: set[str] = set()
+    released = [0]  # sources released (their rows are in parts, or staged for the next one)
 
     def release(r) -> None:
         if r is None:
@@ -607,6 +695,7 @@ def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0):
         # counted before add(): a part written by add() then holds everything counted, so
         # the manifest published at each commit states exactly what is on disk
         _count(manifest, r)
+        released[0] += r.sources
         manifest.setdefault("first_output_at", time.time())
         writer.add(r)
         if bar is not None:
@@ -627,6 +716,8 @@ def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0):
                     "audio_embedding") >= 0:
                 raise RuntimeError("embedding column vanished mid-run")
             model_ids.update(tbl.column("model_id").unique().to_pylist())
+            if lease is not None and lease.lost:
+                raise RuntimeError(lease.lost)  # another run owns OUTPUT now: write nothing more
             release(asm.add(tbl))
         if writer is not None:
             release(asm.finish())  # what is still staged at the end of the stream
@@ -643,7 +734,8 @@ def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0):
         if "first_output_at" in manifest:
             # start-up: listing, model checks, actors loading, the first file through
             manifest["first_output_s"] = round(manifest["first_output_at"] - manifest["started_at"], 3)
-        manifest["sources_incomplete"] = asm.pending_sources()
+        # every todo source not released, including those never started (an interrupt)
+        manifest["sources_incomplete"] = len(todo) - released[0]
         if manifest["sources_incomplete"] and "status_final" not in manifest:
             manifest["status_final"] = "incomplete"
 
@@ -686,6 +778,9 @@ def main(argv: list[str] | None = None) -> int:
     except HubNotCached as e:
         print(f"overheard caption: error: {e}", file=sys.stderr)
         return 2
+    except LeaseHeld as e:
+        print(f"overheard caption: {e}", file=sys.stderr)
+        return 3
     if cfg.show:
         from jobs.show import format_rows, read_captions
         print(format_rows(read_captions(cfg.output, run_id=m["run_id"]), cfg.show))

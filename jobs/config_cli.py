@@ -2,6 +2,13 @@
 
 Every field becomes ``--field-name``; positional fields are those without a default. Help text
 comes from ``field(metadata={"help": ...})``. Shared by all jobs so flags look alike.
+
+Validation, the one hook every command gets (:func:`check`, called by :func:`parse`; jobs call
+it again on configs built in code): float fields must be finite (no NaN, no inf) unless the
+field's metadata says ``finite=False``; metadata ``choices`` (allowed values), ``min`` / ``max``
+(inclusive) and ``gt`` (exclusive lower bound) are enforced; then the dataclass's own
+``validate(self)`` (cross-field rules) runs if it has one. A bad option exits with status 2 and
+one line naming the option, before any work.
 """
 
 from __future__ import annotations
@@ -9,6 +16,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import sys
 import types
 import typing
 
@@ -46,9 +55,45 @@ def parser_for(cls, prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check(cfg) -> None:
+    """Raise ValueError (one line, naming the option) if ``cfg`` breaks its fields' rules."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        md = f.metadata
+        tp = _base_type(hints[f.name])
+        if tp is float and isinstance(v, (int, float)) and md.get("finite", True) \
+                and not math.isfinite(v):
+            raise ValueError(f"{_flag(f.name)} must be a finite number, got {v}")
+        if "choices" in md and v not in md["choices"]:
+            raise ValueError(f"{_flag(f.name)} must be one of {', '.join(map(str, md['choices']))}"
+                             f"; got {v!r}")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if "gt" in md and not v > md["gt"]:
+                raise ValueError(f"{_flag(f.name)} must be > {md['gt']}, got {v}")
+            if "min" in md and not v >= md["min"]:
+                raise ValueError(f"{_flag(f.name)} must be >= {md['min']}, got {v}")
+            if "max" in md and not v <= md["max"]:
+                raise ValueError(f"{_flag(f.name)} must be <= {md['max']}, got {v}")
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        validate()
+
+
 def parse(cls, argv, prog: str, description: str):
+    """argv -> a checked config; a bad option exits 2 with one line on stderr."""
     args = parser_for(cls, prog, description).parse_args(argv)
-    return cls(**vars(args))
+    cfg = cls(**vars(args))
+    try:
+        check(cfg)
+    except ValueError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return cfg
 
 
 def to_json(cfg) -> str:

@@ -294,6 +294,32 @@ def read_table_dir(uri: str, columns: list[str] | None = None) -> pa.Table | Non
     return pa.concat_tables(tables, promote_options="default")
 
 
+def quarantine_damaged(output: str) -> list[str]:
+    """Rename every unreadable Parquet part under OUTPUT/captions and OUTPUT/failures (cut by a
+    full disk, damaged by a copy) to a hidden ``.damaged-<name>`` beside it, so neither resume
+    nor readers trip over it; its sources are then redone (once: the damaged part is no longer
+    read). Called by the caption job under its output lease. Returns the quarantined URIs."""
+    moved = []
+    for sub in ("captions", "failures"):
+        fs, path = storage.get_fs(storage.join(output, sub))
+        if not fs.exists(path):
+            continue
+        for p in sorted(fs.find(path)):
+            name = p.rsplit("/", 1)[-1]
+            if not name.endswith(".parquet") or name.startswith("."):
+                continue
+            try:
+                with fs.open(p, "rb") as f:
+                    # the footer (what a cut file loses) and the column resume reads; not the
+                    # embeddings, so this costs what done_sources costs
+                    pq.ParquetFile(f).read(columns=["source_uri"])
+            except Exception:  # noqa: BLE001 - ArrowInvalid, OSError, ...: any unreadable part
+                dest = p[: -len(name)] + ".damaged-" + name
+                fs.mv(p, dest)
+                moved.append(storage.unstrip(fs, dest))
+    return moved
+
+
 def done_sources(output: str) -> set[str]:
     """Sources a rerun must skip: those with captions, and those whose failure is permanent.
     Sources whose only failures are retryable (read errors, timeouts) are attempted again."""

@@ -113,6 +113,50 @@ def _load_tokenizer_from(directory: str):
     return None
 
 
+def check_clap_dir(local: str) -> None:
+    """Refuse an HF ClapModel directory whose weights do not fit its config, before anything is
+    allocated: config.json size fields bounded (checkpoint.check_config_sizes), the model built
+    on the meta device (no memory), its state dict compared with the safetensors headers
+    (every tensor present and shaped right; extra tensors refused, except buffers the model
+    recomputes such as position_ids). ``from_pretrained`` alone random-initialises a missing
+    tensor with a warning: embeddings unrelated to the audio, captions wrong, exit 0."""
+    import json
+
+    from overheard.checkpoint import check_config_sizes, check_tensors, safetensors_shapes
+
+    cfg_path = os.path.join(local, "config.json")
+    try:
+        with open(cfg_path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{cfg_path}: cannot read config ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_path}: not a JSON object")
+    check_config_sizes(raw, cfg_path)
+    config = ClapConfig.from_dict(raw)
+    with torch.device("meta"):
+        model = ClapModel(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    buffers = {n for n, _ in model.named_buffers()}
+    index = os.path.join(local, "model.safetensors.index.json")
+    if os.path.isfile(os.path.join(local, "model.safetensors")):
+        found = safetensors_shapes([os.path.join(local, "model.safetensors")])
+    elif os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set((json.load(f).get("weight_map") or {}).values()))
+        if any(os.path.basename(s) != s for s in shards):
+            raise ValueError(f"{index}: shard names must be plain file names")
+        found = safetensors_shapes([os.path.join(local, s) for s in shards])
+    elif os.path.isfile(os.path.join(local, "pytorch_model.bin")):
+        sd = torch.load(os.path.join(local, "pytorch_model.bin"), map_location="cpu",
+                        weights_only=True, mmap=True)
+        found = {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
+        del sd
+    else:
+        raise ValueError(f"{local}: no model.safetensors (or pytorch_model.bin)")
+    check_tensors(expected, found, local, ignorable=buffers)
+
+
 def load_clap_model(path: str):
     """Load a CLAP model once: ``path`` (local, s3://, any fsspec URL) -> (ClapModel in eval mode,
     ClapFeatureExtractor, tokenizer or None). See the module docstring for accepted layouts."""
@@ -141,6 +185,7 @@ def _load_clap_model(path: str, local: str):
         fe = _default_feature_extractor(config)
         tok = _load_tokenizer_from(os.path.dirname(local))
     elif os.path.isdir(local):
+        check_clap_dir(local)  # before from_pretrained, which random-initialises missing tensors
         # weights_only: a pytorch_model.bin is never fully unpickled (safetensors needs no such guard)
         model = ClapModel.from_pretrained(local, local_files_only=True, weights_only=True)
         if os.path.exists(os.path.join(local, "preprocessor_config.json")):

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from overheard.checkpoint import read_config_json, safetensors_weights
+from overheard.checkpoint import check_config_sizes, read_config_json, safetensors_weights
 from overheard.topk import beam_topk
 
 FORMAT = "overheard.caption_decoder"
@@ -408,6 +408,7 @@ def read_config(directory: str | os.PathLike) -> tuple[DecoderConfig, dict]:
         raise ValueError(f"{path}: unsupported format_version {meta.get('format_version')!r}")
     if "decoder" not in meta:
         raise ValueError(f"{path}: missing key 'decoder'")
+    check_config_sizes(meta["decoder"], str(path))  # bounded before anything is built
     try:
         cfg = DecoderConfig.from_dict(meta["decoder"])
     except TypeError as e:  # wrong value types that dataclass construction trips on
@@ -436,8 +437,9 @@ def load_decoder(directory: str | os.PathLike, device: str | torch.device = "cpu
     cfg, extra = read_config(d)
     weights = safetensors_weights(directory, WEIGHTS_NAME)
 
-    model = CaptionDecoder(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != _TIED_KEY}
+    with torch.device("meta"):  # shapes without memory: an absurd config allocates nothing
+        expected = {k: tuple(v.shape) for k, v in CaptionDecoder(cfg).state_dict().items()
+                    if k != _TIED_KEY}
     try:
         with safe_open(str(weights), framework="pt") as f:
             found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -456,6 +458,7 @@ def load_decoder(directory: str | os.PathLike, device: str | torch.device = "cpu
             state = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as e:
         raise ValueError(f"{weights}: not a valid safetensors file ({e}); only safetensors are accepted") from None
+    model = CaptionDecoder(cfg)  # only now: the file holds exactly these tensors
     for k, t in state.items():
         if not t.is_floating_point():
             raise ValueError(f"{weights}: tensor {k} has dtype {t.dtype}, expected floating point")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import io
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ import numpy as np
 TARGET_SR = 48000  # CLAP's rate
 
 PAD_MODES = ("repeatpad", "zeros")
+MAX_CHANNELS = 64  # the mean downmix is tested for 1..64 channels (tests/test_media.py)
 
 # A clean end of stream this much shorter than the container's declared audio duration is reported as
 # "truncated". mp3 with a LAME/Xing header and ogg declare exact durations; AAC in mp4 decodes ~14 ms
@@ -101,6 +103,52 @@ def _name(src) -> str:
     return str(getattr(src, "path", None) or getattr(src, "name", None) or type(src).__name__)
 
 
+# Demuxers a source may be parsed with: file containers of audio/video, nothing that opens
+# other URLs or files. Excluded on purpose: hls/dash (playlists: a decode worker would fetch
+# arbitrary URLs), concat (an ffconcat script pulls in sibling files), image2 (file patterns),
+# sdp/rtp/rtsp (network), lavfi and capture devices. FFmpeg refuses any other probed format
+# before reading it (format_whitelist); no protocol but local files is allowed for nested
+# opens (protocol_whitelist). There is no flag to allow playlists: list their media instead.
+ALLOWED_DEMUXERS = (
+    "wav", "w64", "rf64", "flac", "mp3", "ogg", "mov", "matroska", "webm", "avi", "aac", "ac3",
+    "eac3", "aiff", "asf", "caf", "amr", "amrnb", "amrwb", "au", "dts", "dtshd", "flv", "mpeg",
+    "mpegts", "wv", "ape", "tta", "voc", "mpc", "mpc8", "oma", "tak", "truehd", "mlp", "loas",
+    "nut", "rm", "gsm", "qcp", "xwma", "wsaud", "dsf", "iff", "sox", "ircam", "nistsphere",
+    "alaw", "mulaw", "g722", "g729", "ilbc", "shn", "spdif", "m4v", "mxf", "3gp", "mp4",
+)
+_PLAYLIST_MAGIC = ((b"#EXTM3U", "an HLS/M3U playlist"), (b"ffconcat", "an ffconcat script"),
+                   (b"<?xml", "an XML document (DASH manifest?)"), (b"<MPD", "a DASH manifest"),
+                   (b"v=0", "an SDP session description"))
+
+
+_log = logging.getLogger(__name__)
+
+
+def _note_tracks(name: str, n: int) -> None:
+    """Several audio tracks (a film with commentary, dubs): the first is captioned, the others are
+    not; said once per file in the worker log so the choice is visible."""
+    _log.warning("%s: %d audio tracks; only the first (stream index 0 of the audio streams) is "
+                 "captioned", name, n)
+
+
+def _sniff(src) -> str:
+    """What kind of playlist / script a file is, from its first bytes; "" if none."""
+    try:
+        if isinstance(src, (str, os.PathLike)):
+            with open(src, "rb") as f:
+                head = f.read(64)
+        else:
+            src.seek(0)
+            head = src.read(64)
+    except Exception:  # noqa: BLE001 - only for the message
+        return ""
+    head = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    for magic, what in _PLAYLIST_MAGIC:
+        if head.startswith(magic):
+            return what
+    return ""
+
+
 def _open(src) -> "av.container.InputContainer":
     """Open ``src`` with PyAV, mapping every failure to MediaError (empty_file / read_error / corrupt)."""
     if isinstance(src, (bytes, bytearray, memoryview)):
@@ -122,14 +170,26 @@ def _open(src) -> "av.container.InputContainer":
     try:
         # metadata_errors="ignore": a bad tag encoding (common in mp3 ID3) must not fail the whole file.
         return av.open(src if not isinstance(src, os.PathLike) else os.fspath(src), mode="r",
-                       metadata_errors="ignore")
+                       metadata_errors="ignore",
+                       options={"format_whitelist": ",".join(ALLOWED_DEMUXERS),
+                                "protocol_whitelist": "file"})
+    except av.error.ArgumentError as e:  # EINVAL: the probed demuxer is not allowed
+        what = _sniff(src) or "a format that is not an allowed audio/video container"
+        raise MediaError("unsupported", f"{name}: {what}; playlists, concat scripts and "
+                                        "other formats that open further files or URLs are "
+                                        f"never followed ({e.strerror or e})") from e
     except FileNotFoundError as e:
         raise MediaError("read_error", f"{name}: no such file") from e
     except PermissionError as e:
         raise MediaError("read_error", f"{name}: permission denied") from e
     except av.error.FFmpegError as e:
+        if e.errno == errno.ENOMEM:
+            raise MediaError("out_of_memory", f"{name}: FFmpeg out of memory while opening") from e
         kind = "unsupported" if isinstance(e, (av.error.PatchWelcomeError, av.error.DecoderNotFoundError,
                                                av.error.DemuxerNotFoundError)) else "corrupt"
+        what = _sniff(src)
+        if what:  # e.g. a playlist read through a file object, where FFmpeg probes no hls
+            raise MediaError("unsupported", f"{name}: {what}; playlists are never followed") from e
         raise MediaError(kind, f"{name}: cannot parse container ({e.strerror or e})") from e
     except OSError as e:  # I/O error raised by a Python file object (s3fs network error, ...)
         raise MediaError("read_error", f"{name}: {e}") from e
@@ -237,6 +297,13 @@ def _iter_audio(src, sr: int, chunk_s: float, deadline: float | None,
             kinds = sorted({s.type for s in container.streams}) or ["none"]
             raise MediaError("no_audio_track", f"{name}: no audio stream (streams: {', '.join(kinds)})")
         stream = container.streams.audio[0]
+        if len(container.streams.audio) > 1:
+            _note_tracks(name, len(container.streams.audio))
+        if (stream.channels or 0) > MAX_CHANNELS:
+            # the mean downmix addresses channels by index up to 64 (e.g. a 128-channel WAV):
+            # a layout we do not handle, not a damaged file
+            raise MediaError("unsupported", f"{name}: {stream.channels} audio channels "
+                                            f"(at most {MAX_CHANNELS} are downmixed)")
         if deadline is not None and time.monotonic() > deadline:  # opening an s3 object can be slow
             raise MediaError("timeout", f"{name}: decode deadline passed while opening")
         declared = _declared_duration(container, stream)
@@ -267,6 +334,11 @@ def _iter_audio(src, sr: int, chunk_s: float, deadline: float | None,
         def convert(arrays) -> None:
             nonlocal pending_n, total_n, skip_n
             for a in arrays:
+                if a.size and not np.isfinite(a).all():
+                    # NaN/Inf samples (float WAVs) become silence here: left in, the resampler
+                    # smears one NaN over its filter taps into the window before it, and the
+                    # encoder then fails both windows (issue 15); now the NaN costs < 1 ms
+                    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
                 if skip_n:
                     drop = min(skip_n, a.size)
                     a, skip_n = a[drop:], skip_n - drop
@@ -319,6 +391,8 @@ def _iter_audio(src, sr: int, chunk_s: float, deadline: float | None,
             raise
         except av.error.FFmpegError as e:
             msg = e.strerror or str(e)
+            if e.errno == errno.ENOMEM:  # the worker, not the file: retryable
+                raise MediaError("out_of_memory", f"{where()}: FFmpeg out of memory ({msg})") from e
             if total_n == 0 and not pending_n:
                 raise MediaError("corrupt", f"{name}: audio stream does not decode ({msg})") from e
             try:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from overheard.checkpoint import safetensors_shapes
 from overheard import memory as mem
 from overheard.decoder import (CaptionDecoder, DecoderConfig, _TIED_KEY, WEIGHTS_NAME, load_decoder,
                                read_config, save_decoder)
@@ -127,18 +128,23 @@ def load_model(directory, device: str | torch.device = "cpu"):
     if k == 0:
         return load_decoder(directory, device)
     cfg, extra = read_config(directory)
-    model = RetrievalCaptionDecoder(cfg, k)
     d = Path(directory)
+    with torch.device("meta"):  # shapes first, without memory (see decoder.load_decoder)
+        expected = {k_: tuple(v.shape) for k_, v in
+                    RetrievalCaptionDecoder(cfg, k).state_dict().items() if k_ != _TIED_KEY}
     try:
-        state = load_file(str(d / WEIGHTS_NAME))
-    except (SafetensorError, FileNotFoundError) as e:
+        found = safetensors_shapes([d / WEIGHTS_NAME])
+    except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"{d / WEIGHTS_NAME}: cannot read safetensors weights ({e})") from None
-    expected = {k_: tuple(v.shape) for k_, v in model.state_dict().items() if k_ != _TIED_KEY}
-    found = {k_: tuple(v.shape) for k_, v in state.items()}
     if expected != found:
         bad = sorted(set(expected) ^ set(found)) or sorted(
             k_ for k_ in expected if expected[k_] != found.get(k_))
         raise ValueError(f"{d / WEIGHTS_NAME}: does not match config.json (retrieval k={k}): {bad[:5]}")
+    model = RetrievalCaptionDecoder(cfg, k)
+    try:
+        state = load_file(str(d / WEIGHTS_NAME))
+    except (SafetensorError, FileNotFoundError) as e:
+        raise ValueError(f"{d / WEIGHTS_NAME}: cannot read safetensors weights ({e})") from None
     model.load_state_dict({k_: v.float() for k_, v in state.items()}, strict=False)
     model.lm.tie_weights()
     tokenizer = load_tokenizer(str(d))

@@ -24,9 +24,11 @@ ERROR_TYPES = (
     "timeout",           # decoding exceeded the per-file time limit
     "too_long",          # duration exceeds the configured limit
     "model_error",       # encoder/decoder raised on this input
+    "not_a_file",        # a FIFO, socket, device or directory (after following links): never opened
+    "out_of_memory",     # the decode worker ran out of memory: the worker's fault, retried next run
 )
 
-RETRYABLE = frozenset({"read_error", "timeout", "changed"})
+RETRYABLE = frozenset({"read_error", "timeout", "changed", "out_of_memory"})
 
 
 def caption_schema(embedding_dim: int | None) -> pa.Schema:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import re
 import shutil
+import stat
 import tempfile
 import uuid
 from typing import Iterator
@@ -38,11 +40,69 @@ def protocol_of(uri: str) -> str:
 
 
 def get_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path-without-protocol) for a URI or local path."""
+    """(filesystem, path-without-protocol) for a URI or local path. ``file:///abs`` is the
+    local path ``/abs`` (it used to resolve to ``./file:/abs`` under the working directory)."""
     proto = protocol_of(uri)
     fs = fsspec.filesystem(proto, **_storage_options(proto))
-    path = fs._strip_protocol(uri) if proto != "file" else os.path.abspath(uri)
-    return fs, path
+    if proto == "file":
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return fs, os.path.abspath(local_path(path))
+    return fs, fs._strip_protocol(uri)
+
+
+# ------------------------------------------------------------------ local file names and stat
+# A file name that is not valid UTF-8 (a Latin-1 "caf\xe9.wav" from an old archive) cannot be
+# a Parquet string. Such a name is carried as text with each undecodable byte written
+# ``\xNN`` (Python's backslashreplace), and mapped back to the bytes when opened. A literal
+# name that already reads like that wins (checked first), so no existing file is shadowed.
+_ESCAPED = re.compile(r"\\x([0-9a-fA-F]{2})")
+
+
+def uri_text(path: str) -> str:
+    """A local path (possibly holding surrogate-escaped bytes from os.listdir) as valid UTF-8."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def local_path(text: str) -> str:
+    """Inverse of :func:`uri_text`: the OS path a local source URI names."""
+    if "\\x" not in text or os.path.lexists(text):
+        return text
+    # bytes >= 0x80 that did not decode are what os.fsdecode turns into lone surrogates
+    raw = _ESCAPED.sub(lambda m: chr(0xDC00 + int(m.group(1), 16))
+                       if int(m.group(1), 16) >= 0x80 else m.group(0), text)
+    return raw if os.path.lexists(raw) else text
+
+
+class NotARegularFile(OSError):
+    """A FIFO, socket, device or directory where a media file was expected."""
+
+
+def local_stat(uri: str) -> os.stat_result:
+    """stat() of a local source, following links (the version is the target's, what is read)."""
+    return os.stat(get_fs(uri)[1])
+
+
+def stat_version(st: os.stat_result) -> str:
+    """``mtime:size`` as fsspec's local info gives it (same text as older outputs)."""
+    return f"{st.st_mtime}:{st.st_size}"
+
+
+def special_file(st: os.stat_result) -> str:
+    """"" for a regular file, else what it is (fifo, socket, char device, block device,
+    directory). Decided from stat alone: opening a FIFO blocks until a writer appears."""
+    m = st.st_mode
+    if stat.S_ISREG(m):
+        return ""
+    for test, what in ((stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISDIR, "directory")):
+        if test(m):
+            return what
+    return "special file"
 
 
 def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -66,7 +126,14 @@ def open_input(uri: str, block_size: int = 8 << 20):
         uri = hub.resolve(uri)
     fs, path = get_fs(uri)
     if protocol_of(uri) == "file":
-        return open(path, "rb")
+        # O_NONBLOCK: a FIFO that slipped past the stat check (swapped in after it) must not
+        # block here; on a regular file the flag has no effect on reads.
+        f = open(path, "rb", opener=lambda p, fl: os.open(p, fl | getattr(os, "O_NONBLOCK", 0)))
+        what = special_file(os.fstat(f.fileno()))
+        if what:
+            f.close()
+            raise NotARegularFile(f"{path}: not a regular file ({what})")
+        return f
     return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
 
 
@@ -115,7 +182,8 @@ def list_files(uri: str, suffixes: tuple[str, ...] = ()) -> Iterator[tuple[str, 
     table records it so a user can tell which object version a caption describes.
     """
     fs, path = get_fs(uri)
-    if any(ch in path for ch in "*?["):
+    # a folder or file literally named "take [1]" or "what?" is that path, not a pattern
+    if any(ch in path for ch in "*?[") and not fs.exists(path):
         infos = fs.glob(path, detail=True)
         items = infos.items()
     elif fs.isfile(path):
@@ -129,6 +197,17 @@ def list_files(uri: str, suffixes: tuple[str, ...] = ()) -> Iterator[tuple[str, 
         if name.startswith("."):
             continue
         if suffixes and not name.lower().endswith(suffixes):
+            continue
+        if protocol_of(uri) == "file":
+            # the listing's links report the link's own mtime; the post-decode check stats
+            # the target (what was read), so both use the target's stat. A special file
+            # (FIFO, socket, device) is listed with size 0 and fails as not_a_file.
+            try:
+                st = os.stat(p)
+            except OSError:  # broken link / loop: listed, fails as read_error when opened
+                yield uri_text(p), 0, version_of(info)
+                continue
+            yield uri_text(p), (st.st_size if not special_file(st) else 0), stat_version(st)
             continue
         yield unstrip(fs, p), int(info.get("size") or 0), version_of(info)
 
