@@ -46,7 +46,10 @@ def main(argv=None) -> int:
     if not os.path.isfile(os.path.join(clap_dir, "config.json")):
         cc.run(cc.Config(out_dir=clap_dir, data_dir=os.path.join(work, "cache"),
                          storage_path=os.path.join(work, "clap-runs"), n_train=a.n_train, n_eval=80,
-                         epochs=a.clap_epochs, exclude_sources=a.exclude))
+                         epochs=a.clap_epochs, exclude_sources=a.exclude,
+                         # scenes made in this (un-niced) driver: Ray's workers run at nice 15 and
+                         # starved on the shared loaded machine
+                         prep_tasks=1))
     t_clap = time.time() - t0
     # the decoder's corpus: the captions of the CLAP's (filtered) training scenes
     cap_json = [p for p in _walk(os.path.join(work, "cache")) if p.endswith(".json") and "train" in p

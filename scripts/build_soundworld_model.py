@@ -41,8 +41,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(ROOT, "overheard", "assets", "soundworld-model"))
     ap.add_argument("--stats-only", action="store_true",
                     help="only (re)write decoder/audio_stats.safetensors of --out from its own clap/")
-    ap.add_argument("--stats-train", type=int, default=1000, help="training scenes for the statistics")
-    ap.add_argument("--stats-calibration", type=int, default=200, help="held-out scenes for calibration")
+    ap.add_argument("--stats-train", type=int, default=400, help="training scenes for the statistics")
+    ap.add_argument("--stats-calibration", type=int, default=150, help="held-out scenes for calibration")
     ap.add_argument("--world-seed", type=int, default=0)
     a = ap.parse_args(argv)
     if a.stats_only:
