@@ -102,13 +102,18 @@ class Captioner:
             return mem.projection(emb, self.memory.embeddings, self.temperature)
         return emb
 
-    def confidence(self, emb: np.ndarray) -> np.ndarray:
-        """[0, 1] per embedding row; NaN when the model has neither statistics nor a memory."""
+    def confidence(self, emb: np.ndarray, level: np.ndarray | None = None) -> np.ndarray:
+        """[0, 1] per embedding row (times the loudness gate when the window ``level`` in dBFS is
+        known); NaN when the model has neither statistics nor a memory."""
         if self.stats is not None:
-            return self.stats.confidence(emb)
-        if self.fallback_memory is not None:
-            return conf.memory_confidence(emb, self.fallback_memory)
-        return np.full(len(emb), np.nan, np.float32)
+            c = self.stats.confidence(emb)
+        elif self.fallback_memory is not None:
+            c = conf.memory_confidence(emb, self.fallback_memory)
+        else:
+            return np.full(len(emb), np.nan, np.float32)
+        if level is not None:
+            c = c * conf.loudness_gate(np.nan_to_num(level, nan=0.0))
+        return c.astype(np.float32)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
@@ -123,7 +128,9 @@ class Captioner:
             dim = batch.schema.field("audio_embedding").type.list_size
             emb = batch.column("audio_embedding").combine_chunks().flatten().to_numpy(
                 zero_copy_only=False).reshape(n, dim)[ok]
-            c = self.confidence(emb)
+            level = (batch.column("level_dbfs").to_numpy(zero_copy_only=False)[ok]
+                     if "level_dbfs" in batch.column_names else None)
+            c = self.confidence(emb, level)
             confs[ok] = c
             if self.min_confidence > 0:  # withheld windows stay rows: caption null, reason in decoding
                 low = [j for j in range(len(ok)) if c[j] < self.min_confidence]  # NaN: no signal, kept

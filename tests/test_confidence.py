@@ -48,7 +48,7 @@ def test_audio_stats_calibration_roundtrip_and_auroc(tmp_path):
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
-    """2 in-world scenes (fresh split) + white and brown noise, as files."""
+    """2 in-world scenes (fresh split) + white noise, brown noise and silence, as files."""
     import soundfile as sf
 
     from overheard import outofworld as oow
@@ -56,7 +56,7 @@ def clips(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("conf-clips")
     sw.write_dataset(str(d), 2, seed=0, split="conf")
-    for kind in ("white", "brown"):
+    for kind in ("white", "brown", "silence"):
         sf.write(str(d / "conf" / f"zz_{kind}.flac"), oow.make_clip(kind, 1), oow.SR, subtype="PCM_16")
     return d / "conf"
 
@@ -75,32 +75,34 @@ def test_actor_confidence_and_min_confidence(clips, tiny_model):
     from actors.clap_captioner import ClapCaptioner
     from actors.clap_embedder import ClapEmbedder
 
-    paths = sorted(clips.glob("*.flac"))  # conf_00000, conf_00001, zz_brown, zz_white
+    paths = sorted(clips.glob("*.flac"))  # conf_00000, conf_00001, zz_brown, zz_silence, zz_white
     batch = _batch(paths)
     clap = dict(clap_path=os.path.join(MODEL, "clap"))
     dec = os.path.join(MODEL, "decoder")
     plain = ClapCaptioner(clap, dict(decoder_path=dec))(batch)
     c = plain.column("confidence").to_pylist()
     assert plain.schema.field("confidence").type == pa.float32()
-    assert c[4] is None and all(0.0 <= x <= 1.0 for x in c[:4])
-    # measured (direct, float32 audio): in-world 0.86 / 0.99, white noise 0.22, brown noise 0.01
-    assert min(c[:2]) > 0.5 and max(c[2:4]) < 0.5, c
-    assert all(plain.column("caption").to_pylist()[:4])
+    assert c[5] is None and all(0.0 <= x <= 1.0 for x in c[:5])
+    # measured (direct, float32 audio): in-world 0.86 / 0.99, white noise 0.22, brown noise 0.01;
+    # silence (-80 dBFS) 0.97 from the distance alone, ~3e-4 after the loudness gate
+    assert min(c[:2]) > 0.5 and max(c[2:5]) < 0.5, c
+    assert plain.column("level_dbfs").to_pylist()[3] < -70
+    assert all(plain.column("caption").to_pylist()[:5])
 
     held = ClapCaptioner(clap, dict(decoder_path=dec, min_confidence=0.5))(batch)
-    assert held.num_rows == 5  # nothing lost
+    assert held.num_rows == 6  # nothing lost
     assert held.column("confidence").to_pylist() == c  # same signal, independent of the cut
     caps, decs = held.column("caption").to_pylist(), held.column("decoding").to_pylist()
-    assert caps[:2] == plain.column("caption").to_pylist()[:2] and caps[2:4] == [None, None]
-    for i in (2, 3):
+    assert caps[:2] == plain.column("caption").to_pylist()[:2] and caps[2:5] == [None] * 3
+    for i in (2, 3, 4):
         assert decs[i] == f"withheld: confidence {c[i]:.3f} < 0.5 (plain/beam3)"
-    assert decs[0] == "plain/beam3" and caps[4] == ""  # failure rows unchanged
+    assert decs[0] == "plain/beam3" and caps[5] == ""  # failure rows unchanged
 
     # fallback without statistics: the tiny model has no caption memory either -> null
     tiny = Captioner(decoder_path=os.path.join(tiny_model, "decoder"))
     emb = ClapEmbedder(clap_path=os.path.join(tiny_model, "clap"))(batch)
     assert tiny.stats is None and tiny.fallback_memory is None
-    assert tiny(emb).column("confidence").null_count == 5
+    assert tiny(emb).column("confidence").null_count == 6
 
 
 def test_memory_fallback(tmp_path):
@@ -131,19 +133,18 @@ def test_job_keeps_withheld_rows_and_summary_names_the_bundled_model(ray_local, 
         os.symlink(p, noise_only / p.name)
     m = run(CaptionConfig(input=str(noise_only), output=str(tmp_path / "out"), min_confidence=0.5,
                           progress=False, show=0))
-    assert m["status"] == "completed" and m["windows"] == 4
-    assert m["windows_scored"] == 4 and m["windows_low_confidence"] == 2 and m["bundled_model"]
+    assert m["status"] == "completed" and m["windows"] == 5
+    assert m["windows_scored"] == 5 and m["windows_low_confidence"] == 3 and m["bundled_model"]
     parts = sorted((tmp_path / "out" / "captions").glob("*.parquet"))
     t = pa.concat_tables([pq.read_table(p) for p in parts]).sort_by("source_uri")
     assert t.schema.metadata[b"overheard_schema_version"] == b"2"
     assert t.schema.field("caption").nullable
-    assert t.column("caption").null_count == 2 and t.column("confidence").null_count == 0
+    assert t.column("caption").null_count == 3 and t.column("confidence").null_count == 0
     withheld = [u.rsplit("/", 1)[-1] for u, c in zip(t.column("source_uri").to_pylist(),
                                                       t.column("caption").to_pylist()) if c is None]
-    assert withheld == ["zz_brown.flac", "zz_white.flac"]
-    text = summary_text(m)
-    assert "confidence: 2 of 4 windows below 0.5" in text and "bundled model" not in text
-    most = dict(m, windows_low_confidence=3)
-    assert "only on a generated world of 11 sound sources" in summary_text(most)
-    assert "--model" in summary_text(most)
-    assert "bundled model" not in summary_text(dict(most, bundled_model=False))
+    assert withheld == ["zz_brown.flac", "zz_silence.flac", "zz_white.flac"]
+    text = summary_text(m)  # 3 of 5 low: "most" -> the note
+    assert "confidence: 3 of 5 windows below 0.5" in text
+    assert "only on a generated world of 11 sound sources" in text and "--model" in text
+    assert "bundled model" not in summary_text(dict(m, windows_low_confidence=2))  # not most
+    assert "bundled model" not in summary_text(dict(m, bundled_model=False))  # user's own model
