@@ -28,7 +28,7 @@ MODEL = os.path.join(ROOT, "overheard", "assets", "soundworld-model")
 N_CLIPS = 100
 N_OOD = 2  # per out-of-world kind (overheard.outofworld.KINDS: 6 kinds -> 12 clips)
 # Floors from the spread of 5 disjoint 100-clip sets of split "ci" (clips 0-499, world seed 0;
-# this test's clips are set 0), shipped model, beam 3, measured 2026-12-02:
+# this test's clips are set 0), shipped model, beam 3, measured 2026-12-02 by bench/quality_floor.py:
 #   CIDEr-D 0.929 0.890 0.738 0.796 0.901: mean 0.851, sd 0.081  -> floor 0.60 (mean - 3 sd)
 #   BLEU-4  0.312 0.313 0.300 0.289 0.286: mean 0.300, sd 0.013  -> floor 0.26 (mean - 3 sd)
 #   lower bound (mean-embedding caption for every clip): CIDEr-D 0.235-0.293; model/lower >= 2.55
