@@ -82,7 +82,8 @@ class ClapEmbedder:
             valid = [int(round((end[i] - start[i]) * self.sr)) for i in range(n)]
             for i in ok:  # the real samples only, not the window's zero padding
                 try:
-                    level[i] = level_dbfs(samples_matrix(samples, [i], self.window_samples)[0][: max(1, valid[i])])
+                    x = samples_matrix(samples, [i], self.window_samples)[0]
+                    level[i] = level_dbfs(x[: max(1, valid[i])])
                 except Exception:  # a malformed window: the embedding below reports it
                     pass
             try:
