@@ -144,3 +144,22 @@ def test_job_keeps_withheld_rows_and_summary_names_the_bundled_model(ray_local, 
     assert "only on a generated world of 11 sound sources" in text and "--model" in text
     assert "bundled model" not in summary_text(dict(m, windows_low_confidence=2))  # not most
     assert "bundled model" not in summary_text(dict(m, bundled_model=False))  # user's own model
+
+
+def test_clap_training_can_leave_sources_out(tmp_path):
+    """training.clap_contrastive --exclude-sources (the held-out-sources split of
+    bench/confidence_heldout.py): every scene containing an excluded source is dropped."""
+    import json
+
+    from training.clap_contrastive import _without_sources
+
+    feats = np.arange(4 * 3, dtype=np.float16).reshape(4, 3)
+    rows = [{"sources": ["dog"]}, {"sources": ["rain", "birds"]}, {"sources": ["siren", "rain"]},
+            {"sources": ["knock"]}]
+    fp, cp = tmp_path / "features.npy", tmp_path / "captions.json"
+    np.save(fp, feats)
+    cp.write_text(json.dumps(rows))
+    f2, c2 = _without_sources(str(fp), str(cp), "dog, siren")
+    np.testing.assert_array_equal(np.load(f2), feats[[1, 3]])
+    assert json.loads(open(c2).read()) == [rows[1], rows[3]]
+    assert _without_sources(str(fp), str(cp), "siren,dog") == (f2, c2)  # same split, reused
