@@ -1,10 +1,13 @@
 """Train the held-out-sources sound-world model that bench/confidence.py measures split (a) on.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/confidence_heldout.py        # ~20-30 min on a loaded 2-core CPU
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/confidence_heldout.py --n-train 300 --clap-epochs 6 --decoder-epochs 5
+
+Not yet run to completion: on the shared 2-core machine (load 50-120 during the session) the
+scene generation alone did not finish in 20 min; its time on a quiet machine is unmeasured.
 
 A CLAP (training.clap_contrastive) and a text-only decoder (training.decoder, noise injection) of
 the shipped model's sizes, trained on the sound world (seed 0) WITHOUT every scene that contains one
-of ``--exclude`` sources; fewer scenes/epochs than the shipped model so it trains in ~20 min here.
+of ``--exclude`` sources; fewer scenes/epochs than the shipped model (1000 scenes, 15 + 12 epochs).
 Writes ``<work>/model`` (``clap/`` + ``decoder/``, the caption job's layout) and ``<work>/heldout.json``.
 """
 
