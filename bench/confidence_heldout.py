@@ -3,7 +3,8 @@
     HF_HUB_OFFLINE=1 .venv/bin/python bench/confidence_heldout.py --n-train 300 --clap-epochs 6 --decoder-epochs 5
 
 Not yet run to completion: on the shared 2-core machine (load 50-120 during the session) the
-scene generation alone did not finish in 20 min; its time on a quiet machine is unmeasured.
+scene generation was still running after 13 min and was stopped; its time on a quiet machine is
+unmeasured.
 
 A CLAP (training.clap_contrastive) and a text-only decoder (training.decoder, noise injection) of
 the shipped model's sizes, trained on the sound world (seed 0) WITHOUT every scene that contains one
