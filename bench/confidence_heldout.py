@@ -2,9 +2,10 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/confidence_heldout.py --n-train 300 --clap-epochs 6 --decoder-epochs 5
 
-Measured: 180 s on the shared 2-core machine at a load of ~16 (CLAP 128 s, decoder 52 s): 141 of
-300 scenes survive the exclusion; the CLAP reaches held-out a2t R@1 0.05 (chance 0.026), i.e. it
-is much weaker than the shipped one (README "Confidence", split (a)).
+Measured on the shared 2-core machine (load ~12-16): --n-train 600 --clap-epochs 10
+--decoder-epochs 6 --work build/confidence2: 239 s, 285 of 600 scenes kept, CLAP held-out a2t R@1
+0.18 (chance 0.026) -> the README's split (a); --n-train 300 --clap-epochs 6 --decoder-epochs 5:
+180 s, 141 scenes, R@1 0.05 (too weak: confidence AUROC 0.784).
 
 A CLAP (training.clap_contrastive) and a text-only decoder (training.decoder, noise injection) of
 the shipped model's sizes, trained on the sound world (seed 0) WITHOUT every scene that contains one
