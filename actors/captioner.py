@@ -4,7 +4,12 @@ Columns in:  output of ``actors.clap_embedder`` (``audio_embedding``, ``model_id
 Columns out: the same plus
     caption: str       "" on failure rows
     logprob: float32   mean token log-probability of the chosen caption (NaN on failure rows)
-    decoding: str      strategy that produced it, e.g. "plain/beam3", "nearest/greedy"
+    decoding: str      strategy that produced it, e.g. "plain/beam3", "nearest/greedy"; a window
+                       withheld by ``min_confidence`` reads "withheld: confidence 0.123 < 0.5
+                       (plain/beam3)" and its caption is null (it is not decoded)
+    confidence: float32  [0, 1], how likely a caption is about this audio (``overheard.confidence``:
+                       the embedding's distance to the model's training audio; the caption-memory
+                       cosine when the decoder dir has no audio_stats.safetensors); null on failure rows
 and ``model_id`` becomes "<clap id>+<decoder id>".
 With ``guidance=True`` (or ``score_captions=True``) also
     clap_similarity: float32  cosine(CLAP audio embedding, CLAP text embedding of the caption)
@@ -23,11 +28,14 @@ context (needs a decoder trained with ``--retrieval-k``, see ``overheard.retriev
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import torch
 
 from actors.device import limit_threads, pick_device
+from overheard import confidence as conf
 from overheard import storage
 from overheard import memory as mem
 from overheard import retrieval as rag
@@ -41,7 +49,8 @@ class Captioner:
                  torch_threads: int | None = None, clap_path: str | None = None,
                  guidance: bool = False, guidance_weights=(0.2, 1.0, 0.015),
                  audibility_model: str | None = "", guidance_candidates: int = 5,
-                 guidance_mode: str = "beam", score_captions: bool = False, clap_encoder=None):
+                 guidance_mode: str = "beam", score_captions: bool = False, clap_encoder=None,
+                 min_confidence: float = 0.0):
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown decoding strategy {strategy!r}; choose from {STRATEGIES}")
         limit_threads(torch_threads)
@@ -61,6 +70,15 @@ class Captioner:
             self.memory = mem.CaptionMemory.load(local)
             if len(self.memory) == 0:
                 raise ValueError(f"{strategy} decoding needs a caption memory in {decoder_path}")
+        # confidence: a few kB of statistics, computed from the embedding alone (no decoding)
+        self.stats = conf.AudioStats.load(local)
+        self.fallback_memory = None
+        if self.stats is None:
+            m = self.memory
+            if m is None and os.path.isfile(os.path.join(local, mem.EMBEDDINGS_NAME)):
+                m = mem.CaptionMemory.load(local)
+            self.fallback_memory = m.embeddings.numpy() if m is not None and len(m) else None
+        self.min_confidence = float(min_confidence)
         beam = f"beam{num_beams}" if search == "beam" else "greedy"
         self.label = f"{strategy}/{beam}"
         self.guided = self.scorers = None
@@ -84,17 +102,45 @@ class Captioner:
             return mem.projection(emb, self.memory.embeddings, self.temperature)
         return emb
 
+    def confidence(self, emb: np.ndarray, level: np.ndarray | None = None) -> np.ndarray:
+        """[0, 1] per embedding row (times the loudness gate when the window ``level`` in dBFS is
+        known); NaN when the model has neither statistics nor a memory."""
+        if self.stats is not None:
+            c = self.stats.confidence(emb)
+        elif self.fallback_memory is not None:
+            c = conf.memory_confidence(emb, self.fallback_memory)
+        else:
+            return np.full(len(emb), np.nan, np.float32)
+        if level is not None:
+            c = c * conf.loudness_gate(np.nan_to_num(level, nan=0.0))
+        return c.astype(np.float32)
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         err = batch.column("error_type").to_pylist()
         ok = [i for i in range(n) if not err[i]]
-        captions = [""] * n
+        captions: list = [""] * n
+        decodings = [self.label] * n
         logprobs = np.full(n, np.nan, dtype=np.float32)
         sims, auds = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
+        confs = np.full(n, np.nan, np.float32)
         if ok:
             dim = batch.schema.field("audio_embedding").type.list_size
             emb = batch.column("audio_embedding").combine_chunks().flatten().to_numpy(
                 zero_copy_only=False).reshape(n, dim)[ok]
+            level = (batch.column("level_dbfs").to_numpy(zero_copy_only=False)[ok]
+                     if "level_dbfs" in batch.column_names else None)
+            c = self.confidence(emb, level)
+            confs[ok] = c
+            if self.min_confidence > 0:  # withheld windows stay rows: caption null, reason in decoding
+                low = [j for j in range(len(ok)) if c[j] < self.min_confidence]  # NaN: no signal, kept
+                for j in low:
+                    captions[ok[j]] = None
+                    decodings[ok[j]] = (f"withheld: confidence {c[j]:.3f} < {self.min_confidence:g} "
+                                        f"({self.label})")
+                keep = [j for j in range(len(ok)) if not c[j] < self.min_confidence]
+                ok, emb = [ok[j] for j in keep], emb[keep]
+        if ok:
             cond = self._condition(emb)
             if self.guided is not None:
                 res = self.guided.generate(cond, emb)
@@ -116,7 +162,8 @@ class Captioner:
         out_tbl = batch.drop_columns(["model_id"])
         out_tbl = (out_tbl.append_column("caption", pa.array(captions, pa.string()))
                 .append_column("logprob", pa.array(logprobs, pa.float32()))
-                .append_column("decoding", pa.array([self.label] * n, pa.string()))
+                .append_column("decoding", pa.array(decodings, pa.string()))
+                .append_column("confidence", pa.array(confs, pa.float32(), mask=np.isnan(confs)))
                 .append_column("model_id", pa.array(mids, pa.string())))
         if self.scorers is not None:  # NaN (failure rows, no classifier) -> null
             for name, vals in (("clap_similarity", sims), ("audibility", auds)):

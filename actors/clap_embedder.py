@@ -5,6 +5,8 @@ Columns out: the same minus ``samples``, plus
     audio_embedding: fixed_size_list<float32>[D]  L2-normalised CLAP audio embedding
                      (zeros on failure rows)
     model_id: str    the CLAP weights' id
+    level_dbfs: float32  RMS level of the window's real samples (null on failure rows); the
+                     captioner's confidence gates silence with it (overheard.confidence)
 A batch that raises is retried row by row, so one bad window becomes one failure row
 (error_type "model_error") instead of failing the whole job.
 """
@@ -17,6 +19,7 @@ import pyarrow as pa
 from actors.device import limit_threads, pick_device, pick_dtype
 from actors.windows import samples_matrix
 from overheard.clap import ClapEncoder
+from overheard.confidence import level_dbfs
 
 
 def fit_to_model(x: np.ndarray, valid: int, n: int) -> np.ndarray:
@@ -71,6 +74,7 @@ class ClapEmbedder:
         n = batch.num_rows
         dim = self.encoder.embedding_dim
         emb = np.zeros((n, dim), dtype=np.float32)
+        level = np.full(n, np.nan, np.float32)
         err_type = batch.column("error_type").to_pylist()
         err_msg = batch.column("error_message").to_pylist()
         stage = batch.column("stage").to_pylist()
@@ -80,6 +84,12 @@ class ClapEmbedder:
             start = batch.column("start_s").to_numpy()
             end = batch.column("end_s").to_numpy()
             valid = [int(round((end[i] - start[i]) * self.sr)) for i in range(n)]
+            for i in ok:  # the real samples only, not the window's zero padding
+                try:
+                    x = samples_matrix(samples, [i], self.window_samples)[0]
+                    level[i] = level_dbfs(x[: max(1, valid[i])])
+                except Exception:  # a malformed window: the embedding below reports it
+                    pass
             try:
                 emb[ok] = self._embed(samples, ok, [valid[i] for i in ok])
             except Exception:
@@ -101,4 +111,5 @@ class ClapEmbedder:
         out = out.append_column("stage", pa.array(stage, pa.string()))
         out = out.append_column("audio_embedding", pa.FixedSizeListArray.from_arrays(
             pa.array(emb.reshape(-1), pa.float32()), dim))
-        return out.append_column("model_id", pa.array([self.encoder.model_id] * n, pa.string()))
+        out = out.append_column("model_id", pa.array([self.encoder.model_id] * n, pa.string()))
+        return out.append_column("level_dbfs", pa.array(level, pa.float32(), mask=np.isnan(level)))

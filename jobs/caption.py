@@ -34,12 +34,16 @@ from jobs.config_cli import check, parse, to_json
 from jobs.lease import LeaseHeld, OutputLease
 from jobs.sink import PartWriter, SourceAssembler, done_sources, quarantine_damaged
 from overheard import layouts, storage
+from overheard.confidence import LOW
 
 ASSETS = os.path.join(os.path.dirname(overheard.__file__), "assets")
 # The embedded default: a tiny CLAP trained on the sound world + a text-only decoder (5.3 MB,
 # overheard/assets/soundworld-model/MODEL_CARD.md). tiny-random-model is random weights: the
 # cheapest model that exercises every path (benchmarks of framework overhead use it).
 DEFAULT_MODEL = os.path.join(ASSETS, "soundworld-model")
+# below this a window counts as low-confidence in the summary (overheard.confidence.LOW: beyond the
+# 95th percentile of held-out in-world distances)
+LOW_CONFIDENCE = LOW
 TINY_MODEL = os.path.join(ASSETS, "tiny-random-model")
 MEDIA_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".mp4",
                   ".m4v", ".mkv", ".webm", ".mov", ".avi", ".wma", ".aiff", ".aif")
@@ -173,6 +177,10 @@ class CaptionConfig:
         "help": "a run holds OUTPUT/_lease.json, renewed every lease_stale/4 s; a second "
                            "run on the same output refuses (exit 3) unless the lease's last "
                            "heartbeat is older than this (s): a killed run blocks no longer"})
+    min_confidence: float = field(default=0.0, metadata={
+        "min": 0.0, "max": 1.0,
+        "help": "windows whose confidence (0-1, column 'confidence') is below this keep their row "
+                "with caption null and 'decoding' saying why; 0 = caption every window"})
     run_id: str = ""
     progress: bool = True
 
@@ -558,7 +566,7 @@ def build(cfg: CaptionConfig, sources: list[tuple], clap: str, decoder: str,
         clap_path=clap, guidance=cfg.guidance, guidance_weights=cfg.guidance_weights,
         audibility_model=(None if cfg.audibility_model.lower() == "none" else cfg.audibility_model),
         guidance_candidates=cfg.guidance_candidates, guidance_mode=cfg.guidance_mode,
-        score_captions=cfg.score_captions)
+        score_captions=cfg.score_captions, min_confidence=cfg.min_confidence)
     if cfg.fuse_models:
         from actors.clap_captioner import ClapCaptioner
         ds = ds.map_batches(
@@ -632,7 +640,8 @@ def _run_leased(cfg, t0, dali, clap, decoder, frame_size, lease, sources) -> dic
                     sources_listed=len(sources), sources_skipped_done=sum(1 for s in sources if s[0] in done),
                     sources_todo=len(todo), sources_captioned=0, sources_failed=0,
                     windows=0, window_failures=0, audio_hours=0.0, failures_by_type={},
-                    model_ids=[], parts=[])
+                    model_ids=[], parts=[], windows_scored=0, windows_low_confidence=0,
+                    bundled_model=os.path.realpath(decoder).startswith(os.path.realpath(DEFAULT_MODEL)))
     manifest["damaged_parts"] = damaged  # renamed .damaged-*; their sources are redone
     manifest["mode"] = cfg.mode if dali else "audio"
     manifest["windowing"] = windowing_text(cfg)
@@ -752,6 +761,10 @@ def _count(manifest: dict, r) -> None:
         # counted on released (deduplicated) rows, so a resent window is not counted twice
         manifest["windows_with_frames"] += int(pc.sum(pc.cast(pc.match_substring(
             r.captions.column("decoding"), "+image"), pa.int64())).as_py() or 0)
+    if r.captions is not None and "confidence" in r.captions.column_names:
+        c = r.captions.column("confidence").drop_null().to_numpy(zero_copy_only=False)
+        manifest["windows_scored"] += len(c)
+        manifest["windows_low_confidence"] += int((c < LOW_CONFIDENCE).sum())
     manifest["audio_hours"] = round(manifest["audio_hours"] + r.audio_s / 3600.0, 6)
     manifest["sources_captioned"] += r.captioned
     manifest["sources_failed"] += r.failed
@@ -761,10 +774,19 @@ def _count(manifest: dict, r) -> None:
 
 
 def summary_text(m: dict) -> str:
-    return (f"run {m['run_id']} {m['status']}: {m['sources_captioned']} files captioned, "
+    text = (f"run {m['run_id']} {m['status']}: {m['sources_captioned']} files captioned, "
             f"{m['sources_failed']} failed, {m['sources_skipped_done']} already done; "
             f"{m['windows']} windows ({m['audio_hours']:.3f} h of audio) in {m['wall_s']:.1f} s "
             f"= {m['windows_per_s']:.2f} windows/s; failures: {m['failures_by_type'] or 'none'}")
+    scored, low = m.get("windows_scored", 0), m.get("windows_low_confidence", 0)
+    if scored:
+        text += f"\nconfidence: {low} of {scored} windows below {LOW_CONFIDENCE:g}"
+    if scored and low > scored / 2 and m.get("bundled_model"):
+        text += ("\nnote: most windows are unlike anything the bundled model knows. It is a demo "
+                 "trained only on a generated world of 11 sound sources (dog, beeps, knocks, rain, "
+                 "engine, siren, birds, typing, speech), so its captions of other audio mean little. "
+                 "Point --model at a real CLAP + decoder directory (README \"Models\").")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:

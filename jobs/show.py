@@ -27,7 +27,8 @@ def format_rows(t: pa.Table, limit: int = 20) -> str:
     lines = []
     for r in t.slice(0, limit).to_pylist():
         name = r["source_uri"].rsplit("/", 1)[-1]
-        lines.append(f"{name:<32} {r['start_s']:8.2f}-{r['end_s']:8.2f}s  {r['caption']}")
+        text = r["caption"] if r["caption"] is not None else f"({r['decoding']})"  # withheld
+        lines.append(f"{name:<32} {r['start_s']:8.2f}-{r['end_s']:8.2f}s  {text}")
     if t.num_rows > limit:
         lines.append(f"... {t.num_rows - limit} more rows")
     return "\n".join(lines)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+# "2": ``caption`` is nullable (null = withheld by --min-confidence, ``decoding`` says why) and the
+# ``confidence`` column exists; "1" tables have neither (README "Caption table").
+SCHEMA_VERSION = "2"
 
 # Error types a failure row can carry; README lists them with their meaning.
 ERROR_TYPES = (
@@ -40,11 +42,12 @@ def caption_schema(embedding_dim: int | None) -> pa.Schema:
         pa.field("window_index", pa.int32(), nullable=False),
         pa.field("start_s", pa.float64(), nullable=False),
         pa.field("end_s", pa.float64(), nullable=False),
-        pa.field("caption", pa.string(), nullable=False),
+        pa.field("caption", pa.string()),  # null: withheld as low-confidence (schema version 2)
         pa.field("decoding", pa.string(), nullable=False),
         pa.field("logprob", pa.float32()),
         pa.field("clap_similarity", pa.float32()),
         pa.field("audibility", pa.float32()),
+        pa.field("confidence", pa.float32()),  # [0, 1], overheard.confidence; null on failure rows
         pa.field("model_id", pa.string(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
         # archive layouts: companion members of a tar shard, the HF row's path and scalar

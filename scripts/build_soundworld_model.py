@@ -2,12 +2,18 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/soundworld.py                 # trains + measures
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/build_soundworld_model.py --decoder noise
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/build_soundworld_model.py --stats-only   # confidence stats only
 
 Takes the contrastively trained CLAP (build/soundworld-clap) and one text-only decoder of the
 benchmark (build/bench-soundworld/decoders/<name>), and writes ``clap/`` + ``decoder/`` (the
 caption job's model layout) + MODEL_CARD.md.  To stay a few MB the decoder weights and its caption
 memory are stored as float16 (both loaders cast to float32; captions are checked to be unchanged
 on the benchmark's held-out clips) and the memory keeps each distinct caption once.
+
+It also writes ``decoder/audio_stats.safetensors`` (overheard.confidence: mean + precision of the
+CLAP audio embeddings of the ``--stats-train`` training scenes, calibrated on ``--stats-calibration``
+scenes of a split no model trained on), which the caption job's ``confidence`` column needs;
+``--stats-only`` adds just that file to an existing model directory.
 """
 
 from __future__ import annotations
@@ -33,7 +39,15 @@ def main(argv=None) -> int:
     ap.add_argument("--decoder", default="noise", help="decoder name under <bench>/decoders")
     ap.add_argument("--strategy", default="plain", help="the strategy the card recommends")
     ap.add_argument("--out", default=os.path.join(ROOT, "overheard", "assets", "soundworld-model"))
+    ap.add_argument("--stats-only", action="store_true",
+                    help="only (re)write decoder/audio_stats.safetensors of --out from its own clap/")
+    ap.add_argument("--stats-train", type=int, default=400, help="training scenes for the statistics")
+    ap.add_argument("--stats-calibration", type=int, default=150, help="held-out scenes for calibration")
+    ap.add_argument("--world-seed", type=int, default=0)
     a = ap.parse_args(argv)
+    if a.stats_only:
+        write_audio_stats(a.out, a.stats_train, a.stats_calibration, a.world_seed)
+        return 0
 
     import numpy as np
     import torch
@@ -114,11 +128,52 @@ def main(argv=None) -> int:
     print(f"{a.out}: {total / 1e6:.2f} MB")
     for k, v in sorted(sizes.items()):
         print(f"  {k:<40} {v / 1e3:8.1f} kB")
+    write_audio_stats(a.out, a.stats_train, a.stats_calibration, a.world_seed)
     with open(os.path.join(a.out, "build_info.json"), "w") as f:
         json.dump({"decoder": a.decoder, "strategy": a.strategy, "fp16_caption_agreement": same,
                    "fp16_clap_min_cosine": clap_cos, "fp16_end_to_end_caption_agreement": clap_same,
                    "memory_distinct": len(small), "memory_total": len(mem), "bytes": total}, f, indent=1)
     return 0
+
+
+def world_embeddings(clap_dir: str, split: str, n: int, world_seed: int = 0, batch: int = 20):
+    """CLAP audio embeddings (n, D) of the first ``n`` scenes of a sound-world split."""
+    import numpy as np
+
+    from overheard import soundworld as sw
+    from overheard.clap import ClapEncoder
+
+    enc = ClapEncoder(clap_dir)
+    out = []
+    for b in range(0, n, batch):
+        audio = np.stack([sw.make_scene(sw.clip_seed(world_seed, split, i))[0]
+                          for i in range(b, min(n, b + batch))])
+        out.append(enc.embed_audio(audio))
+    return np.concatenate(out)
+
+
+def write_audio_stats(model_dir: str, n_train: int, n_cal: int, world_seed: int = 0) -> None:
+    """decoder/audio_stats.safetensors for the model in ``model_dir`` (README "Confidence"):
+    statistics of the training split, calibrated on split "confidence" (no model trains on it)."""
+    import time
+
+    from overheard.confidence import AudioStats
+
+    t = time.time()
+    clap = os.path.join(model_dir, "clap")
+    st = AudioStats.fit(world_embeddings(clap, "train", n_train, world_seed),
+                        world_embeddings(clap, "confidence", n_cal, world_seed))
+    path = st.save(os.path.join(model_dir, "decoder"))
+    print(f"{path}: {n_train} training + {n_cal} calibration scenes, d50 {st.d50:.3f} "
+          f"d95 {st.d95:.3f}, {os.path.getsize(path) / 1e3:.1f} kB, {time.time() - t:.0f} s")
+    info_path = os.path.join(model_dir, "build_info.json")
+    if os.path.isfile(info_path):
+        with open(info_path) as f:
+            info = json.load(f)
+        info["confidence_stats"] = {"n_train": n_train, "n_calibration": n_cal, "d50": round(st.d50, 4),
+                                    "d95": round(st.d95, 4), "ridge": st.ridge}
+        with open(info_path, "w") as f:
+            json.dump(info, f, indent=1)
 
 
 def _test_embeddings(bench: str, n: int = 150):

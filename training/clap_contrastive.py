@@ -60,6 +60,7 @@ class Config:
     max_failures: int = 2
     num_to_keep: int = 2
     prep_tasks: int = 2                          # parallel Ray tasks generating scenes + features
+    exclude_sources: str = ""                    # comma-separated world sources whose scenes are dropped (held-out split)
     # model
     vocab_size: int = 1000                       # BPE target size (actual may be smaller)
     text_hidden: int = 64
@@ -232,6 +233,24 @@ def prepare_split(cfg: Config, split: str, n: int) -> tuple[str, str]:
     return fp, cp
 
 
+def _without_sources(feat_path: str, cap_path: str, exclude: str) -> tuple[str, str]:
+    """The split minus every scene that contains one of the comma-separated ``exclude`` sources
+    (a held-out-sources split: the model never hears them), written beside the full split."""
+    drop = {s.strip() for s in exclude.split(",") if s.strip()}
+    with open(cap_path) as f:
+        rows = json.load(f)
+    keep = [i for i, r in enumerate(rows) if not drop & set(r["sources"])]
+    tag = "-without-" + "-".join(sorted(drop))
+    fp, cp = feat_path[:-4] + tag + ".npy", cap_path[:-5] + tag + ".json"
+    if not (os.path.exists(fp) and os.path.exists(cp)):
+        np.save(fp + ".tmp.npy", np.load(feat_path)[keep])
+        with open(cp + ".tmp", "w") as f:
+            json.dump([rows[i] for i in keep], f)
+        os.replace(cp + ".tmp", cp)
+        os.replace(fp + ".tmp.npy", fp)
+    return fp, cp
+
+
 # ----------------------------------------------------------------------------- worker loop
 def embed_eval(model, feats, captions_flat, tokenizer, device, batch: int = 32):
     import torch
@@ -398,6 +417,9 @@ def run(cfg: Config) -> dict:
         ray.init(ignore_reinit_error=True, include_dashboard=False)
     tr_f, tr_c = prepare_split(cfg, "train", cfg.n_train)
     ev_f, ev_c = prepare_split(cfg, "eval", cfg.n_eval)
+    if cfg.exclude_sources:
+        tr_f, tr_c = _without_sources(tr_f, tr_c, cfg.exclude_sources)
+        ev_f, ev_c = _without_sources(ev_f, ev_c, cfg.exclude_sources)
     t_data = time.time() - t_start
     with open(tr_c) as f:
         train_rows = json.load(f)
