@@ -38,6 +38,7 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 # Chosen on bench/timeline.py's dev recordings (best boundary F1 at hop 10; 10-s windows, shipped
 # sound-world model): the audio embedding is the stronger signal. Within an event adjacent
@@ -154,6 +155,10 @@ def segments(captions: pa.Table, sim: float = SIM, words: float = WORDS) -> pa.T
     source, model, segment. Failed/empty-caption rows should be filtered by the caller."""
     if "model_id" not in captions.column_names:
         captions = captions.append_column("model_id", pa.nulls(captions.num_rows, pa.string()))
+    # a caption withheld for low confidence (--min-confidence: null) is a window saying nothing:
+    # it merges only with other such windows, and its cue reads "(no caption)"
+    i = captions.schema.get_field_index("caption")
+    captions = captions.set_column(i, "caption", pc.fill_null(captions.column(i), ""))
     # one sort, then contiguous runs per (source, model): no per-source scan of the table
     t = captions.sort_by([("source_uri", "ascending"), ("model_id", "ascending"),
                           ("window_index", "ascending")])

@@ -236,3 +236,16 @@ def test_command_writes_valid_timelines_of_a_real_run(captioned, s3_server, s3_b
     assert fs.cat(f"{s3_bucket}/tl/two_scenes.srt") == open(root / "srt" / "two_scenes.srt", "rb").read()
     with pytest.raises(ValueError, match="--format"):
         main(["timeline", captioned["out"], str(root / "x"), "--format", "ass"])
+
+
+def test_withheld_captions_do_not_break_the_timeline():
+    """--min-confidence writes rows with caption null: they become "(no caption)" segments."""
+    from overheard.timeline import segments, to_srt
+
+    t = pa.table({"source_uri": ["a.wav"] * 3, "window_index": pa.array([0, 1, 2], pa.int32()),
+                  "start_s": [0.0, 10.0, 20.0], "end_s": [10.0, 20.0, 30.0],
+                  "caption": pa.array(["a dog barks", None, None], pa.string())})
+    segs = segments(t)
+    assert segs.column("caption").to_pylist() == ["a dog barks", ""]
+    assert segs.column("start_s").to_pylist() == [0.0, 10.0]
+    assert "(no caption)" in to_srt(segs.to_pylist())
