@@ -106,19 +106,22 @@ def test_manifest_rewritten_at_each_commit(ray_local, tiny_model, tmp_path, caps
     assert status_main([str(tmp_path / "nothing-here")]) == 1
 
 
-def test_status_reads_s3_and_flags_a_dead_run(s3_server, s3_bucket, capsys):
+def test_status_reads_s3_and_flags_a_dead_run(s3_server, capsys):
     """A manifest on s3:// whose driver stopped rewriting it long ago reads as ``running?``."""
     from jobs.status import main as status_main
 
     fs = s3_server.fs()
+    bucket = "overheard-status"  # its own bucket: other tests count every key of the shared one
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)
     old = time.time() - 3600
     m = dict(run_id="r1", status="running", started_at=old, updated_at=old, input="in",
              output="out", sources_todo=10, sources_captioned=3, sources_failed=1, windows=7,
              audio_hours=0.02, windows_per_s=1.5, wall_s=60, failures_by_type={"corrupt": 1},
              parts=["p1"], sources_listed=10, sources_skipped_done=0, eta_s=120)
-    fs.pipe(f"{s3_bucket}/status-test/runs/r1/manifest.json", json.dumps(m).encode())
-    assert status_main([f"s3://{s3_bucket}/status-test", "--json"]) == 0
+    fs.pipe(f"{bucket}/status-test/runs/r1/manifest.json", json.dumps(m).encode())
+    assert status_main([f"s3://{bucket}/status-test", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["run_id"] == "r1"
-    assert status_main([f"s3://{s3_bucket}/status-test"]) == 0
+    assert status_main([f"s3://{bucket}/status-test"]) == 0
     text = capsys.readouterr().out
     assert "running?" in text and "4/10 done" in text and "{'corrupt': 1}" in text
