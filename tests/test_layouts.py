@@ -314,6 +314,15 @@ def test_jsonl_manifest_spans(ray_local, tiny_model, media, tmp_path):
     assert [f["source_uri"] for f in fails] == [f"{man}#line=5"]
     assert "audio_filepath" in fails[0]["message"] and not fails[0]["retryable"]
     assert m["sources_listed"] == 4  # the duplicate line is one source
+    # overheard serve plays a span id from the plain file at the window's file times: the
+    # samples of the full decode (window 1 of a.flac#t=3.5,15.5 is 13.5-15.5 s)
+    from jobs.serve import Archive
+    from tests.test_serve import _decode_span, _wav
+    uri = f"{d / 'a.flac'}#t=3.5,15.5"
+    r = caps.filter(pc.equal(caps["source_uri"], uri)).sort_by("window_index").to_pylist()[1]
+    _, _, x = _wav(Archive(out, "").audio_wav(uri, r["start_s"], r["end_s"]))
+    assert np.array_equal(x, _decode_span(str(d / "a.flac"), r["start_s"], r["end_s"]))
+    assert len(x) == round((r["end_s"] - r["start_s"]) * 48000) and np.abs(x).max() > 1000
     m2 = run(cfg)
     assert m2["sources_todo"] == 0 and m2["windows"] == 0
 
