@@ -580,9 +580,10 @@ def _iter_hf(uri: str, rg: int, members: list[dict]) -> Iterator[tuple[str, Loca
 
 # ------------------------------------------------------------------ by id (overheard serve)
 
-# Tar shards whose header index open_by_id keeps (LRU): one entry is ~150 B per member, so 32
-# shards of 1000 members hold ~5 MB; re-indexing a 1000-member shard on S3 costs one ranged read
-# per header (~10-30 ms each).
+# Tar shards whose header index open_by_id keeps (LRU): ~330 B per member (measured with
+# tracemalloc, short names), so 32 shards of 1000 members hold ~10 MB; indexing a 1000-member
+# shard of 20-KB members took 486 ms on the loopback S3 server, a cached one costs nothing
+# (bench/serve_layouts.py).
 TAR_INDEX_CACHE = 32
 _tar_index: OrderedDict = OrderedDict()
 _tar_index_lock = threading.Lock()
