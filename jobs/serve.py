@@ -17,7 +17,9 @@ API (JSON unless stated; what the pages use):
 * ``GET /api/search?q=&k=``  -> ``[{source_uri, window_index, start_s, end_s, caption,
   confidence, score}]`` (``jobs.search.search``: CLAP-text vectors fused with BM25; ``k`` <= 100)
 * ``GET /api/audio?source_uri=&start_s=&end_s=`` -> ``audio/wav`` (16-bit mono 48 kHz), decoded
-  by the job's reader (``overheard.span.read_span``: channel mean, 48 kHz) from local or s3://
+  by the job's reader (``overheard.span.read_span``: channel mean, 48 kHz) from local or s3://;
+  archive-layout ids (tar / .tar.gz members, HF Parquet rows, JSONL spans) are opened by
+  ``overheard.layouts.open_by_id``, which reads only the container the id names
 * ``GET /api/source?source_uri=`` -> ``{source_uri, name, windows: [...], failures: [...]}``
 * ``GET /api/runs`` -> ``[manifest + {throughput: [[seconds, windows committed], ...]}]``
 * ``GET /api/failures?error_type=&run_id=&limit=`` -> ``{counts: {type: n}, total, rows: [...]}``
@@ -50,7 +52,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.config_cli import parse
-from overheard import storage
+from overheard import layouts, storage
 from overheard.media import TARGET_SR, MediaError
 from overheard.span import read_span
 
@@ -193,7 +195,8 @@ class Archive:
         """The window ``[start_s, end_s)`` as 16-bit mono WAV at 48 kHz, read by
         ``overheard.span.read_span``: the job's reader and sample counting (exact in the first
         2 minutes of a file; later spans are found by seeking)."""
-        with storage.open_input(uri) as f:
+        f = layouts.open_by_id(uri)  # a shard member / Parquet row / span: its container only
+        with f if f is not None else storage.open_input(uri) as f:
             x = read_span(f, start_s, end_s, TARGET_SR)
         pcm = (np.clip(x, -1.0, 1.0) * 32767.0).round().astype("<i2")
         buf = io.BytesIO()

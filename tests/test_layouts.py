@@ -203,6 +203,83 @@ def test_resume_and_rerun_exactly_once(layout_run):
         layout_run["caps"].num_rows
 
 
+def test_serve_plays_shard_members_and_parquet_rows(layout_run, media, monkeypatch):
+    """``overheard serve`` on this run's output (shards and HF Parquet on the S3 server): its
+    /api/audio opens a tar member, a .tar.gz member and a Parquet row by id
+    (``layouts.open_by_id``) and returns the job reader's samples of the captioned window,
+    decoded here from the clip's own bytes; a tar shard's header index is read once per shard."""
+    from jobs.serve import Archive, ServeConfig
+    from overheard import layouts
+    from overheard.media import TARGET_SR, iter_audio
+    from tests.test_serve import Server, _wav, api
+
+    clips, _ = media
+    caps, out = layout_run["caps"].to_pylist(), layout_run["out"]
+    shards, hf = layout_run["base"] + "/shards", layout_run["base"] + "/hf"
+    walks = []
+    walk = layouts._walk_tar
+    monkeypatch.setattr(layouts, "_walk_tar", lambda *a: walks.append(1) or walk(*a))
+    monkeypatch.setattr(layouts, "_tar_index", layouts.OrderedDict())
+    srv = Server(ServeConfig(output=out, port=0), Archive(out, ""))
+    try:
+        for uri, clip in [(f"{shards}/s0.tar#sub/000.flac", "a.flac"),
+                          (f"{shards}/s0.tar#sub/004.ogg", "c.ogg"),
+                          (f"{shards}/s1.tar.gz#k1.ogg", "c.ogg"),
+                          (f"{hf}/train-00000-of-00002.parquet#0", "a.flac"),
+                          (f"{hf}/train-00001-of-00002.parquet#1", "c.ogg")]:
+            r = [x for x in caps if x["source_uri"] == uri and x["window_index"] == 1][0]
+            st, h, body = api(srv.url, "/api/audio", source_uri=uri, start_s=r["start_s"],
+                              end_s=r["end_s"])
+            assert st == 200 and h["Content-Type"] == "audio/wav", (uri, body[:200])
+            sr, ch, x = _wav(body)
+            full = np.concatenate(list(iter_audio(io.BytesIO(clips[clip][0]), TARGET_SR)))
+            a, b = round(r["start_s"] * TARGET_SR), round(r["end_s"] * TARGET_SR)
+            want = (np.clip(full[a:b], -1, 1) * 32767).round().astype(np.int16)
+            assert (sr, ch, len(x)) == (48000, 1, b - a) and np.array_equal(x, want), uri
+            assert np.abs(x).max() > 1000  # a tone, not silence
+        assert len(walks) == 1  # s0.tar indexed once for its two members (the .tar.gz streams)
+        # ids only in the failures table, or never captioned, are refused before any opening
+        for uri in [f"{hf}/train-00001-of-00002.parquet#0", f"{shards}/s0.tar#sub/003.wav",
+                    f"{shards}/s0.tar#../../etc/passwd", f"{hf}/train-00000-of-00002.parquet#9"]:
+            assert api(srv.url, "/api/audio", source_uri=uri, start_s=0, end_s=1)[0] == 404, uri
+    finally:
+        srv.stop()
+
+
+def test_open_by_id_failures_and_cache_bound(media, tmp_path, monkeypatch):
+    """Plain files are not layout ids; a member or row the container no longer has, a row with
+    only a path and a damaged shard each raise one clear error; the shard index cache is bounded
+    and keyed by the shard's version (a rewritten shard is re-indexed)."""
+    from overheard import layouts
+    from overheard.media import MediaError
+
+    build_shards(tmp_path / "shards", media)
+    build_hf(tmp_path / "hf", media)
+    s0, hf1 = tmp_path / "shards" / "s0.tar", tmp_path / "hf" / "train-00001-of-00002.parquet"
+    monkeypatch.setattr(layouts, "_tar_index", layouts.OrderedDict())
+    monkeypatch.setattr(layouts, "TAR_INDEX_CACHE", 1)
+    assert layouts.open_by_id(str(tmp_path / "a#b.flac")) is None
+    assert layouts.parse_id(f"{s0}#dir/x#1.flac") == ("tar", str(s0), "dir/x#1.flac")
+    assert layouts.parse_id(f"{hf1}#t=1.5,3") == ("span", str(hf1), "t=1.5,3")
+    with layouts.open_by_id(f"{s0}#sub/001.wav") as f:
+        assert f.read() == media[0]["b.wav"][0]
+    for uri, exc, text in [(f"{s0}#sub/999.wav", FileNotFoundError, "not in the shard"),
+                           (f"{hf1}#7", FileNotFoundError, "no such row"),
+                           (f"{hf1}#0", MediaError, "no embedded audio"),
+                           (f"{tmp_path}/shards/broken.tar#x.wav", MediaError, "unreadable")]:
+        with pytest.raises(exc, match=text):
+            layouts.open_by_id(uri)
+    assert len(layouts._tar_index) == 1  # broken.tar raised before caching; bound is 1
+    # rewrite s0.tar with other content: a new version, so the stale offsets are not used
+    with tarfile.open(s0, "w") as tf:
+        _add(tf, "pad.bin", os.urandom(5000))
+        _add(tf, "sub/001.wav", media[0]["a.flac"][0])
+    os.utime(s0, (1, 1))
+    with layouts.open_by_id(f"{s0}#sub/001.wav") as f:
+        assert f.read() == media[0]["a.flac"][0]
+    assert len(layouts._tar_index) == 1
+
+
 def test_jsonl_manifest_spans(ray_local, tiny_model, media, tmp_path):
     """NeMo manifest: spans of one file are distinct sources whose windows carry the file's own
     times and cover only the span; a bad line is one failure row; rerun adds nothing."""
@@ -237,6 +314,15 @@ def test_jsonl_manifest_spans(ray_local, tiny_model, media, tmp_path):
     assert [f["source_uri"] for f in fails] == [f"{man}#line=5"]
     assert "audio_filepath" in fails[0]["message"] and not fails[0]["retryable"]
     assert m["sources_listed"] == 4  # the duplicate line is one source
+    # overheard serve plays a span id from the plain file at the window's file times: the
+    # samples of the full decode (window 1 of a.flac#t=3.5,15.5 is 13.5-15.5 s)
+    from jobs.serve import Archive
+    from tests.test_serve import _decode_span, _wav
+    uri = f"{d / 'a.flac'}#t=3.5,15.5"
+    r = caps.filter(pc.equal(caps["source_uri"], uri)).sort_by("window_index").to_pylist()[1]
+    _, _, x = _wav(Archive(out, "").audio_wav(uri, r["start_s"], r["end_s"]))
+    assert np.array_equal(x, _decode_span(str(d / "a.flac"), r["start_s"], r["end_s"]))
+    assert len(x) == round((r["end_s"] - r["start_s"]) * 48000) and np.abs(x).max() > 1000
     m2 = run(cfg)
     assert m2["sources_todo"] == 0 and m2["windows"] == 0
 
