@@ -59,39 +59,57 @@ class DaliAlignConfig:
     init: str = field(default="", metadata={"help": "start from this DALI checkpoint"})
     clap: str = field(default="", metadata={"help": "CLAP model (with --llava: start a new DALI model)"})
     llava: str = field(default="", metadata={"help": "LLaVA model directory (HF format)"})
-    hidden: int = field(default=0, metadata={"help": "projection MLP hidden width for a new model "
+    hidden: int = field(default=0, metadata={
+        "min": 0, "help": "projection MLP hidden width for a new model "
                                                      "(0: the vision width)"})
-    loss: str = field(default="mmd", metadata={"help": "mmd | emd | attentive_ot"})
-    window: float = field(default=10.0, metadata={"help": "seconds of audio from each clip's start "
+    loss: str = field(default="mmd", metadata={
+        "choices": ("mmd", "emd", "attentive_ot"), "help": "mmd | emd | attentive_ot"})
+    window: float = field(default=10.0, metadata={
+        "gt": 0.0, "max": 10.0, "help": "seconds of audio from each clip's start "
                                                           "(<= 10, CLAP's window)"})
-    frames_per_clip: int = field(default=10, metadata={"help": "first frame of each of the first N "
+    frames_per_clip: int = field(default=10, metadata={
+        "min": 1, "help": "first frame of each of the first N "
                                                                "seconds; one per clip per epoch"})
-    epochs: int = 10
-    batch_size: int = field(default=16, metadata={"help": "global batch (split across workers)"})
-    lr: float = field(default=1e-3, metadata={"help": "projection (and attention) learning rate"})
-    tower_lr: float = field(default=1e-5, metadata={"help": "CLAP tower learning rate (--tune-tower)"})
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
+    epochs: int = field(default=10, metadata={"min": 1, "help": "passes over the training data"})
+    batch_size: int = field(default=16, metadata={
+        "min": 1, "help": "global batch (split across workers)"})
+    lr: float = field(default=1e-3, metadata={
+        "gt": 0.0, "help": "projection (and attention) learning rate"})
+    tower_lr: float = field(default=1e-5, metadata={
+        "gt": 0.0, "help": "CLAP tower learning rate (--tune-tower)"})
+    weight_decay: float = field(default=0.01, metadata={"min": 0.0, "help": "AdamW weight decay"})
+    warmup_steps: int = field(default=0, metadata={"min": 0, "help": "linear warm-up steps"})
+    grad_clip: float = field(default=1.0, metadata={
+        "min": 0.0, "help": "clip the gradient norm to this (0: off)"})
     tune_tower: bool = field(default=False, metadata={"help": "also fine-tune the CLAP audio tower"})
-    attn_heads: int = field(default=8, metadata={"help": "attentive_ot: heads (must divide the width)"})
-    attn_temperature: float = field(default=0.1, metadata={"help": "attentive_ot: softmax temperature"})
-    lambda_start: float = 500.0
-    lambda_end: float = 100.0
-    lambda_ramp_epochs: int = 5
-    dtype: str = field(default="float32", metadata={"help": "frozen models: float32 | bfloat16 (GPU)"})
-    seed: int = 0
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 2
-    num_to_keep: int = 2
+    attn_heads: int = field(default=8, metadata={
+        "min": 1, "help": "attentive_ot: heads (must divide the width)"})
+    attn_temperature: float = field(default=0.1, metadata={
+        "gt": 0.0, "help": "attentive_ot: softmax temperature"})
+    lambda_start: float = field(default=500.0, metadata={
+        "gt": 0.0, "help": "OT lambda at epoch 1 (Appendix E: 500), then linear to --lambda-end"})
+    lambda_end: float = field(default=100.0, metadata={
+        "gt": 0.0, "help": "OT lambda from epoch --lambda-ramp-epochs on (Appendix E: 100)"})
+    lambda_ramp_epochs: int = field(default=5, metadata={
+        "min": 0, "help": "epoch at which lambda reaches --lambda-end"})
+    dtype: str = field(default="float32", metadata={
+        "choices": ("float32", "bfloat16"), "help": "frozen models: float32 | bfloat16 (GPU)"})
+    seed: int = field(default=0, metadata={"min": 0, "help": "initialisation and data order"})
+    num_workers: int = field(default=1, metadata={"min": 1, "help": "Ray Train workers (DDP)"})
+    use_gpu: bool = field(default=False, metadata={"help": "train on GPUs"})
+    cpus_per_worker: float = field(default=1.0, metadata={
+        "gt": 0.0, "help": "CPUs each training worker reserves (fractional shares a node)"})
+    max_failures: int = field(default=2, metadata={
+        "min": -1, "help": "worker failures Ray Train recovers from (-1: unlimited)"})
+    num_to_keep: int = field(default=2, metadata={"min": 1, "help": "checkpoints kept"})
     storage_path: str = field(default="", metadata={"help": "Ray Train run storage (local or s3://); "
                                                             "default <output>-runs"})
     run_name: str = field(default="dali-align", metadata={"help": "same name + storage => resume"})
-    inject_failure_epoch: int = field(default=-1, metadata={"help": "testing: rank 0 raises once at "
+    inject_failure_epoch: int = field(default=-1, metadata={
+        "min": -1, "help": "testing: rank 0 raises once at "
                                                                     "the start of this epoch"})
-    ray_address: str = ""
+    ray_address: str = field(default="", metadata={
+        "help": "Ray cluster to join (empty: start or join a local one)"})
 
 
 def alignment_loss(kind: str, audio, vision, weights=None, lam: float = 0.0, uniform: bool = True):

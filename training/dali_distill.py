@@ -44,32 +44,45 @@ class DaliDistillConfig:
                                                     "manifest with a 'uri' column"})
     init: str = field(default="", metadata={"help": "DALI checkpoint that writes the pseudo-labels and "
                                                     "is fine-tuned (aligned, usually prefix-tuned)"})
-    window: float = field(default=10.0, metadata={"help": "seconds of audio from each clip's start"})
-    frames_per_clip: int = field(default=10, metadata={"help": "the pseudo-label frame is the middle "
+    window: float = field(default=10.0, metadata={
+        "gt": 0.0, "max": 10.0, "help": "seconds of audio from each clip's start"})
+    frames_per_clip: int = field(default=10, metadata={
+        "min": 1, "help": "the pseudo-label frame is the middle "
                                                                "one of the first N seconds"})
-    max_new_tokens: int = field(default=0, metadata={"help": "pseudo-caption length (0: the model's)"})
-    caption_batch: int = 16
-    caption_actors: int = 1
-    caption_cpus: float = field(default=1.0, metadata={"help": "CPUs per captioner actor"})
-    epochs: int = 5
-    batch_size: int = field(default=16, metadata={"help": "global batch (split across workers)"})
-    lr: float = field(default=2e-4, metadata={"help": "paper: 2e-4, cosine decay"})
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    max_caption_tokens: int = 40
-    dtype: str = field(default="float32", metadata={"help": "frozen models: float32 | bfloat16 (GPU)"})
-    seed: int = 0
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 2
-    num_to_keep: int = 2
+    max_new_tokens: int = field(default=0, metadata={
+        "min": 0, "help": "pseudo-caption length (0: the model's)"})
+    caption_batch: int = field(default=16, metadata={
+        "min": 1, "help": "clips per pseudo-captioning call"})
+    caption_actors: int = field(default=1, metadata={"min": 1, "help": "pseudo-captioning actors"})
+    caption_cpus: float = field(default=1.0, metadata={
+        "gt": 0.0, "help": "CPUs per captioner actor"})
+    epochs: int = field(default=5, metadata={"min": 1, "help": "passes over the training data"})
+    batch_size: int = field(default=16, metadata={
+        "min": 1, "help": "global batch (split across workers)"})
+    lr: float = field(default=2e-4, metadata={"gt": 0.0, "help": "paper: 2e-4, cosine decay"})
+    weight_decay: float = field(default=0.01, metadata={"min": 0.0, "help": "AdamW weight decay"})
+    warmup_steps: int = field(default=0, metadata={"min": 0, "help": "linear warm-up steps"})
+    grad_clip: float = field(default=1.0, metadata={
+        "min": 0.0, "help": "clip the gradient norm to this (0: off)"})
+    max_caption_tokens: int = field(default=40, metadata={
+        "min": 1, "help": "caption length in tokens"})
+    dtype: str = field(default="float32", metadata={
+        "choices": ("float32", "bfloat16"), "help": "frozen models: float32 | bfloat16 (GPU)"})
+    seed: int = field(default=0, metadata={"min": 0, "help": "initialisation and data order"})
+    num_workers: int = field(default=1, metadata={"min": 1, "help": "Ray Train workers (DDP)"})
+    use_gpu: bool = field(default=False, metadata={"help": "train on GPUs"})
+    cpus_per_worker: float = field(default=1.0, metadata={
+        "gt": 0.0, "help": "CPUs each training worker reserves (fractional shares a node)"})
+    max_failures: int = field(default=2, metadata={
+        "min": -1, "help": "worker failures Ray Train recovers from (-1: unlimited)"})
+    num_to_keep: int = field(default=2, metadata={"min": 1, "help": "checkpoints kept"})
     storage_path: str = field(default="", metadata={"help": "Ray Train run storage (local or s3://); "
                                                             "default <output>-runs"})
     run_name: str = field(default="dali-distill", metadata={"help": "same name + storage => resume"})
-    inject_failure_epoch: int = -1
-    ray_address: str = ""
+    inject_failure_epoch: int = field(default=-1, metadata={
+        "min": -1, "help": "testing: rank 0 raises once at the start of this epoch (-1: never)"})
+    ray_address: str = field(default="", metadata={
+        "help": "Ray cluster to join (empty: start or join a local one)"})
 
 
 # ----------------------------------------------------------------------------- pseudo-labels
