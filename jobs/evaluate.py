@@ -94,7 +94,10 @@ class EvaluateConfig:
                 "(caption with --whole-clip S)"})
 
     def validate(self) -> None:
-        parse_metrics(self.metrics)  # an unknown metric name: one line, before reading any table
+        try:  # an unknown metric name: one line, before reading any table
+            parse_metrics(self.metrics)
+        except ValueError as e:
+            raise ValueError(f"--metrics: {e}") from None
 
 
 class MetricUnavailable(RuntimeError):
