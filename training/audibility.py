@@ -36,13 +36,14 @@ import numpy as np
 
 from jobs.config_cli import parse
 from training.common import (adamw, cosine_lr, cpu_state_dict, fit, load_final, restore_checkpoint,
-                             save_epoch_checkpoint, worker_context)
+                             run_option, save_epoch_checkpoint, worker_context)
 
 
 @dataclass
 class Config:
     data: str = field(default="", metadata={
-        "help": "labelled file (CSV text,label or JSON lines), local or s3://; \"\" = the shipped set"})
+        "help": "labelled file (CSV text,label or JSON lines), local or s3://; empty: the shipped "
+                "set"})
     out_dir: str = field(default="build/audibility", metadata={
         "help": "final classifier directory (local)"})
     storage_path: str = field(default="", metadata={
@@ -51,25 +52,22 @@ class Config:
         "help": "Ray Train run name; same name + storage_path => resume"})
     heldout_fraction: float = field(default=0.2, metadata={
         "gt": 0.0, "max": 0.9, "help": "share of sentences held out (fixed by a hash of each)"})
-    epochs: int = field(default=6, metadata={"min": 1, "help": "passes over the training split"})
+    epochs: int = run_option("epochs", 6)
     batch_size: int = field(default=32, metadata={
         "min": 1, "help": "global batch (split across workers)"})
     lr: float = field(default=2e-3, metadata={"gt": 0.0, "help": "peak AdamW learning rate"})
-    weight_decay: float = field(default=0.01, metadata={"min": 0.0, "help": "AdamW weight decay"})
-    warmup_steps: int = field(default=20, metadata={
-        "min": 0, "help": "linear warm-up steps before the cosine decay"})
-    seed: int = field(default=0, metadata={"min": 0, "help": "initialisation and shuffling seed"})
+    weight_decay: float = run_option("weight_decay", 0.01)
+    warmup_steps: int = run_option("warmup_steps", 20)
+    seed: int = run_option("seed", 0)
     max_steps: int = field(default=0, metadata={
         "min": 0, "help": "stop after this many optimiser steps (0 = all epochs)"})
-    num_workers: int = field(default=1, metadata={"min": 1, "help": "Ray Train workers (DDP)"})
-    use_gpu: bool = field(default=False, metadata={"help": "train on GPUs"})
-    cpus_per_worker: float = field(default=1.0, metadata={
-        "gt": 0.0, "help": "CPUs each worker reserves (fractional shares a node)"})
+    num_workers: int = run_option("num_workers", 1)
+    use_gpu: bool = run_option("use_gpu", False)
+    cpus_per_worker: float = run_option("cpus_per_worker", 1.0)
     gpus_per_worker: float = field(default=1.0, metadata={
         "gt": 0.0, "help": "GPUs each worker reserves, with --use-gpu; fractional shares a card"})
-    max_failures: int = field(default=2, metadata={
-        "min": 0, "help": "worker failures Ray Train recovers from (from the last checkpoint)"})
-    num_to_keep: int = field(default=2, metadata={"min": 1, "help": "checkpoints kept"})
+    max_failures: int = run_option("max_failures", 2)
+    num_to_keep: int = run_option("num_to_keep", 2)
     # model
     model_type: str = field(default="distilbert", metadata={
         "help": "transformers sequence-classification architecture (AutoConfig model type)"})

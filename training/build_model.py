@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 from jobs.config_cli import parse, to_json
 from overheard import hub, storage
+from training.common import run_option
 
 
 @dataclass
@@ -76,13 +77,12 @@ class BuildModelConfig:
     prefix_length: int = field(default=10, metadata={"min": 1, "help": "CLAP prefix tokens"})
     vocab_size: int = field(default=5000, metadata={
         "min": 16, "help": "BPE vocabulary trained on the corpus"})
-    max_caption_tokens: int = field(default=30, metadata={
-        "min": 1, "help": "caption length in tokens"})
+    max_caption_tokens: int = run_option("max_caption_tokens", 30)
     epochs: int = field(default=10, metadata={"min": 1, "help": "passes over the corpus"})
     batch_size: int = field(default=64, metadata={"min": 1, "help": "global batch"})
     lr: float = field(default=2e-4, metadata={"gt": 0.0, "help": "peak learning rate"})
-    warmup_steps: int = field(default=100, metadata={"min": 0, "help": "linear warm-up steps"})
-    seed: int = field(default=0, metadata={"min": 0, "help": "initialisation and data order"})
+    warmup_steps: int = run_option("warmup_steps", 100)
+    seed: int = run_option("seed", 0)
     num_workers: int = field(default=2, metadata={"min": 1, "help": "Ray Train workers"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per training worker"})
     cpus_per_worker: float = field(default=1.0, metadata={

@@ -36,7 +36,7 @@ import numpy as np
 
 from jobs.config_cli import parse
 from training.common import (adamw, cosine_lr, cpu_state_dict, fit, load_final, restore_checkpoint,
-                             save_epoch_checkpoint, worker_context)
+                             run_option, save_epoch_checkpoint, worker_context)
 
 
 @dataclass
@@ -53,21 +53,18 @@ class Config:
         "min": 0, "help": "seed of the generated sound world (scenes + captions)"})
     n_train: int = field(default=800, metadata={"min": 1, "help": "training scenes"})
     n_eval: int = field(default=100, metadata={"min": 1, "help": "held-out scenes"})
-    epochs: int = field(default=20, metadata={"min": 1, "help": "passes over the training scenes"})
+    epochs: int = run_option("epochs", 20)
     batch_size: int = field(default=32, metadata={
         "min": 2, "help": "global batch (split across workers); >= 2 for in-batch negatives"})
     lr: float = field(default=1e-3, metadata={"gt": 0.0, "help": "peak AdamW learning rate"})
-    weight_decay: float = field(default=0.05, metadata={"min": 0.0, "help": "AdamW weight decay"})
-    warmup_steps: int = field(default=30, metadata={
-        "min": 0, "help": "linear warm-up steps before the cosine decay"})
-    seed: int = field(default=0, metadata={"min": 0, "help": "initialisation and shuffling seed"})
-    num_workers: int = field(default=2, metadata={"min": 1, "help": "Ray Train workers (DDP)"})
-    use_gpu: bool = field(default=False, metadata={"help": "train on GPUs"})
-    cpus_per_worker: float = field(default=1.0, metadata={
-        "gt": 0.0, "help": "CPUs each worker reserves (fractional shares a node)"})
-    max_failures: int = field(default=2, metadata={
-        "min": 0, "help": "worker failures Ray Train recovers from (from the last checkpoint)"})
-    num_to_keep: int = field(default=2, metadata={"min": 1, "help": "checkpoints kept"})
+    weight_decay: float = run_option("weight_decay", 0.05)
+    warmup_steps: int = run_option("warmup_steps", 30)
+    seed: int = run_option("seed", 0)
+    num_workers: int = run_option("num_workers", 2)
+    use_gpu: bool = run_option("use_gpu", False)
+    cpus_per_worker: float = run_option("cpus_per_worker", 1.0)
+    max_failures: int = run_option("max_failures", 2)
+    num_to_keep: int = run_option("num_to_keep", 2)
     prep_tasks: int = field(default=2, metadata={
         "min": 1, "help": "parallel Ray tasks generating scenes + features"})
     # model

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 
 from jobs.config_cli import parse
 from training import av_data
-from training.common import cosine_lr, fit, worker_context
+from training.common import cosine_lr, fit, run_option, worker_context
 
 
 @dataclass
@@ -70,17 +70,16 @@ class DaliAlignConfig:
     frames_per_clip: int = field(default=10, metadata={
         "min": 1, "help": "first frame of each of the first N "
                                                                "seconds; one per clip per epoch"})
-    epochs: int = field(default=10, metadata={"min": 1, "help": "passes over the training data"})
+    epochs: int = run_option("epochs", 10)
     batch_size: int = field(default=16, metadata={
         "min": 1, "help": "global batch (split across workers)"})
     lr: float = field(default=1e-3, metadata={
         "gt": 0.0, "help": "projection (and attention) learning rate"})
     tower_lr: float = field(default=1e-5, metadata={
         "gt": 0.0, "help": "CLAP tower learning rate (--tune-tower)"})
-    weight_decay: float = field(default=0.01, metadata={"min": 0.0, "help": "AdamW weight decay"})
-    warmup_steps: int = field(default=0, metadata={"min": 0, "help": "linear warm-up steps"})
-    grad_clip: float = field(default=1.0, metadata={
-        "min": 0.0, "help": "clip the gradient norm to this (0: off)"})
+    weight_decay: float = run_option("weight_decay", 0.01)
+    warmup_steps: int = run_option("warmup_steps", 0)
+    grad_clip: float = run_option("grad_clip", 1.0)
     tune_tower: bool = field(default=False, metadata={"help": "also fine-tune the CLAP audio tower"})
     attn_heads: int = field(default=8, metadata={
         "min": 1, "help": "attentive_ot: heads (must divide the width)"})
@@ -94,22 +93,17 @@ class DaliAlignConfig:
         "min": 0, "help": "epoch at which lambda reaches --lambda-end"})
     dtype: str = field(default="float32", metadata={
         "choices": ("float32", "bfloat16"), "help": "frozen models: float32 | bfloat16 (GPU)"})
-    seed: int = field(default=0, metadata={"min": 0, "help": "initialisation and data order"})
-    num_workers: int = field(default=1, metadata={"min": 1, "help": "Ray Train workers (DDP)"})
-    use_gpu: bool = field(default=False, metadata={"help": "train on GPUs"})
-    cpus_per_worker: float = field(default=1.0, metadata={
-        "gt": 0.0, "help": "CPUs each training worker reserves (fractional shares a node)"})
-    max_failures: int = field(default=2, metadata={
-        "min": -1, "help": "worker failures Ray Train recovers from (-1: unlimited)"})
-    num_to_keep: int = field(default=2, metadata={"min": 1, "help": "checkpoints kept"})
+    seed: int = run_option("seed", 0)
+    num_workers: int = run_option("num_workers", 1)
+    use_gpu: bool = run_option("use_gpu", False)
+    cpus_per_worker: float = run_option("cpus_per_worker", 1.0)
+    max_failures: int = run_option("max_failures", 2)
+    num_to_keep: int = run_option("num_to_keep", 2)
     storage_path: str = field(default="", metadata={"help": "Ray Train run storage (local or s3://); "
                                                             "default <output>-runs"})
     run_name: str = field(default="dali-align", metadata={"help": "same name + storage => resume"})
-    inject_failure_epoch: int = field(default=-1, metadata={
-        "min": -1, "help": "testing: rank 0 raises once at "
-                                                                    "the start of this epoch"})
-    ray_address: str = field(default="", metadata={
-        "help": "Ray cluster to join (empty: start or join a local one)"})
+    inject_failure_epoch: int = run_option("inject_failure_epoch", -1)
+    ray_address: str = run_option("ray_address", "")
 
 
 def alignment_loss(kind: str, audio, vision, weights=None, lam: float = 0.0, uniform: bool = True):

@@ -36,7 +36,7 @@ import numpy as np
 
 from jobs.config_cli import parse
 from training import av_data
-from training.common import fit, worker_context
+from training.common import fit, run_option, worker_context
 
 
 @dataclass
@@ -49,33 +49,27 @@ class DaliPrefixConfig:
     llava: str = field(default="", metadata={"help": "LLaVA model directory (HF format)"})
     prefix_tokens: int = field(default=16, metadata={
         "min": 1, "help": "prefix length for a new model (paper: 16)"})
-    epochs: int = field(default=50, metadata={"min": 1, "help": "passes over the training data"})
+    epochs: int = run_option("epochs", 50)
     batch_size: int = field(default=8, metadata={
         "min": 1, "help": "global batch (split across workers)"})
     lr: float = field(default=2e-4, metadata={"gt": 0.0, "help": "paper: 2e-4, cosine decay"})
-    weight_decay: float = field(default=0.0, metadata={"min": 0.0, "help": "AdamW weight decay"})
-    warmup_steps: int = field(default=0, metadata={"min": 0, "help": "linear warm-up steps"})
-    grad_clip: float = field(default=1.0, metadata={
-        "min": 0.0, "help": "clip the gradient norm to this (0: off)"})
-    max_caption_tokens: int = field(default=40, metadata={
-        "min": 1, "help": "caption length in tokens"})
+    weight_decay: float = run_option("weight_decay", 0.0)
+    warmup_steps: int = run_option("warmup_steps", 0)
+    grad_clip: float = run_option("grad_clip", 1.0)
+    max_caption_tokens: int = run_option("max_caption_tokens", 40)
     dtype: str = field(default="float32", metadata={
         "choices": ("float32", "bfloat16"), "help": "frozen models: float32 | bfloat16 (GPU)"})
-    seed: int = field(default=0, metadata={"min": 0, "help": "initialisation and data order"})
-    num_workers: int = field(default=1, metadata={"min": 1, "help": "Ray Train workers (DDP)"})
-    use_gpu: bool = field(default=False, metadata={"help": "train on GPUs"})
-    cpus_per_worker: float = field(default=1.0, metadata={
-        "gt": 0.0, "help": "CPUs each training worker reserves (fractional shares a node)"})
-    max_failures: int = field(default=2, metadata={
-        "min": -1, "help": "worker failures Ray Train recovers from (-1: unlimited)"})
-    num_to_keep: int = field(default=2, metadata={"min": 1, "help": "checkpoints kept"})
+    seed: int = run_option("seed", 0)
+    num_workers: int = run_option("num_workers", 1)
+    use_gpu: bool = run_option("use_gpu", False)
+    cpus_per_worker: float = run_option("cpus_per_worker", 1.0)
+    max_failures: int = run_option("max_failures", 2)
+    num_to_keep: int = run_option("num_to_keep", 2)
     storage_path: str = field(default="", metadata={"help": "Ray Train run storage (local or s3://); "
                                                             "default <output>-runs"})
     run_name: str = field(default="dali-prefix", metadata={"help": "same name + storage => resume"})
-    inject_failure_epoch: int = field(default=-1, metadata={
-        "min": -1, "help": "testing: rank 0 raises once at the start of this epoch (-1: never)"})
-    ray_address: str = field(default="", metadata={
-        "help": "Ray cluster to join (empty: start or join a local one)"})
+    inject_failure_epoch: int = run_option("inject_failure_epoch", -1)
+    ray_address: str = run_option("ray_address", "")
 
 
 def _prefix_tuner(dali, cfg: DaliPrefixConfig):

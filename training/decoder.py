@@ -48,7 +48,7 @@ import numpy as np
 from jobs.config_cli import parse, to_json
 from overheard import storage
 from training.common import (adamw, cosine_lr, cpu_state_dict, fit, load_final, restore_checkpoint,
-                             save_epoch_checkpoint, worker_context)
+                             run_option, save_epoch_checkpoint, worker_context)
 
 GAP_MODES = ("none", "noise", "shift", "both")
 
@@ -76,8 +76,7 @@ class TrainDecoderConfig:
     n_layer: int = field(default=4, metadata={"min": 1, "help": "decoder transformer layers"})
     n_head: int = field(default=4, metadata={"min": 1, "help": "decoder attention heads"})
     n_embd: int = field(default=768, metadata={"min": 1, "help": "decoder width"})
-    max_caption_tokens: int = field(default=30, metadata={
-        "min": 1, "help": "caption length in tokens"})
+    max_caption_tokens: int = run_option("max_caption_tokens", 30)
     dropout: float = field(default=0.1, metadata={
         "min": 0.0, "max": 1.0, "help": "dropout probability"})
     gap_mode: str = field(default="noise", metadata={
@@ -88,34 +87,29 @@ class TrainDecoderConfig:
     gap_file: str = field(default="", metadata={"help": "training.gap output (.json/.safetensors)"})
     retrieval_k: int = field(default=0, metadata={
         "min": 0, "help": "neighbour captions in the prefix (0: off)"})
-    epochs: int = field(default=10, metadata={"min": 1, "help": "passes over the training data"})
+    epochs: int = run_option("epochs", 10)
     batch_size: int = field(default=64, metadata={
         "min": 1, "help": "global batch (split across workers)"})
     lr: float = field(default=2e-4, metadata={
         "gt": 0.0, "help": "peak learning rate (cosine decay)"})
-    weight_decay: float = field(default=0.01, metadata={"min": 0.0, "help": "AdamW weight decay"})
-    warmup_steps: int = field(default=100, metadata={"min": 0, "help": "linear warm-up steps"})
-    grad_clip: float = field(default=1.0, metadata={
-        "min": 0.0, "help": "clip the gradient norm to this (0: off)"})
-    seed: int = field(default=0, metadata={"min": 0, "help": "initialisation and data order"})
-    num_workers: int = field(default=2, metadata={"min": 1, "help": "Ray Train workers (DDP)"})
-    use_gpu: bool = field(default=False, metadata={"help": "train on GPUs"})
-    cpus_per_worker: float = field(default=1.0, metadata={
-        "gt": 0.0, "help": "CPUs each training worker reserves (fractional shares a node)"})
-    max_failures: int = field(default=2, metadata={
-        "min": -1, "help": "worker failures Ray Train recovers from (-1: unlimited)"})
-    num_to_keep: int = field(default=2, metadata={"min": 1, "help": "checkpoints kept"})
+    weight_decay: float = run_option("weight_decay", 0.01)
+    warmup_steps: int = run_option("warmup_steps", 100)
+    grad_clip: float = run_option("grad_clip", 1.0)
+    seed: int = run_option("seed", 0)
+    num_workers: int = run_option("num_workers", 2)
+    use_gpu: bool = run_option("use_gpu", False)
+    cpus_per_worker: float = run_option("cpus_per_worker", 1.0)
+    max_failures: int = run_option("max_failures", 2)
+    num_to_keep: int = run_option("num_to_keep", 2)
     storage_path: str = field(default="", metadata={"help": "Ray Train run storage (local or "
                                                            "s3://); default <output>-runs"})
     run_name: str = field(default="decoder", metadata={"help": "same name + storage => resume"})
-    inject_failure_epoch: int = field(default=-1, metadata={
-        "min": -1, "help": "testing: rank 0 raises once at the start of this epoch"})
+    inject_failure_epoch: int = run_option("inject_failure_epoch", -1)
     embed_actors: int = field(default=1, metadata={"min": 1, "help": "CLAP text-embedding actors"})
     embed_batch: int = field(default=256, metadata={
         "min": 1, "help": "captions per embedding call"})
     actor_cpus: float = field(default=0.5, metadata={"gt": 0.0, "help": "CPUs reserved per actor"})
-    ray_address: str = field(default="", metadata={
-        "help": "Ray cluster to join (empty: start or join a local one)"})
+    ray_address: str = run_option("ray_address", "")
 
 
 # ----------------------------------------------------------------------------- conditioning
