@@ -61,15 +61,15 @@ class DaliAlignConfig:
     llava: str = field(default="", metadata={"help": "LLaVA model directory (HF format)"})
     hidden: int = field(default=0, metadata={
         "min": 0, "help": "projection MLP hidden width for a new model "
-                                                     "(0: the vision width)"})
+                          "(0: the vision width)"})
     loss: str = field(default="mmd", metadata={
         "choices": ("mmd", "emd", "attentive_ot"), "help": "mmd | emd | attentive_ot"})
     window: float = field(default=10.0, metadata={
         "gt": 0.0, "max": 10.0, "help": "seconds of audio from each clip's start "
-                                                          "(<= 10, CLAP's window)"})
+                                        "(<= 10, CLAP's window)"})
     frames_per_clip: int = field(default=10, metadata={
         "min": 1, "help": "first frame of each of the first N "
-                                                               "seconds; one per clip per epoch"})
+                          "seconds; one per clip per epoch"})
     epochs: int = run_option("epochs", 10)
     batch_size: int = field(default=16, metadata={
         "min": 1, "help": "global batch (split across workers)"})

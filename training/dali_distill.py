@@ -48,7 +48,7 @@ class DaliDistillConfig:
         "gt": 0.0, "max": 10.0, "help": "seconds of audio from each clip's start"})
     frames_per_clip: int = field(default=10, metadata={
         "min": 1, "help": "the pseudo-label frame is the middle "
-                                                               "one of the first N seconds"})
+                          "one of the first N seconds"})
     max_new_tokens: int = field(default=0, metadata={
         "min": 0, "help": "pseudo-caption length (0: the model's)"})
     caption_batch: int = field(default=16, metadata={
