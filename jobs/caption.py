@@ -181,8 +181,10 @@ class CaptionConfig:
         "min": 0.0, "max": 1.0,
         "help": "windows whose confidence (0-1, column 'confidence') is below this keep their row "
                 "with caption null and 'decoding' saying why; 0 = caption every window"})
-    run_id: str = ""
-    progress: bool = True
+    run_id: str = field(default="", metadata={
+        "help": "name of this run (parts, runs/<run>/); '' = a timestamp + random suffix"})
+    progress: bool = field(default=True, metadata={
+        "help": "the files/windows progress bar on stderr"})
 
     def validate(self) -> None:
         """Cross-field rules (config_cli.check runs the per-field ones first)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from dataclasses import dataclass, field
 
 COMMANDS = {
     "caption": ("jobs.caption", "caption an audio/video archive into Parquet"),
@@ -27,17 +28,21 @@ COMMANDS = {
 }
 
 
+@dataclass
+class DaliTinyConfig:
+    dir: str = field(metadata={"help": "local directory to write (clap/, llava/, dali/)"})
+    seed: int = field(default=0, metadata={"min": 0, "help": "random seed of all three models"})
+
+
 def dali_tiny(argv: list[str] | None = None) -> int:
     """``overheard dali-tiny DIR``: DIR/clap (tiny CLAP), DIR/llava (tiny LLaVA-1.5-format model),
     DIR/dali (an untrained DALI checkpoint naming both): the caption job's ``--model DIR`` layout,
     so the DALI training and captioning commands run on a fresh machine without downloads."""
-    import argparse
     import os
 
-    p = argparse.ArgumentParser(prog="overheard dali-tiny", description=dali_tiny.__doc__)
-    p.add_argument("dir", help="local directory to write (clap/, llava/, dali/)")
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
+    from jobs.config_cli import parse
+
+    a = parse(DaliTinyConfig, argv, "overheard dali-tiny", dali_tiny.__doc__)
     from overheard.dali.model import new_dali
     from overheard.dali.tiny import build_tiny_llava
     from overheard.tiny import build_tiny_clap

@@ -1,7 +1,8 @@
 """Turn a job's dataclass config into a command line, and save it next to the output.
 
 Every field becomes ``--field-name``; positional fields are those without a default. Help text
-comes from ``field(metadata={"help": ...})``. Shared by all jobs so flags look alike.
+comes from ``field(metadata={"help": ...})``; metadata ``short`` adds a short flag (``"-k"``).
+``list[int]`` fields take one or more ints. Shared by all jobs so flags look alike.
 
 Validation, the one hook every command gets (:func:`check`, called by :func:`parse`; jobs call
 it again on configs built in code): float fields must be finite (no NaN, no inf) unless the
@@ -30,9 +31,16 @@ def _base_type(tp):
     return tp
 
 
-def parser_for(cls, prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+class _RawDefaultsFormatter(argparse.RawDescriptionHelpFormatter,
+                            argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, description and epilog as written (for an epilog of examples)."""
+
+
+def parser_for(cls, prog: str, description: str, epilog: str | None = None
+               ) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                formatter_class=_RawDefaultsFormatter if epilog
+                                else argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
@@ -43,15 +51,21 @@ def parser_for(cls, prog: str, description: str) -> argparse.ArgumentParser:
         if required:
             p.add_argument(f.name, type=tp, help=help_)
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flags = [f.metadata["short"]] if "short" in f.metadata else []
+        flags.append("--" + f.name.replace("_", "-"))
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if tp is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+            p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
                            default=default, help=help_)
         elif typing.get_origin(tp) in (list, tuple):
-            p.add_argument(flag, dest=f.name, nargs="*", default=default, help=help_)
+            elem = (typing.get_args(tp) or (str,))[0]
+            if elem is str:
+                p.add_argument(*flags, dest=f.name, nargs="*", default=default, help=help_)
+            else:  # list[int]: one or more numbers, as the hand-written parsers took them
+                p.add_argument(*flags, dest=f.name, nargs="+", type=elem, default=default,
+                               help=help_)
         else:
-            p.add_argument(flag, dest=f.name, type=tp, default=default, help=help_)
+            p.add_argument(*flags, dest=f.name, type=tp, default=default, help=help_)
     return p
 
 
@@ -84,9 +98,9 @@ def check(cfg) -> None:
         validate()
 
 
-def parse(cls, argv, prog: str, description: str):
+def parse(cls, argv, prog: str, description: str, epilog: str | None = None):
     """argv -> a checked config; a bad option exits 2 with one line on stderr."""
-    args = parser_for(cls, prog, description).parse_args(argv)
+    args = parser_for(cls, prog, description, epilog).parse_args(argv)
     cfg = cls(**vars(args))
     try:
         check(cfg)

@@ -50,13 +50,15 @@ class EmbedCaptionsConfig:
                                                    "default: <model>/clap"})
     model: str = field(default="", metadata={"help": "model directory holding clap/"})
     dedup: bool = field(default=False, metadata={"help": "drop repeated identical captions"})
-    actors: int = field(default=1, metadata={"help": "text-embedder actors"})
-    actor_cpus: float = field(default=0.5, metadata={"help": "CPUs reserved per actor"})
+    actors: int = field(default=1, metadata={"min": 1, "help": "text-embedder actors"})
+    actor_cpus: float = field(default=0.5, metadata={"gt": 0.0, "help": "CPUs reserved per actor"})
     gpus_per_actor: float = field(default=-1.0, metadata={
-        "help": "GPUs per actor; -1: 1 when the cluster has GPUs, else 0"})
-    batch_size: int = field(default=256, metadata={"help": "captions per actor call"})
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 (GPU)"})
-    torch_threads: int = field(default=1, metadata={"help": "intra-op threads per CPU actor"})
+        "min": -1.0, "help": "GPUs per actor; -1: 1 when the cluster has GPUs, else 0"})
+    batch_size: int = field(default=256, metadata={"min": 1, "help": "captions per actor call"})
+    dtype: str = field(default="float32", metadata={
+        "choices": ("float32", "bfloat16"), "help": "float32 | bfloat16 (GPU)"})
+    torch_threads: int = field(default=1, metadata={
+        "min": 1, "help": "intra-op threads per CPU actor"})
     force: bool = field(default=False, metadata={"help": "recompute even if the cache exists"})
     ray_address: str = field(default="", metadata={"help": "Ray cluster address ('' = local)"})
 

@@ -42,7 +42,6 @@ unmatched clips, what was not computed and why, and per-clip scores; a table on 
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -52,7 +51,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 
+from jobs.config_cli import parse
 from overheard import storage
 
 ALL_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider_d", "spice",
@@ -66,6 +67,37 @@ CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar
 NOT_DEFAULT_NOTE = ("spice, spider: not computed by default (SPICE needs Java 8/11 and the "
                     "Stanford CoreNLP 3.6.0 jars, a first-use download; ask with --metrics "
                     "...,spice,spider where they are installed)")
+WINDOWINGS = ("first", "whole")
+
+
+@dataclass
+class EvaluateConfig:
+    captions: str = field(metadata={
+        "help": "caption-job output folder, folder of parts, or a .parquet"})
+    references: str = field(metadata={
+        "help": "reference captions .csv/.parquet (Clotho or AudioCaps layout)"})
+    metrics: str = field(default=",".join(DEFAULT_METRICS), metadata={
+        "help": f"comma-separated, from {', '.join(ALL_METRICS)}; aliases bleu, rouge, cider, "
+                f"default, all"})
+    out: str = field(default="", metadata={
+        "help": "JSON report (default CAPTIONS/evaluation.json, or <file>.evaluation.json for a "
+                "single file)"})
+    tokenizer: str = field(default="ptb", metadata={
+        "choices": ("ptb", "simple"),
+        "help": "ptb: Stanford PTBTokenizer as in COCO (Java); simple: Python approximation"})
+    corenlp_dir: str = field(default="", metadata={
+        "help": "folder holding the CoreNLP 3.6.0 jars for SPICE (default: pycocoevalcap/spice/lib)"})
+    strict: bool = field(default=False, metadata={"help": "unmatched clips are an error"})
+    windowing: str = field(default="first", metadata={
+        "choices": WINDOWINGS,
+        "help": "first: score each clip's first window; whole: each clip's one whole-clip window "
+                "(caption with --whole-clip S)"})
+
+    def validate(self) -> None:
+        try:  # an unknown metric name: one line, before reading any table
+            parse_metrics(self.metrics)
+        except ValueError as e:
+            raise ValueError(f"--metrics: {e}") from None
 
 
 class MetricUnavailable(RuntimeError):
@@ -389,9 +421,6 @@ def read_references(uri: str) -> dict[str, list[str]]:
     return {k: v for k, v in out.items() if v}
 
 
-WINDOWINGS = ("first", "whole")
-
-
 def read_hypotheses(uri: str, windowing: str = "first", counts: dict | None = None
                     ) -> dict[str, str]:
     """{file basename: caption of the source's first window} of a caption table / output dir.
@@ -545,25 +574,8 @@ def format_report(rep: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="overheard evaluate", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[5:]))
-    ap.add_argument("captions", help="caption-job output folder, folder of parts, or a .parquet")
-    ap.add_argument("references", help="reference captions .csv/.parquet (Clotho or AudioCaps layout)")
-    ap.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
-                    help=f"comma-separated, from {', '.join(ALL_METRICS)}; aliases bleu, rouge, "
-                         f"cider, default, all")
-    ap.add_argument("--out", default="", help="JSON report (default CAPTIONS/evaluation.json, or "
-                                              "<file>.evaluation.json for a single file)")
-    ap.add_argument("--tokenizer", default="ptb", choices=("ptb", "simple"),
-                    help="ptb: Stanford PTBTokenizer as in COCO (Java); simple: Python approximation")
-    ap.add_argument("--corenlp-dir", default="", help="folder holding the CoreNLP 3.6.0 jars for "
-                                                      "SPICE (default: pycocoevalcap/spice/lib)")
-    ap.add_argument("--strict", action="store_true", help="unmatched clips are an error")
-    ap.add_argument("--windowing", default="first", choices=WINDOWINGS,
-                    help="first: score each clip's first window; whole: each clip's one "
-                         "whole-clip window (caption with --whole-clip S)")
-    a = ap.parse_args(argv)
+    a = parse(EvaluateConfig, argv, "overheard evaluate", __doc__.splitlines()[0],
+              epilog="\n".join(__doc__.splitlines()[5:]))
     try:
         rep = evaluate(a.captions, a.references, a.metrics, a.tokenizer, a.corenlp_dir,
                        strict=a.strict, windowing=a.windowing)

@@ -25,20 +25,41 @@ parts is written once (first part in name order). ``audio_embedding`` is a JSON 
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
 import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow.parquet as pq
 
+from jobs.config_cli import parse
 from jobs.index import captions_dir, list_parts, window_key
 from overheard import storage
 
 DOC_FIELDS = ["source_uri", "source_version", "window_index", "start_s", "end_s", "caption",
               "decoding", "logprob", "clap_similarity", "audibility", "model_id", "run_id"]
+FLAVORS = ("opensearch", "elasticsearch")
+
+
+@dataclass
+class ExportConfig:
+    captions: str = field(metadata={
+        "help": "caption job output (OUTPUT or OUTPUT/captions; local or s3://)"})
+    out: str = field(metadata={"help": "bulk file to write (.ndjson; local or s3://)"})
+    index_name: str = field(default="overheard-windows", metadata={
+        "help": "the _index every bulk action names"})
+    flavor: str = field(default="opensearch", metadata={
+        "choices": FLAVORS,
+        "help": "vector field type in the mapping: knn_vector or dense_vector"})
+    mapping: str | None = field(default=None, metadata={
+        "help": "where to write the mapping (OUT.mapping.json)"})
+    vector_field: str = field(default="audio_embedding", metadata={
+        "help": "document field holding the CLAP audio embedding"})
+    max_docs_per_file: int = field(default=0, metadata={
+        "min": 0,
+        "help": "split into OUT-00000.ndjson, ... of at most this many documents (0: one file)"})
 
 
 def mapping(dim: int | None, flavor: str = "opensearch", vector_field: str = "audio_embedding") -> dict:
@@ -160,19 +181,7 @@ def export(captions: str, out: str, index_name: str = "overheard-windows",
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="overheard export-opensearch",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("captions", help="caption job output (OUTPUT or OUTPUT/captions; local or s3://)")
-    p.add_argument("out", help="bulk file to write (.ndjson; local or s3://)")
-    p.add_argument("--index-name", default="overheard-windows")
-    p.add_argument("--flavor", default="opensearch", choices=["opensearch", "elasticsearch"],
-                   help="vector field type in the mapping: knn_vector or dense_vector")
-    p.add_argument("--mapping", default=None, help="where to write the mapping (OUT.mapping.json)")
-    p.add_argument("--vector-field", default="audio_embedding")
-    p.add_argument("--max-docs-per-file", type=int, default=0,
-                   help="split into OUT-00000.ndjson, ... of at most this many documents (0: one file)")
-    a = p.parse_args(argv)
+    a = parse(ExportConfig, argv, "overheard export-opensearch", __doc__.split("\n\n")[0])
     r = export(a.captions, a.out, a.index_name, a.flavor, a.mapping, a.vector_field,
                a.max_docs_per_file)
     print(json.dumps(r["body"], indent=2))

@@ -68,11 +68,13 @@ class IndexConfig:
                                           "s3://)"})
     clap: str = field(default="", metadata={
         "help": "CLAP model dir the captions were made with (default: from the runs' manifests)"})
-    batch_size: int = field(default=8192, metadata={"help": "rows per merge-insert"})
+    batch_size: int = field(default=8192, metadata={"min": 1, "help": "rows per merge-insert"})
     ann_min_rows: int = field(default=100_000, metadata={
+        "min": 0,
         "help": "build the IVF-PQ vector index once the table holds this many rows (exact "
                 "search below; the index is then updated incrementally)"})
-    limit_parts: int = field(default=0, metadata={"help": "ingest at most this many new parts"})
+    limit_parts: int = field(default=0, metadata={
+        "min": 0, "help": "ingest at most this many new parts"})
 
 
 def window_key(source_uri: str, window_index: int, model_id: str) -> str:

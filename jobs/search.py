@@ -28,19 +28,36 @@ Python API: ``search(index, query, k=10, clap=None)``, ``vector_search(index, ve
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from jobs.config_cli import parse
 from jobs.index import WINDOWS, connect, read_meta
 from overheard import storage
 
 RESULT_FIELDS = ["key", "source_uri", "window_index", "start_s", "end_s", "caption", "model_id",
                  "run_id", "confidence"]
 RRF_K = 60
+MODES = ("hybrid", "vector", "text")
+
+
+@dataclass
+class SearchConfig:
+    index: str = field(metadata={
+        "help": "index directory built by `overheard index` (local or s3://)"})
+    query: str = field(metadata={"help": "what to look for, e.g. \"the sound of rain\""})
+    k: int = field(default=10, metadata={"short": "-k", "min": 1, "help": "results to show"})
+    clap: str | None = field(default=None, metadata={
+        "help": "CLAP model dir for the query (default: the one the index recorded)"})
+    mode: str = field(default="hybrid", metadata={
+        "choices": MODES,
+        "help": "hybrid: vector + keyword lists fused by reciprocal rank; vector or text alone"})
+    pool: int = field(default=50, metadata={
+        "min": 1, "help": "candidates per list before fusion"})
 
 
 def _table(index: str):
@@ -219,16 +236,7 @@ def format_hits(hits: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="overheard search", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("index", help="index directory built by `overheard index` (local or s3://)")
-    p.add_argument("query", help="what to look for, e.g. \"the sound of rain\"")
-    p.add_argument("-k", "--k", type=int, default=10, help="results to show")
-    p.add_argument("--clap", default=None,
-                   help="CLAP model dir for the query (default: the one the index recorded)")
-    p.add_argument("--mode", default="hybrid", choices=["hybrid", "vector", "text"])
-    p.add_argument("--pool", type=int, default=50, help="candidates per list before fusion")
-    a = p.parse_args(argv)
+    a = parse(SearchConfig, argv, "overheard search", __doc__.split("\n\n")[0])
     print(format_hits(search(a.index, a.query, a.k, a.clap, a.mode, a.pool)))
     return 0
 

@@ -77,15 +77,16 @@ class ServeConfig:
                 "~/.cache/overheard/index/<hash>)"})
     host: str = field(default="127.0.0.1", metadata={
         "help": "address to bind (127.0.0.1: this machine only; 0.0.0.0 exposes it, use --token)"})
-    port: int = field(default=8000, metadata={"help": "TCP port (0: any free port, printed)"})
+    port: int = field(default=8000, metadata={
+        "min": 0, "max": 65535, "help": "TCP port (0: any free port, printed)"})
     token: str = field(default="", metadata={
         "help": "require this token on every request (?token=T once, then a cookie; or "
                 "'Authorization: Bearer T'); default: none"})
     clap: str = field(default="", metadata={
         "help": "CLAP model dir for queries (default: the one the index recorded)"})
     max_span_s: float = field(default=60.0, metadata={
-        "help": "longest audio span /api/audio serves, seconds"})
-    max_k: int = field(default=100, metadata={"help": "most results /api/search returns"})
+        "gt": 0.0, "help": "longest audio span /api/audio serves, seconds"})
+    max_k: int = field(default=100, metadata={"min": 1, "help": "most results /api/search returns"})
 
 
 # ------------------------------------------------------------------------------------ data access

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from jobs.config_cli import parse
 from jobs.sink import read_table_dir
 from overheard import storage
 
 COLUMNS = ["source_uri", "window_index", "start_s", "end_s", "caption", "decoding", "run_id"]
+
+
+@dataclass
+class ShowConfig:
+    output: str = field(metadata={"help": "the caption job's output folder/prefix (local or s3://)"})
+    run_id: str | None = field(default=None, metadata={
+        "help": "only rows of this run (none: every run)"})
+    limit: int = field(default=50, metadata={"min": 0, "help": "rows to print at most"})
 
 
 def read_captions(output: str, run_id: str | None = None) -> pa.Table:
@@ -35,11 +44,7 @@ def format_rows(t: pa.Table, limit: int = 20) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="overheard show", description=__doc__)
-    p.add_argument("output")
-    p.add_argument("--run-id", default=None)
-    p.add_argument("--limit", type=int, default=50)
-    a = p.parse_args(argv)
+    a = parse(ShowConfig, argv, "overheard show", __doc__)
     print(format_rows(read_captions(a.output, a.run_id), a.limit))
     return 0
 

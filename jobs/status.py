@@ -7,16 +7,25 @@ going, on a finished run, and on local or s3:// outputs alike. No Ray needed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 
+from jobs.config_cli import parse
 from overheard import storage
 
 # A running manifest is rewritten at least every --flush-interval (default 60 s) once output
 # flows; with no rewrite for this long (or 3 flush intervals, if longer) the driver is likely gone.
 STALE_S = 600.0
+
+
+@dataclass
+class StatusConfig:
+    output: str = field(metadata={"help": "the caption job's output folder/prefix (local or s3://)"})
+    run_id: str = field(default="", metadata={"help": "this run (empty: the latest)"})
+    all: bool = field(default=False, metadata={"help": "every run, oldest first"})
+    json: bool = field(default=False, metadata={"help": "print the manifest(s) as JSON"})
 
 
 def read_manifests(output: str) -> list[dict]:
@@ -74,12 +83,7 @@ def format_status(m: dict, now: float | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="overheard status", description=__doc__.split("\n\n")[0])
-    p.add_argument("output", help="the caption job's output folder/prefix (local or s3://)")
-    p.add_argument("--run-id", default="", help="this run (default: the latest)")
-    p.add_argument("--all", action="store_true", help="every run, oldest first")
-    p.add_argument("--json", action="store_true", help="print the manifest(s) as JSON")
-    a = p.parse_args(argv)
+    a = parse(StatusConfig, argv, "overheard status", __doc__.split("\n\n")[0])
     ms = read_manifests(a.output)
     if a.run_id:
         ms = [m for m in ms if m.get("run_id") == a.run_id]

@@ -50,11 +50,14 @@ class TimelineConfig:
     output: str = field(metadata={"help": "caption job output folder (OUTPUT or OUTPUT/captions; "
                                            "local or s3://)"})
     dest: str = field(metadata={"help": "folder to write the timeline files to (local or s3://)"})
-    format: str = field(default="srt", metadata={"help": "srt | vtt | jsonl"})
+    format: str = field(default="srt", metadata={
+        "choices": ("srt", "vtt", "jsonl"), "help": "srt | vtt | jsonl"})
     sim: float = field(default=tl.SIM, metadata={
+        "min": -1.0, "max": 1.0,
         "help": "a window joins the segment when the cosine of its audio embedding to the "
                 "segment's mean is at least this (and its words overlap by --words)"})
     words: float = field(default=tl.WORDS, metadata={
+        "min": 0.0, "max": 1.0,
         "help": "caption word overlap (Jaccard) needed together with --sim (0: the audio "
                 "decides; equal captions always merge)"})
     model_id: str = field(default="", metadata={

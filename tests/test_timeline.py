@@ -234,8 +234,9 @@ def test_command_writes_valid_timelines_of_a_real_run(captioned, s3_server, s3_b
     assert main(["timeline", captioned["out"], f"s3://{s3_bucket}/tl", "--format", "srt"]) == 0
     fs = s3_server.fs()
     assert fs.cat(f"{s3_bucket}/tl/two_scenes.srt") == open(root / "srt" / "two_scenes.srt", "rb").read()
-    with pytest.raises(ValueError, match="--format"):
+    with pytest.raises(SystemExit) as e:  # checked with the options: exit 2, one line
         main(["timeline", captioned["out"], str(root / "x"), "--format", "ass"])
+    assert e.value.code == 2 and not (root / "x").exists()
 
 
 def test_withheld_captions_do_not_break_the_timeline():

@@ -24,7 +24,6 @@ to ``out_dir`` in the format ``AudibilityClassifier`` loads, with ``audibility_m
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -35,35 +34,49 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from jobs.config_cli import parse
 from training.common import (adamw, cosine_lr, cpu_state_dict, fit, load_final, restore_checkpoint,
-                             save_epoch_checkpoint, worker_context)
+                             run_option, save_epoch_checkpoint, worker_context)
 
 
 @dataclass
 class Config:
-    data: str = ""                            # labelled file; "" = the shipped set
-    out_dir: str = "build/audibility"          # final classifier directory (local)
-    storage_path: str = ""                     # Ray Train run storage; default: <out_dir>-runs
-    run_name: str = "audibility"               # same name + storage_path => resume
-    heldout_fraction: float = 0.2
-    epochs: int = 6
-    batch_size: int = 32                       # global batch (split across workers)
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 20
-    seed: int = 0
-    max_steps: int = 0                         # stop after this many optimiser steps (0 = all epochs)
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0               # with use_gpu; fractional shares a card
-    max_failures: int = 2
-    num_to_keep: int = 2
+    data: str = field(default="", metadata={
+        "help": "labelled file (CSV text,label or JSON lines), local or s3://; empty: the shipped "
+                "set"})
+    out_dir: str = field(default="build/audibility", metadata={
+        "help": "final classifier directory (local)"})
+    storage_path: str = field(default="", metadata={
+        "help": "Ray Train run storage; default: <out_dir>-runs"})
+    run_name: str = field(default="audibility", metadata={
+        "help": "Ray Train run name; same name + storage_path => resume"})
+    heldout_fraction: float = field(default=0.2, metadata={
+        "gt": 0.0, "max": 0.9, "help": "share of sentences held out (fixed by a hash of each)"})
+    epochs: int = run_option("epochs", 6)
+    batch_size: int = field(default=32, metadata={
+        "min": 1, "help": "global batch (split across workers)"})
+    lr: float = field(default=2e-3, metadata={"gt": 0.0, "help": "peak AdamW learning rate"})
+    weight_decay: float = run_option("weight_decay", 0.01)
+    warmup_steps: int = run_option("warmup_steps", 20)
+    seed: int = run_option("seed", 0)
+    max_steps: int = field(default=0, metadata={
+        "min": 0, "help": "stop after this many optimiser steps (0 = all epochs)"})
+    num_workers: int = run_option("num_workers", 1)
+    use_gpu: bool = run_option("use_gpu", False)
+    cpus_per_worker: float = run_option("cpus_per_worker", 1.0)
+    gpus_per_worker: float = field(default=1.0, metadata={
+        "gt": 0.0, "help": "GPUs each worker reserves, with --use-gpu; fractional shares a card"})
+    max_failures: int = run_option("max_failures", 2)
+    num_to_keep: int = run_option("num_to_keep", 2)
     # model
-    model_type: str = "distilbert"
-    model_kwargs: str = ""                     # JSON object of config overrides, e.g. '{"dim": 128}'
-    vocab_size: int = 800                      # BPE target size (actual may be smaller)
-    max_length: int = 48                       # tokens per sentence (<= max_position_embeddings)
+    model_type: str = field(default="distilbert", metadata={
+        "help": "transformers sequence-classification architecture (AutoConfig model type)"})
+    model_kwargs: str = field(default="", metadata={
+        "help": "JSON object of config overrides, e.g. '{\"dim\": 128}'"})
+    vocab_size: int = field(default=800, metadata={
+        "min": 16, "help": "BPE target size (actual may be smaller)"})
+    max_length: int = field(default=48, metadata={
+        "min": 2, "help": "tokens per sentence (<= max_position_embeddings)"})
 
 
 # ----------------------------------------------------------------------------- model
@@ -185,14 +198,7 @@ def train_loop(config: dict) -> None:
 
 # ----------------------------------------------------------------------------- driver
 def parse_args(argv) -> Config:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            ap.add_argument(flag, type=type(f.default), default=f.default)
-    return Config(**vars(ap.parse_args(argv)))
+    return parse(Config, argv, "overheard train-audibility", __doc__.splitlines()[0])
 
 
 def run(cfg: Config) -> dict:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 from jobs.config_cli import parse, to_json
 from overheard import hub, storage
+from training.common import run_option
 
 
 @dataclass
@@ -52,35 +53,42 @@ class BuildModelConfig:
     pairs: str = field(default="", metadata={
         "help": "audio-caption pairs (training.gap layouts) to estimate this CLAP's modality gap"})
     audio_root: str = field(default="", metadata={"help": "base for relative paths in --pairs"})
-    max_pairs: int = field(default=0, metadata={"help": "gap: use at most this many pairs (0: all)"})
+    max_pairs: int = field(default=0, metadata={
+        "min": 0, "help": "gap: use at most this many pairs (0: all)"})
     references: str = field(default="", metadata={
         "help": "reference captions (Clotho / AudioCaps layout) for an evaluation; needs "
                 "--eval-audio"})
     eval_audio: str = field(default="", metadata={"help": "the referenced clips (folder/glob)"})
     eval_whole_clip: float = field(default=30.0, metadata={
+        "min": 0.0,
         "help": "evaluation: clips up to this long are one CLAP-averaged window (Clotho: 30)"})
     eval_metrics: str = field(default="default", metadata={"help": "overheard evaluate --metrics"})
-    eval_tokenizer: str = field(default="ptb", metadata={"help": "ptb (Java) | simple"})
+    eval_tokenizer: str = field(default="ptb", metadata={
+        "choices": ("ptb", "simple"), "help": "ptb (Java) | simple"})
     work: str = field(default="", metadata={
         "help": "work folder: embedding cache, training runs, evaluation (default OUT-work)"})
-    gap_mode: str = field(default="noise", metadata={"help": "none | noise | shift | both"})
+    gap_mode: str = field(default="noise", metadata={
+        "choices": ("none", "noise", "shift", "both"), "help": "none | noise | shift | both"})
     noise_variance: float = field(default=0.013, metadata={
-        "help": "sigma^2 when no --pairs are given (with --pairs: the estimate)"})
-    n_layer: int = field(default=4, metadata={"help": "decoder transformer layers"})
-    n_head: int = field(default=4, metadata={"help": "decoder attention heads"})
-    n_embd: int = field(default=768, metadata={"help": "decoder width"})
-    prefix_length: int = field(default=10, metadata={"help": "CLAP prefix tokens"})
-    vocab_size: int = field(default=5000, metadata={"help": "BPE vocabulary trained on the corpus"})
-    max_caption_tokens: int = field(default=30, metadata={"help": "caption length in tokens"})
-    epochs: int = field(default=10, metadata={"help": "passes over the corpus"})
-    batch_size: int = field(default=64, metadata={"help": "global batch"})
-    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
-    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
-    seed: int = field(default=0, metadata={"help": "initialisation and data order"})
-    num_workers: int = field(default=2, metadata={"help": "Ray Train workers"})
+        "min": 0.0, "help": "sigma^2 when no --pairs are given (with --pairs: the estimate)"})
+    n_layer: int = field(default=4, metadata={"min": 1, "help": "decoder transformer layers"})
+    n_head: int = field(default=4, metadata={"min": 1, "help": "decoder attention heads"})
+    n_embd: int = field(default=768, metadata={"min": 1, "help": "decoder width"})
+    prefix_length: int = field(default=10, metadata={"min": 1, "help": "CLAP prefix tokens"})
+    vocab_size: int = field(default=5000, metadata={
+        "min": 16, "help": "BPE vocabulary trained on the corpus"})
+    max_caption_tokens: int = run_option("max_caption_tokens", 30)
+    epochs: int = field(default=10, metadata={"min": 1, "help": "passes over the corpus"})
+    batch_size: int = field(default=64, metadata={"min": 1, "help": "global batch"})
+    lr: float = field(default=2e-4, metadata={"gt": 0.0, "help": "peak learning rate"})
+    warmup_steps: int = run_option("warmup_steps", 100)
+    seed: int = run_option("seed", 0)
+    num_workers: int = field(default=2, metadata={"min": 1, "help": "Ray Train workers"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per training worker"})
-    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per training worker"})
-    actor_cpus: float = field(default=0.5, metadata={"help": "CPUs per embedding/caption actor"})
+    cpus_per_worker: float = field(default=1.0, metadata={
+        "gt": 0.0, "help": "CPUs per training worker"})
+    actor_cpus: float = field(default=0.5, metadata={
+        "gt": 0.0, "help": "CPUs per embedding/caption actor"})
     ray_address: str = field(default="", metadata={"help": "Ray cluster ('' = local)"})
 
 

@@ -23,7 +23,6 @@ On a multi-node cluster ``data_dir`` must be on storage every worker can read.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -35,44 +34,71 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from jobs.config_cli import parse
 from training.common import (adamw, cosine_lr, cpu_state_dict, fit, load_final, restore_checkpoint,
-                             save_epoch_checkpoint, worker_context)
+                             run_option, save_epoch_checkpoint, worker_context)
 
 
 @dataclass
 class Config:
-    out_dir: str = "build/soundworld-clap"       # final HF model directory
-    data_dir: str = ""                           # feature cache; default: build/soundworld-cache
-    storage_path: str = ""                       # Ray Train run storage; default: <out_dir>-runs
-    run_name: str = "soundworld-clap"            # same name + storage_path => resume
-    world_seed: int = 0
-    n_train: int = 800
-    n_eval: int = 100
-    epochs: int = 20
-    batch_size: int = 32                         # global batch (split across workers)
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 30
-    seed: int = 0
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 2
-    num_to_keep: int = 2
-    prep_tasks: int = 2                          # parallel Ray tasks generating scenes + features
-    exclude_sources: str = ""                    # comma-separated world sources whose scenes are dropped (held-out split)
+    out_dir: str = field(default="build/soundworld-clap", metadata={
+        "help": "final HF model directory"})
+    data_dir: str = field(default="", metadata={
+        "help": "feature cache; default: build/soundworld-cache"})
+    storage_path: str = field(default="", metadata={
+        "help": "Ray Train run storage; default: <out_dir>-runs"})
+    run_name: str = field(default="soundworld-clap", metadata={
+        "help": "Ray Train run name; same name + storage_path => resume"})
+    world_seed: int = field(default=0, metadata={
+        "min": 0, "help": "seed of the generated sound world (scenes + captions)"})
+    n_train: int = field(default=800, metadata={"min": 1, "help": "training scenes"})
+    n_eval: int = field(default=100, metadata={"min": 1, "help": "held-out scenes"})
+    epochs: int = run_option("epochs", 20)
+    batch_size: int = field(default=32, metadata={
+        "min": 2, "help": "global batch (split across workers); >= 2 for in-batch negatives"})
+    lr: float = field(default=1e-3, metadata={"gt": 0.0, "help": "peak AdamW learning rate"})
+    weight_decay: float = run_option("weight_decay", 0.05)
+    warmup_steps: int = run_option("warmup_steps", 30)
+    seed: int = run_option("seed", 0)
+    num_workers: int = run_option("num_workers", 2)
+    use_gpu: bool = run_option("use_gpu", False)
+    cpus_per_worker: float = run_option("cpus_per_worker", 1.0)
+    max_failures: int = run_option("max_failures", 2)
+    num_to_keep: int = run_option("num_to_keep", 2)
+    prep_tasks: int = field(default=2, metadata={
+        "min": 1, "help": "parallel Ray tasks generating scenes + features"})
+    exclude_sources: str = field(default="", metadata={
+        "help": "comma-separated world sources whose scenes are dropped (held-out split)"})
     # model
-    vocab_size: int = 1000                       # BPE target size (actual may be smaller)
-    text_hidden: int = 64
-    text_layers: int = 2
-    text_heads: int = 2
-    text_intermediate: int = 128
-    audio_hidden: int = 32                       # patch_embeds_hidden_size (doubles per stage)
-    audio_depths: list = field(default_factory=lambda: [1, 1, 1])
-    audio_heads: list = field(default_factory=lambda: [2, 4, 8])
-    patch_size: int = 8
-    projection_dim: int = 128
-    logit_scale_init: float = 1 / 0.07           # CLAP's; a larger (learned, clamped <= 100) scale keeps a wider gap
+    vocab_size: int = field(default=1000, metadata={
+        "min": 16, "help": "BPE target size (actual may be smaller)"})
+    text_hidden: int = field(default=64, metadata={"min": 1, "help": "text encoder hidden size"})
+    text_layers: int = field(default=2, metadata={"min": 1, "help": "text encoder layers"})
+    text_heads: int = field(default=2, metadata={"min": 1, "help": "text encoder attention heads"})
+    text_intermediate: int = field(default=128, metadata={
+        "min": 1, "help": "text encoder feed-forward size"})
+    audio_hidden: int = field(default=32, metadata={
+        "min": 1, "help": "patch_embeds_hidden_size (doubles per stage)"})
+    audio_depths: list[int] = field(default_factory=lambda: [1, 1, 1], metadata={
+        "help": "HTSAT blocks per stage"})
+    audio_heads: list[int] = field(default_factory=lambda: [2, 4, 8], metadata={
+        "help": "HTSAT attention heads per stage"})
+    patch_size: int = field(default=8, metadata={"min": 1, "help": "HTSAT patch size"})
+    projection_dim: int = field(default=128, metadata={
+        "min": 1, "help": "shared audio/text embedding size"})
+    logit_scale_init: float = field(default=1 / 0.07, metadata={
+        "gt": 0.0, "max": 100.0,
+        "help": "initial contrastive logit scale (CLAP's 1/0.07); a larger (learned, clamped "
+                "<= 100) scale keeps a wider gap"})
+    tiny: bool = field(default=False, metadata={
+        "help": "the tiny test configuration (TINY for every option left at its default)"})
+
+    def validate(self) -> None:
+        if not self.audio_depths or len(self.audio_heads) < len(self.audio_depths):
+            raise ValueError(f"--audio-heads needs a value for each of the {len(self.audio_depths)} "
+                             f"--audio-depths stages, got {len(self.audio_heads)}")
+        if min(self.audio_depths + self.audio_heads, default=0) < 1:
+            raise ValueError("--audio-depths and --audio-heads must be >= 1")
 
 
 TINY = dict(n_train=32, n_eval=16, epochs=2, batch_size=16, warmup_steps=2, lr=3e-3,
@@ -382,21 +408,8 @@ def save_model_dir(model, tokenizer, out_dir: str) -> None:
 
 
 def parse_args(argv) -> Config:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if isinstance(default, bool):
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif isinstance(default, list):
-            ap.add_argument(flag, type=int, nargs="+", default=default)
-        else:
-            ap.add_argument(flag, type=type(default), default=default)
-    ap.add_argument("--tiny", action="store_true", help="the tiny test configuration")
-    ns = vars(ap.parse_args(argv))
-    tiny = ns.pop("tiny")
-    cfg = Config(**ns)
-    if tiny:
+    cfg = parse(Config, argv, "python -m training.clap_contrastive", __doc__.splitlines()[0])
+    if cfg.tiny:
         defaults = Config()
         for k, v in TINY.items():
             if getattr(cfg, k) == getattr(defaults, k):

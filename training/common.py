@@ -15,6 +15,35 @@ import math
 import os
 import tempfile
 
+# The Ray Train run options every trainer shares: one help text and one bound for each, so the
+# trainers' --help and checks agree (jobs.config_cli reads the metadata).
+RUN_OPTIONS = {
+    "epochs": ("passes over the training data", {"min": 1}),
+    "weight_decay": ("AdamW weight decay", {"min": 0.0}),
+    "warmup_steps": ("linear warm-up steps", {"min": 0}),
+    "grad_clip": ("clip the gradient norm to this (0: off)", {"min": 0.0}),
+    "seed": ("initialisation and data order", {"min": 0}),
+    "num_workers": ("Ray Train workers (DDP)", {"min": 1}),
+    "use_gpu": ("train on GPUs", {}),
+    "cpus_per_worker": ("CPUs each training worker reserves (fractional shares a node)",
+                        {"gt": 0.0}),
+    "max_failures": ("worker failures Ray Train recovers from (-1: unlimited)", {"min": -1}),
+    "num_to_keep": ("checkpoints kept", {"min": 1}),
+    "inject_failure_epoch": ("testing: rank 0 raises once at the start of this epoch (-1: never)",
+                             {"min": -1}),
+    "ray_address": ("Ray cluster to join (empty: start or join a local one)", {}),
+    "max_caption_tokens": ("caption length in tokens", {"min": 1}),
+}
+
+
+def run_option(name: str, default):
+    """``dataclasses.field`` of a shared run option (:data:`RUN_OPTIONS`) with this default."""
+    from dataclasses import field
+
+    help_, rules = RUN_OPTIONS[name]
+    return field(default=default, metadata={"help": help_, **rules})
+
+
 WEIGHTS = "model.safetensors"
 TRAIN_STATE = "train_state.pt"
 HISTORY = "history.json"

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 
 from jobs.config_cli import parse
 from training import av_data
-from training.common import cosine_lr, fit, worker_context
+from training.common import cosine_lr, fit, run_option, worker_context
 
 
 @dataclass
@@ -59,39 +59,51 @@ class DaliAlignConfig:
     init: str = field(default="", metadata={"help": "start from this DALI checkpoint"})
     clap: str = field(default="", metadata={"help": "CLAP model (with --llava: start a new DALI model)"})
     llava: str = field(default="", metadata={"help": "LLaVA model directory (HF format)"})
-    hidden: int = field(default=0, metadata={"help": "projection MLP hidden width for a new model "
-                                                     "(0: the vision width)"})
-    loss: str = field(default="mmd", metadata={"help": "mmd | emd | attentive_ot"})
-    window: float = field(default=10.0, metadata={"help": "seconds of audio from each clip's start "
-                                                          "(<= 10, CLAP's window)"})
-    frames_per_clip: int = field(default=10, metadata={"help": "first frame of each of the first N "
-                                                               "seconds; one per clip per epoch"})
-    epochs: int = 10
-    batch_size: int = field(default=16, metadata={"help": "global batch (split across workers)"})
-    lr: float = field(default=1e-3, metadata={"help": "projection (and attention) learning rate"})
-    tower_lr: float = field(default=1e-5, metadata={"help": "CLAP tower learning rate (--tune-tower)"})
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
+    hidden: int = field(default=0, metadata={
+        "min": 0, "help": "projection MLP hidden width for a new model "
+                          "(0: the vision width)"})
+    loss: str = field(default="mmd", metadata={
+        "choices": ("mmd", "emd", "attentive_ot"), "help": "mmd | emd | attentive_ot"})
+    window: float = field(default=10.0, metadata={
+        "gt": 0.0, "max": 10.0, "help": "seconds of audio from each clip's start "
+                                        "(<= 10, CLAP's window)"})
+    frames_per_clip: int = field(default=10, metadata={
+        "min": 1, "help": "first frame of each of the first N "
+                          "seconds; one per clip per epoch"})
+    epochs: int = run_option("epochs", 10)
+    batch_size: int = field(default=16, metadata={
+        "min": 1, "help": "global batch (split across workers)"})
+    lr: float = field(default=1e-3, metadata={
+        "gt": 0.0, "help": "projection (and attention) learning rate"})
+    tower_lr: float = field(default=1e-5, metadata={
+        "gt": 0.0, "help": "CLAP tower learning rate (--tune-tower)"})
+    weight_decay: float = run_option("weight_decay", 0.01)
+    warmup_steps: int = run_option("warmup_steps", 0)
+    grad_clip: float = run_option("grad_clip", 1.0)
     tune_tower: bool = field(default=False, metadata={"help": "also fine-tune the CLAP audio tower"})
-    attn_heads: int = field(default=8, metadata={"help": "attentive_ot: heads (must divide the width)"})
-    attn_temperature: float = field(default=0.1, metadata={"help": "attentive_ot: softmax temperature"})
-    lambda_start: float = 500.0
-    lambda_end: float = 100.0
-    lambda_ramp_epochs: int = 5
-    dtype: str = field(default="float32", metadata={"help": "frozen models: float32 | bfloat16 (GPU)"})
-    seed: int = 0
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 2
-    num_to_keep: int = 2
+    attn_heads: int = field(default=8, metadata={
+        "min": 1, "help": "attentive_ot: heads (must divide the width)"})
+    attn_temperature: float = field(default=0.1, metadata={
+        "gt": 0.0, "help": "attentive_ot: softmax temperature"})
+    lambda_start: float = field(default=500.0, metadata={
+        "gt": 0.0, "help": "OT lambda at epoch 1 (Appendix E: 500), then linear to --lambda-end"})
+    lambda_end: float = field(default=100.0, metadata={
+        "gt": 0.0, "help": "OT lambda from epoch --lambda-ramp-epochs on (Appendix E: 100)"})
+    lambda_ramp_epochs: int = field(default=5, metadata={
+        "min": 0, "help": "epoch at which lambda reaches --lambda-end"})
+    dtype: str = field(default="float32", metadata={
+        "choices": ("float32", "bfloat16"), "help": "frozen models: float32 | bfloat16 (GPU)"})
+    seed: int = run_option("seed", 0)
+    num_workers: int = run_option("num_workers", 1)
+    use_gpu: bool = run_option("use_gpu", False)
+    cpus_per_worker: float = run_option("cpus_per_worker", 1.0)
+    max_failures: int = run_option("max_failures", 2)
+    num_to_keep: int = run_option("num_to_keep", 2)
     storage_path: str = field(default="", metadata={"help": "Ray Train run storage (local or s3://); "
                                                             "default <output>-runs"})
     run_name: str = field(default="dali-align", metadata={"help": "same name + storage => resume"})
-    inject_failure_epoch: int = field(default=-1, metadata={"help": "testing: rank 0 raises once at "
-                                                                    "the start of this epoch"})
-    ray_address: str = ""
+    inject_failure_epoch: int = run_option("inject_failure_epoch", -1)
+    ray_address: str = run_option("ray_address", "")
 
 
 def alignment_loss(kind: str, audio, vision, weights=None, lam: float = 0.0, uniform: bool = True):

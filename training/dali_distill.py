@@ -34,7 +34,7 @@ import numpy as np
 from jobs.config_cli import parse
 from overheard import storage
 from training import av_data
-from training.common import fit, worker_context
+from training.common import fit, run_option, worker_context
 
 
 @dataclass
@@ -44,32 +44,39 @@ class DaliDistillConfig:
                                                     "manifest with a 'uri' column"})
     init: str = field(default="", metadata={"help": "DALI checkpoint that writes the pseudo-labels and "
                                                     "is fine-tuned (aligned, usually prefix-tuned)"})
-    window: float = field(default=10.0, metadata={"help": "seconds of audio from each clip's start"})
-    frames_per_clip: int = field(default=10, metadata={"help": "the pseudo-label frame is the middle "
-                                                               "one of the first N seconds"})
-    max_new_tokens: int = field(default=0, metadata={"help": "pseudo-caption length (0: the model's)"})
-    caption_batch: int = 16
-    caption_actors: int = 1
-    caption_cpus: float = field(default=1.0, metadata={"help": "CPUs per captioner actor"})
-    epochs: int = 5
-    batch_size: int = field(default=16, metadata={"help": "global batch (split across workers)"})
-    lr: float = field(default=2e-4, metadata={"help": "paper: 2e-4, cosine decay"})
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    max_caption_tokens: int = 40
-    dtype: str = field(default="float32", metadata={"help": "frozen models: float32 | bfloat16 (GPU)"})
-    seed: int = 0
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 2
-    num_to_keep: int = 2
+    window: float = field(default=10.0, metadata={
+        "gt": 0.0, "max": 10.0, "help": "seconds of audio from each clip's start"})
+    frames_per_clip: int = field(default=10, metadata={
+        "min": 1, "help": "the pseudo-label frame is the middle "
+                          "one of the first N seconds"})
+    max_new_tokens: int = field(default=0, metadata={
+        "min": 0, "help": "pseudo-caption length (0: the model's)"})
+    caption_batch: int = field(default=16, metadata={
+        "min": 1, "help": "clips per pseudo-captioning call"})
+    caption_actors: int = field(default=1, metadata={"min": 1, "help": "pseudo-captioning actors"})
+    caption_cpus: float = field(default=1.0, metadata={
+        "gt": 0.0, "help": "CPUs per captioner actor"})
+    epochs: int = run_option("epochs", 5)
+    batch_size: int = field(default=16, metadata={
+        "min": 1, "help": "global batch (split across workers)"})
+    lr: float = field(default=2e-4, metadata={"gt": 0.0, "help": "paper: 2e-4, cosine decay"})
+    weight_decay: float = run_option("weight_decay", 0.01)
+    warmup_steps: int = run_option("warmup_steps", 0)
+    grad_clip: float = run_option("grad_clip", 1.0)
+    max_caption_tokens: int = run_option("max_caption_tokens", 40)
+    dtype: str = field(default="float32", metadata={
+        "choices": ("float32", "bfloat16"), "help": "frozen models: float32 | bfloat16 (GPU)"})
+    seed: int = run_option("seed", 0)
+    num_workers: int = run_option("num_workers", 1)
+    use_gpu: bool = run_option("use_gpu", False)
+    cpus_per_worker: float = run_option("cpus_per_worker", 1.0)
+    max_failures: int = run_option("max_failures", 2)
+    num_to_keep: int = run_option("num_to_keep", 2)
     storage_path: str = field(default="", metadata={"help": "Ray Train run storage (local or s3://); "
                                                             "default <output>-runs"})
     run_name: str = field(default="dali-distill", metadata={"help": "same name + storage => resume"})
-    inject_failure_epoch: int = -1
-    ray_address: str = ""
+    inject_failure_epoch: int = run_option("inject_failure_epoch", -1)
+    ray_address: str = run_option("ray_address", "")
 
 
 # ----------------------------------------------------------------------------- pseudo-labels

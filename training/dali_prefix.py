@@ -36,7 +36,7 @@ import numpy as np
 
 from jobs.config_cli import parse
 from training import av_data
-from training.common import fit, worker_context
+from training.common import fit, run_option, worker_context
 
 
 @dataclass
@@ -47,26 +47,29 @@ class DaliPrefixConfig:
     init: str = field(default="", metadata={"help": "start from this DALI checkpoint"})
     clap: str = field(default="", metadata={"help": "CLAP model (with --llava: start a new DALI model)"})
     llava: str = field(default="", metadata={"help": "LLaVA model directory (HF format)"})
-    prefix_tokens: int = field(default=16, metadata={"help": "prefix length for a new model (paper: 16)"})
-    epochs: int = 50
-    batch_size: int = field(default=8, metadata={"help": "global batch (split across workers)"})
-    lr: float = field(default=2e-4, metadata={"help": "paper: 2e-4, cosine decay"})
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    max_caption_tokens: int = 40
-    dtype: str = field(default="float32", metadata={"help": "frozen models: float32 | bfloat16 (GPU)"})
-    seed: int = 0
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 2
-    num_to_keep: int = 2
+    prefix_tokens: int = field(default=16, metadata={
+        "min": 1, "help": "prefix length for a new model (paper: 16)"})
+    epochs: int = run_option("epochs", 50)
+    batch_size: int = field(default=8, metadata={
+        "min": 1, "help": "global batch (split across workers)"})
+    lr: float = field(default=2e-4, metadata={"gt": 0.0, "help": "paper: 2e-4, cosine decay"})
+    weight_decay: float = run_option("weight_decay", 0.0)
+    warmup_steps: int = run_option("warmup_steps", 0)
+    grad_clip: float = run_option("grad_clip", 1.0)
+    max_caption_tokens: int = run_option("max_caption_tokens", 40)
+    dtype: str = field(default="float32", metadata={
+        "choices": ("float32", "bfloat16"), "help": "frozen models: float32 | bfloat16 (GPU)"})
+    seed: int = run_option("seed", 0)
+    num_workers: int = run_option("num_workers", 1)
+    use_gpu: bool = run_option("use_gpu", False)
+    cpus_per_worker: float = run_option("cpus_per_worker", 1.0)
+    max_failures: int = run_option("max_failures", 2)
+    num_to_keep: int = run_option("num_to_keep", 2)
     storage_path: str = field(default="", metadata={"help": "Ray Train run storage (local or s3://); "
                                                             "default <output>-runs"})
     run_name: str = field(default="dali-prefix", metadata={"help": "same name + storage => resume"})
-    inject_failure_epoch: int = -1
-    ray_address: str = ""
+    inject_failure_epoch: int = run_option("inject_failure_epoch", -1)
+    ray_address: str = run_option("ray_address", "")
 
 
 def _prefix_tuner(dali, cfg: DaliPrefixConfig):

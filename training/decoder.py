@@ -48,7 +48,7 @@ import numpy as np
 from jobs.config_cli import parse, to_json
 from overheard import storage
 from training.common import (adamw, cosine_lr, cpu_state_dict, fit, load_final, restore_checkpoint,
-                             save_epoch_checkpoint, worker_context)
+                             run_option, save_epoch_checkpoint, worker_context)
 
 GAP_MODES = ("none", "noise", "shift", "both")
 
@@ -66,42 +66,50 @@ class TrainDecoderConfig:
     dedup: bool = field(default=False, metadata={"help": "drop repeated identical captions"})
     tokenizer: str = field(default="", metadata={"help": "tokenizer dir (tokenizer.json with "
                                                         "<s>=0 <pad>=1 </s>=2); default: train BPE"})
-    vocab_size: int = field(default=5000, metadata={"help": "BPE vocabulary when training one"})
-    prefix_length: int = 10
-    mapper: str = field(default="mlp", metadata={"help": "mlp | transformer"})
-    mapper_layers: int = 2
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 768
-    max_caption_tokens: int = 30
-    dropout: float = 0.1
-    gap_mode: str = field(default="noise", metadata={"help": "none | noise | shift | both"})
+    vocab_size: int = field(default=5000, metadata={
+        "min": 16, "help": "BPE vocabulary when training one"})
+    prefix_length: int = field(default=10, metadata={"min": 1, "help": "CLAP prefix tokens"})
+    mapper: str = field(default="mlp", metadata={
+        "choices": ("mlp", "transformer"), "help": "mlp | transformer"})
+    mapper_layers: int = field(default=2, metadata={
+        "min": 1, "help": "transformer mapper layers (--mapper transformer)"})
+    n_layer: int = field(default=4, metadata={"min": 1, "help": "decoder transformer layers"})
+    n_head: int = field(default=4, metadata={"min": 1, "help": "decoder attention heads"})
+    n_embd: int = field(default=768, metadata={"min": 1, "help": "decoder width"})
+    max_caption_tokens: int = run_option("max_caption_tokens", 30)
+    dropout: float = field(default=0.1, metadata={
+        "min": 0.0, "max": 1.0, "help": "dropout probability"})
+    gap_mode: str = field(default="noise", metadata={
+        "choices": ("none", "noise", "shift", "both"), "help": "none | noise | shift | both"})
     noise_variance: float = field(default=0.013, metadata={
-        "help": "sigma^2 of the injected noise (-1: the estimate in --gap-file)"})
+        "min": -1.0, "help": "sigma^2 of the injected noise (-1: the estimate in --gap-file)"})
     renormalise: bool = field(default=True, metadata={"help": "L2-normalise after adding noise"})
     gap_file: str = field(default="", metadata={"help": "training.gap output (.json/.safetensors)"})
-    retrieval_k: int = field(default=0, metadata={"help": "neighbour captions in the prefix (0: off)"})
-    epochs: int = 10
-    batch_size: int = field(default=64, metadata={"help": "global batch (split across workers)"})
-    lr: float = 2e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
-    seed: int = 0
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 2
-    num_to_keep: int = 2
+    retrieval_k: int = field(default=0, metadata={
+        "min": 0, "help": "neighbour captions in the prefix (0: off)"})
+    epochs: int = run_option("epochs", 10)
+    batch_size: int = field(default=64, metadata={
+        "min": 1, "help": "global batch (split across workers)"})
+    lr: float = field(default=2e-4, metadata={
+        "gt": 0.0, "help": "peak learning rate (cosine decay)"})
+    weight_decay: float = run_option("weight_decay", 0.01)
+    warmup_steps: int = run_option("warmup_steps", 100)
+    grad_clip: float = run_option("grad_clip", 1.0)
+    seed: int = run_option("seed", 0)
+    num_workers: int = run_option("num_workers", 2)
+    use_gpu: bool = run_option("use_gpu", False)
+    cpus_per_worker: float = run_option("cpus_per_worker", 1.0)
+    max_failures: int = run_option("max_failures", 2)
+    num_to_keep: int = run_option("num_to_keep", 2)
     storage_path: str = field(default="", metadata={"help": "Ray Train run storage (local or "
                                                            "s3://); default <output>-runs"})
     run_name: str = field(default="decoder", metadata={"help": "same name + storage => resume"})
-    inject_failure_epoch: int = field(default=-1, metadata={
-        "help": "testing: rank 0 raises once at the start of this epoch"})
-    embed_actors: int = 1
-    embed_batch: int = 256
-    actor_cpus: float = 0.5
-    ray_address: str = ""
+    inject_failure_epoch: int = run_option("inject_failure_epoch", -1)
+    embed_actors: int = field(default=1, metadata={"min": 1, "help": "CLAP text-embedding actors"})
+    embed_batch: int = field(default=256, metadata={
+        "min": 1, "help": "captions per embedding call"})
+    actor_cpus: float = field(default=0.5, metadata={"gt": 0.0, "help": "CPUs reserved per actor"})
+    ray_address: str = run_option("ray_address", "")
 
 
 # ----------------------------------------------------------------------------- conditioning

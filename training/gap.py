@@ -25,19 +25,50 @@ reads either with ``--gap-file``.  No Ray.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
 import posixpath
 import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from jobs.config_cli import parse
 from overheard import storage
 
 AUDIO_COLUMNS = ("audio", "path", "file", "file_name", "filename", "uri", "wav")
+
+
+@dataclass
+class GapConfig:
+    clap: str = field(default="", metadata={
+        "help": "CLAP model (HF ClapModel dir or LAION .pt, or a Hugging Face repo id / hf:// URI); "
+                "required"})
+    pairs: str = field(default="", metadata={"help": "paired audio-caption file"})
+    audio_root: str = field(default="", metadata={
+        "help": "base for relative audio paths in --pairs"})
+    audio: str = field(default="", metadata={
+        "help": "unpaired audio files: folder / prefix / glob"})
+    captions: str = field(default="", metadata={"help": "unpaired caption corpus"})
+    max_pairs: int = field(default=0, metadata={
+        "min": 0, "help": "use at most this many pairs (0: all)"})
+    max_files: int = field(default=200, metadata={
+        "min": 1, "help": "unpaired audio files to embed at most"})
+    max_captions: int = field(default=10000, metadata={
+        "min": 1, "help": "unpaired captions at most"})
+    max_windows: int = field(default=6, metadata={"min": 1, "help": "windows per audio file"})
+    out: str = field(default="", metadata={
+        "help": "output .json (a .safetensors is written beside it); required"})
+
+    def validate(self) -> None:
+        if not self.clap:
+            raise ValueError("--clap is required")
+        if not self.out:
+            raise ValueError("--out is required")
+        if not self.pairs and not (self.audio and self.captions):
+            raise ValueError("give --pairs, or --audio and --captions (or both)")
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -174,21 +205,7 @@ def embed_audio_files(encoder, uris: list[str], max_windows: int = 6) -> np.ndar
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="overheard estimate-gap", description=__doc__.splitlines()[0])
-    ap.add_argument("--clap", required=True, help="CLAP model (HF ClapModel dir or LAION .pt, "
-                                                  "or a Hugging Face repo id / hf:// URI)")
-    ap.add_argument("--pairs", default="", help="paired audio-caption file")
-    ap.add_argument("--audio-root", default="", help="base for relative audio paths in --pairs")
-    ap.add_argument("--audio", default="", help="unpaired audio files: folder / prefix / glob")
-    ap.add_argument("--captions", default="", help="unpaired caption corpus")
-    ap.add_argument("--max-pairs", type=int, default=0, help="use at most this many pairs (0: all)")
-    ap.add_argument("--max-files", type=int, default=200, help="unpaired audio files to embed at most")
-    ap.add_argument("--max-captions", type=int, default=10000, help="unpaired captions at most")
-    ap.add_argument("--max-windows", type=int, default=6, help="windows per audio file")
-    ap.add_argument("--out", required=True, help="output .json (a .safetensors is written beside it)")
-    a = ap.parse_args(argv)
-    if not a.pairs and not (a.audio and a.captions):
-        ap.error("give --pairs, or --audio and --captions (or both)")
+    a = parse(GapConfig, argv, "overheard estimate-gap", __doc__.splitlines()[0])
     from overheard.clap import ClapEncoder
     from overheard.hub import model_ref
 
