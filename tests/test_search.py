@@ -232,6 +232,8 @@ def test_confidence_is_carried_when_the_parts_have_it(captioned, tmp_path):
 
     from jobs.index import IndexConfig, run
     caps = _captions(captioned["out"]).slice(0, 3)
+    if "confidence" in caps.column_names:  # parts of this version have it: make older ones
+        caps = caps.drop_columns(["confidence"])
     out = tmp_path / "out"
     (out / "captions").mkdir(parents=True)
     pq.write_table(caps.slice(0, 1), str(out / "captions" / "part-a.parquet"))
