@@ -115,6 +115,9 @@ ALLOWED_DEMUXERS = (
     "mpegts", "wv", "ape", "tta", "voc", "mpc", "mpc8", "oma", "tak", "truehd", "mlp", "loas",
     "nut", "rm", "gsm", "qcp", "xwma", "wsaud", "dsf", "iff", "sox", "ircam", "nistsphere",
     "alaw", "mulaw", "g722", "g729", "ilbc", "shn", "spdif", "m4v", "mxf", "3gp", "mp4",
+    # single pictures (the frame reader takes png/jpg stills from training lists): these *_pipe
+    # demuxers read one image from the one input; image2, which expands file patterns, is not here
+    "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe",
 )
 _PLAYLIST_MAGIC = ((b"#EXTM3U", "an HLS/M3U playlist"), (b"ffconcat", "an ffconcat script"),
                    (b"<?xml", "an XML document (DASH manifest?)"), (b"<MPD", "a DASH manifest"),

@@ -161,8 +161,11 @@ def test_readers_never_see_partial_parts(ray_local, tiny_model, tmp_path):
     from jobs.caption import CaptionConfig
     durations = _archive(tmp_path / "a", 8)
     out = str(tmp_path / "out")
+    # batches of 2 windows: parts land one after another while the job runs (with one 64-window
+    # batch every source is released at once and the only part is written as the job ends)
     cfg = CaptionConfig(input=str(tmp_path / "a"), output=out, model=tiny_model,
-                        progress=False, flush_interval=0, show=0)
+                        progress=False, flush_interval=0, show=0, captioner_batch=2,
+                        encoder_batch=2)
     t, box = _run_in_thread(cfg)
     seen, errors = set(), []
     while t.is_alive():

@@ -59,7 +59,7 @@ def test_first_run_is_quiet_with_a_hub_model(two_clips, tiny_model, tmp_path):
     assert m["clap"] == f"hf://org/tiny-model@{SHA}/clap"  # pinned to the cached commit
 
 
-def test_verbose_shows_rays_notices(two_clips, tiny_model, ray_local, tmp_path, capfd):
+def test_verbose_shows_rays_notices(two_clips, tiny_model, ray_local, tmp_path, capfd, caplog):
     from jobs.caption import main
 
     rc = main([two_clips, str(tmp_path / "out"), "--model", tiny_model, "--show", "0",
@@ -69,4 +69,6 @@ def test_verbose_shows_rays_notices(two_clips, tiny_model, ray_local, tmp_path, 
     # Ray Data's console log, back at INFO. (The core worker's "E ... constructor arguments" line
     # is printed once per driver process, so after other jobs in the same pytest process it does
     # not come again; its absence in quiet mode is checked in a fresh process above.)
-    assert "Execution plan" in err, err[-2000:]
+    # Ray Data's console handler keeps the stream it was first given (in a long pytest session,
+    # an earlier test's capture), so the records are checked at the logging level
+    assert "Execution plan" in err or "Execution plan" in caplog.text, err[-2000:]

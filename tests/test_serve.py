@@ -265,23 +265,29 @@ def test_no_credentials_in_responses(served, tmp_path):
 
 
 def test_confidence_from_caption_parts(served, tmp_path):
-    """Parts with a ``confidence`` column (another change adds it to the caption job): search
-    results and the source page carry the part's value for that window."""
+    """Search hits carry the confidence the index holds (the caption job writes the column and
+    the index carries it); the source page reads it from the caption parts."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from jobs.serve import Archive
+    real = {}
     (tmp_path / "out" / "captions").mkdir(parents=True)
     for f in sorted((served["out"] / "captions").glob("*.parquet")):
         t = pq.read_table(f)
+        for r in t.select(["source_uri", "window_index", "confidence"]).to_pylist():
+            real[(r["source_uri"], r["window_index"])] = r["confidence"]
         conf = pc.divide(pc.cast(t.column("window_index"), pa.float32()), pa.scalar(10.0,
                                                                                       pa.float32()))
-        pq.write_table(t.append_column("confidence", conf), tmp_path / "out" / "captions" / f.name)
+        t = t.set_column(t.schema.get_field_index("confidence"), "confidence", conf)
+        pq.write_table(t, tmp_path / "out" / "captions" / f.name)
     arc = Archive(str(tmp_path / "out"), served["index"])
     hits = arc.search("someone types on a keyboard", 9)
     assert len(hits) == 9
-    assert [h["confidence"] for h in hits] == [pytest.approx(h["window_index"] / 10) for h in hits]
+    assert [h["confidence"] for h in hits] == [
+        pytest.approx(real[(h["source_uri"], h["window_index"])]) for h in hits]
+    assert all(0.0 <= h["confidence"] <= 1.0 for h in hits)
     tone = arc.source(str(served["inp"] / "tone_a.wav"))
     assert [w["confidence"] for w in tone["windows"]] == [0.0, pytest.approx(0.1),
                                                           pytest.approx(0.2)]
