@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -64,7 +65,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<18} {help_}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module, _, func = COMMANDS[argv[0]][0].partition(":")  # "module" -> module.main
-    return getattr(importlib.import_module(module), func or "main")(argv[1:])
+    try:
+        return getattr(importlib.import_module(module), func or "main")(argv[1:])
+    except BrokenPipeError:  # `overheard status OUT --json | head`: the reader left; not an error
+        sys.stderr.close()
+        return 0
+    except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, OSError) as e:
+        # a mistyped path, a port in use, a bad model: one line, not a traceback
+        # (OVERHEARD_TRACEBACK=1 shows it)
+        if os.environ.get("OVERHEARD_TRACEBACK"):
+            raise
+        print(f"overheard {argv[0]}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -186,6 +186,9 @@ def storage_options(index: str) -> dict:
 
 
 def connect(index: str):
+    # lancedb's Rust logger reads LANCEDB_LOG when it loads: without it every query printed two
+    # "WARN lance::dataset::scanner ... Deprecation warning" lines on the user's terminal
+    os.environ.setdefault("LANCEDB_LOG", "error")
     import lancedb
 
     if storage.protocol_of(index) == "file":

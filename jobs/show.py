@@ -45,7 +45,12 @@ def format_rows(t: pa.Table, limit: int = 20) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(ShowConfig, argv, "overheard show", __doc__)
-    print(format_rows(read_captions(a.output, a.run_id), a.limit))
+    t = read_captions(a.output, a.run_id)
+    if t.num_rows == 0:  # a typo must not look like an empty result
+        print(f"overheard show: no caption rows under {storage.join(a.output, 'captions')}"
+              + (f" for run {a.run_id}" if a.run_id else ""), file=sys.stderr)
+        return 1
+    print(format_rows(t, a.limit))
     return 0
 
 

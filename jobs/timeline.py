@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.config_cli import parse
-from overheard import storage
+from overheard import layouts, storage
 from overheard import timeline as tl
 
 FORMATS = ("srt", "vtt", "jsonl")
@@ -88,9 +88,22 @@ def _key(source_uri: str, model_id: str | None) -> str:
 
 def file_names(keys: list[tuple[str, str | None]], ext: str) -> dict[tuple[str, str | None], str]:
     """{(source_uri, model_id): file name}: the source's stem, made unique by a short hash."""
+    def name_stem(path: str) -> str:
+        base = path.rsplit("/", 1)[-1]
+        return base.rsplit(".", 1)[0] if "." in base.lstrip(".") else base
+
     def stem(uri: str) -> str:
-        base = uri.rsplit("#", 1)[-1].rsplit("/", 1)[-1]
-        base = base.rsplit(".", 1)[0] if "." in base.lstrip(".") else base
+        # layout ids (overheard.layouts): shard member -> its name; Parquet row -> file-row;
+        # JSONL span -> file-t<start>-<end>; a plain file keeps its name, '#' and all
+        pid = layouts.parse_id(uri)
+        if pid is None:
+            base = name_stem(uri)
+        elif pid[0] in ("tar", "tgz"):
+            base = name_stem(pid[2])
+        elif pid[0] == "hf":
+            base = f"{name_stem(pid[1])}-{pid[2]}"
+        else:
+            base = f"{name_stem(pid[1])}-" + pid[2].replace("t=", "t").replace(",", "-")
         return re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._") or "source"
     stems = {k: stem(k[0]) for k in keys}
     counts: dict[str, int] = {}

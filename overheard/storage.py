@@ -137,6 +137,15 @@ def open_input(uri: str, block_size: int = 8 << 20):
     return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
 
 
+def _umask() -> int:
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
+
+
+_UMASK = _umask()  # read once at import (os.umask can only be read by setting it)
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write so that a reader never sees a partial object: temp file + rename locally;
     on object stores a single PUT is already atomic (the object appears whole or not at all)."""
@@ -146,6 +155,9 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         os.makedirs(d, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".part")
         try:
+            # mkstemp makes 0600 files; outputs are meant to be shared like any file the user
+            # writes: the usual 0666 less the process umask (0644 under umask 022)
+            os.fchmod(fd, 0o666 & ~_UMASK)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
