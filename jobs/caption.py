@@ -645,6 +645,8 @@ def _run_leased(cfg, t0, dali, clap, decoder, frame_size, lease, sources) -> dic
                     model_ids=[], parts=[], windows_scored=0, windows_low_confidence=0,
                     bundled_model=os.path.realpath(decoder).startswith(os.path.realpath(DEFAULT_MODEL)))
     manifest["damaged_parts"] = damaged  # renamed .damaged-*; their sources are redone
+    if manifest["sources_skipped_done"]:
+        manifest["settings_differ"] = settings_differ(cfg)
     manifest["mode"] = cfg.mode if dali else "audio"
     manifest["windowing"] = windowing_text(cfg)
     manifest["whole_clip_s"] = cfg.whole_clip
@@ -656,6 +658,35 @@ def _run_leased(cfg, t0, dali, clap, decoder, frame_size, lease, sources) -> dic
     manifest.pop("status_final", None)
     publish_manifest(cfg, manifest)
     return manifest
+
+
+# Settings that change what a window's row says: a rerun into an OUTPUT captioned with other
+# values skips the sources already there, which a user changing --window or --min-confidence
+# does not expect silently.
+ROW_SETTINGS = ("model", "clap", "decoder", "mode", "window", "hop", "whole_clip", "pad_mode",
+                "strategy", "search", "num_beams", "temperature", "guidance", "min_confidence")
+
+
+def settings_differ(cfg: CaptionConfig) -> dict:
+    """{setting: [earlier run's value, this run's]} against the latest earlier run's saved
+    config in OUTPUT/runs (empty when they agree or no earlier config is readable)."""
+    fs, path = storage.get_fs(storage.join(cfg.output, "runs"))
+    earlier = []
+    for p in fs.glob(path.rstrip("/") + "/*/config.json"):
+        run = p.rstrip("/").rsplit("/", 2)[-2]
+        if run == cfg.run_id:
+            continue
+        try:
+            with fs.open(p, "rb") as f:
+                earlier.append((fs.info(p).get("mtime") or 0, run, json.loads(f.read())))
+        except (OSError, ValueError):
+            continue
+    if not earlier:
+        return {}
+    _, _, prev = max(earlier, key=lambda e: (float(e[0]) if not hasattr(e[0], "timestamp")
+                                             else e[0].timestamp(), e[1]))
+    now = dataclasses.asdict(cfg)
+    return {k: [prev.get(k), now[k]] for k in ROW_SETTINGS if k in prev and prev.get(k) != now[k]}
 
 
 def publish_manifest(cfg: CaptionConfig, manifest: dict) -> None:
@@ -808,6 +839,11 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.show:
         from jobs.show import format_rows, read_captions
         print(format_rows(read_captions(cfg.output, run_id=m["run_id"]), cfg.show))
+    if m.get("settings_differ"):
+        d = ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in m["settings_differ"].items())
+        print(f"note: {m['sources_skipped_done']} sources were already in {cfg.output} from a run "
+              f"with other settings ({d}); they were skipped, not redone: use a new OUTPUT to "
+              "caption them with these settings", file=sys.stderr)
     print(summary_text(m))
     print(f"captions: {storage.join(cfg.output, 'captions')}  "
           f"manifest: {storage.join(cfg.output, 'runs', m['run_id'], 'manifest.json')}")

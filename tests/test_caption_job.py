@@ -112,6 +112,12 @@ def test_local_archive_end_to_end(ray_local, tiny_model, archive, tmp_path):
     m2 = run_job(dict(input=str(d), output=out, model=tiny_model, progress=False))
     assert m2["sources_todo"] == 0 and m2["windows"] == 0
     assert read_dir(os.path.join(out, "captions")).num_rows == caps.num_rows
+    assert m2["settings_differ"] == {}
+    # a rerun with settings that change rows still skips what is done, and says so
+    m3 = run_job(dict(input=str(d), output=out, model=tiny_model, progress=False, window=5.0,
+                      min_confidence=0.3))
+    assert m3["sources_todo"] == 0
+    assert m3["settings_differ"] == {"window": [10.0, 5.0], "min_confidence": [0.0, 0.3]}
 
 
 def test_deterministic_across_runs(ray_local, tiny_model, archive, tmp_path):
