@@ -4,9 +4,13 @@
     python -m jobs.caption s3://bucket/archive/ s3://bucket/captions/ --model s3://bucket/models/v1
 
 Stages (Ray Data, streaming; nothing materialises the whole archive):
-    sources (driver: list, skip done)  -> decode_sources  [CPU tasks, generator: windows]
-    -> ClapEmbedder [actor pool, GPU if any] -> Captioner [actor pool, GPU if any]
-    -> driver: SourceAssembler + PartWriter (atomic Parquet parts, failures, run manifest)
+    sources (driver: list folders/prefixes/manifests/shards, skip done, take the output lease)
+    -> decode_sources  [CPU tasks, generator: windows]
+    -> ClapCaptioner   [one autoscaling actor pool, GPU if any: CLAP embedding + caption decoding
+                        + confidence; --no-fuse-models: ClapEmbedder then Captioner pools; a DALI
+                        model: DaliCaptioner]
+    -> driver: SourceAssembler + PartWriter (atomic Parquet parts, failures; the run manifest is
+       republished at every committed part)
 Output layout under OUTPUT:
     captions/part-<run>-<seq>.parquet   one row per window (schema: overheard.schema)
     failures/part-<run>-<seq>.parquet   one row per failed source or window

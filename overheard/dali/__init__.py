@@ -2,7 +2,8 @@
 vision-language captioner (LLaVA-class) whose vision tokens an audio encoder learned to imitate.
 
 Modules: ``losses`` (MMD, exact OT, attentive OT), ``llava`` (loading, prompt assembly, batched
-generation), ``audio_tokens`` (CLAP audio tower tokens + projection into the vision-token space),
-``model`` (the captioner: checkpoint save/load), ``tiny`` (tiny random models in the real formats).
+generation), ``model`` (the captioner: CLAP audio tower tokens + projection into the vision-token
+space as ``DaliModel.audio_tokens``, checkpoint save/load), ``tiny`` (tiny random models in the
+real formats).
 No Ray here: training scripts live in ``training/dali_*.py``, the actor in ``actors/dali_captioner.py``.
 """
