@@ -308,12 +308,12 @@ def torch_dtype(name: str):
 
 def load_dali(init: str, clap: str, llava: str, device, dtype: str = "float32", seed: int = 0,
               hidden: int = 0, prefix_tokens: int = 16):
-    import torch
-
     """A DaliModel for training: the frozen CLAP and LLaVA in ``dtype`` (bfloat16 halves LLaVA-7B's
     14 GB on a GPU), the learned heads always float32 (Adam updates of ~1e-4 relative size vanish
     in bfloat16's 8-bit mantissa). Run its forward passes under :func:`autocast`. From ``init``, or
     a new seeded model on ``clap`` + ``llava`` (the projection initialised as ``new_dali`` does)."""
+    import torch
+
     from overheard.dali.model import DaliConfig, DaliModel
 
     dt = torch_dtype(dtype)
