@@ -524,7 +524,10 @@ def build(cfg: CaptionConfig, sources: list[tuple], clap: str, decoder: str,
 
     def pool(requested: int, gpus_each: float) -> ActorPoolStrategy:
         lo, hi = pool_size(requested, cfg.min_actors, gpus_total, gpus_each, cpus_total)
-        return ActorPoolStrategy(min_size=lo, max_size=hi)
+        # starts at its maximum: an archive job has work for every actor, and asking for them
+        # all at once is what makes an autoscaling cluster launch its GPU workers now rather than
+        # one ramp-up step at a time; Ray Data shrinks an idle pool down to --min-actors
+        return ActorPoolStrategy(min_size=lo, max_size=hi, initial_size=hi)
 
     cfg = effective_windows(cfg)
     sized = [s if len(s) >= 3 else (s[0], s[1], 0) for s in sources]

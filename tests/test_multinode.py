@@ -101,8 +101,6 @@ SCRIPT = textwrap.dedent(r'''
     from jobs.caption import CaptionConfig, run
     out = os.path.join(WORK, "out")
     t = time.time()
-    # batches of 4 windows: a queue builds up behind one actor, which is what makes Ray Data
-    # grow the pool towards its maximum
     m = run(CaptionConfig(input=media, output=out, progress=False, show=0, captioner_batch=4,
                           encoder_batch=4))
     wall = time.time() - t
@@ -164,6 +162,6 @@ def test_caption_job_spreads_over_nodes(tmp_path):
     assert len(busy) == 2, f"work seen on {len(busy)} node(s): {per_node}\n{r['seen']}"
     decode_nodes = [nid for nid, w in per_node.items() if "decode_sources" in w]
     assert decode_nodes, per_node
-    # the model pool grew with the cluster: 8 CPUs -> up to 2 actors, and both started
+    # the model pool follows the cluster: 8 CPUs -> 2 actors (jobs/caption.pool_size), both started
     assert len(r["model_actors"]) >= 2, r["model_actors"]
     print(f"per node: {per_node}; job wall {r['wall']:.1f} s")

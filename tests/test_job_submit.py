@@ -1,0 +1,135 @@
+"""The README's cluster path, as written: `ray start --head` + a worker node, then
+`ray job submit --working-dir . -- python -m jobs.caption IN OUT` with Ray 2.60's token auth.
+
+Everything runs in subprocesses with their own HOME (the token lives in ~/.ray/auth_token) and
+their own RAY_TMPDIR, so the suite's session Ray never sees this cluster and nothing touches the
+real home directory. Both `ray start --block` processes run in their own sessions; at the end they
+and every process whose command line names this cluster's temp dir are killed (never `ray stop`,
+which would stop every Ray on the machine). The head has 0 CPUs, so decode tasks and model actors
+can only run on the worker node. Checks: a client without the token is refused; with it the job
+succeeds and the output has exactly one row per window.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import wave
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from tests.s3server import _free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def _wav(path: str, seconds: float, freq: float) -> None:
+    t = np.arange(int(seconds * 16000)) / 16000
+    x = (0.2 * np.sin(2 * np.pi * freq * t) * 32767).astype("<i2")
+    with wave.open(path, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000), w.writeframes(x.tobytes())
+
+
+def _kill_cluster(procs, tmp: str) -> None:
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 20
+    while time.time() < deadline and any(p.poll() is None for p in procs):
+        time.sleep(0.2)
+    # whatever is left of this cluster (its processes name its temp dir on their command line)
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            cmd = open(f"/proc/{d}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if tmp.encode() in cmd:
+            try:
+                os.kill(int(d), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not os.path.exists(RAY), reason="ray CLI not installed beside this python")
+def test_ray_job_submit_with_token_on_two_nodes(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    # Ray's session dir holds AF_UNIX sockets (paths <= 107 bytes): pytest's tmp_path is too deep
+    rtmp = tempfile.mkdtemp(prefix="ohjs-", dir="/tmp")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    media = tmp_path / "media"
+    media.mkdir()
+    want = {}
+    for i, s in enumerate([3.0, 12.0, 25.0]):  # 1, 2, 3 windows of 10 s
+        p = str(media / f"clip{i}.wav")
+        _wav(p, s, 300 + 100 * i)
+        want[p] = {3.0: 1, 12.0: 2, 25.0: 3}[s]
+    out = str(tmp_path / "out")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env.update(HOME=str(home), RAY_TMPDIR=rtmp, RAY_AUTH_MODE="token", HF_HUB_OFFLINE="1",
+               RAY_USAGE_STATS_ENABLED="0",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
+    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True,
+                   capture_output=True, timeout=60)
+    assert (home / ".ray" / "auth_token").exists()
+    port, dash = _free_port(), _free_port()
+    procs = []
+    try:
+        procs.append(subprocess.Popen(
+            [RAY, "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
+             "--dashboard-host=127.0.0.1", "--num-cpus=0", f"--temp-dir={rtmp}", "--block"],
+            env=env, cwd=ROOT, stdout=open(logs / "head.log", "wb"), stderr=subprocess.STDOUT,
+            start_new_session=True))
+        addr = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 180
+        while True:  # the job server answers once the head is up
+            r = subprocess.run([RAY, "job", "list", "--address", addr], env=env,
+                               capture_output=True, text=True, timeout=60)
+            if r.returncode == 0:
+                break
+            assert time.time() < deadline, (r.stderr[-2000:],
+                                            (logs / "head.log").read_text()[-3000:])
+            time.sleep(2)
+        procs.append(subprocess.Popen(
+            [RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=2", "--block"],
+            env=env, cwd=ROOT, stdout=open(logs / "worker.log", "wb"), stderr=subprocess.STDOUT,
+            start_new_session=True))
+
+        # a client without the cluster's token is refused
+        bare = dict(env, HOME=str(tmp_path))  # no .ray/auth_token there
+        r = subprocess.run([RAY, "job", "list", "--address", addr], env=bare,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and "token" in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
+
+        # exactly the README's command (plus test-sized options)
+        r = subprocess.run(
+            [RAY, "job", "submit", "--address", addr, "--working-dir", ".", "--",
+             "python", "-m", "jobs.caption", str(media), out, "--show", "0"],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0 and "succeeded" in r.stdout.lower(), (r.stdout[-3000:],
+                                                                       r.stderr[-3000:])
+    finally:
+        _kill_cluster(procs, rtmp)
+        shutil.rmtree(rtmp, ignore_errors=True)
+    t = pq.read_table(os.path.join(out, "captions"), columns=["source_uri", "window_index",
+                                                               "caption"])
+    got = list(zip(t.column("source_uri").to_pylist(), t.column("window_index").to_pylist()))
+    assert len(got) == len(set(got)) == sum(want.values())
+    assert set(got) == {(u, i) for u, n in want.items() for i in range(n)}
+    assert all(t.column("caption").to_pylist())
