@@ -183,8 +183,14 @@ class Archive:
 
     # -- sources
     def source(self, uri: str) -> dict | None:
+        """A source's windows and failures; a source with failures only (a corrupt file) has
+        no windows but is still shown. None when neither table names it."""
         if uri not in self.uris:
-            return None
+            fails = self.failures(source_uri=uri, limit=1000)["rows"] if uri else []
+            if not fails:
+                return None
+            return dict(source_uri=uri, name=uri.rstrip("/").rsplit("/", 1)[-1], windows=[],
+                        failures=fails)
         t = self.rows.filter(pc.equal(self.rows.column("source_uri"), uri))
         windows = [{f: (_num(r[f]) if f in ("start_s", "end_s", "confidence") else r[f])
                     for f in ("window_index", "start_s", "end_s", "caption", "confidence",
@@ -195,7 +201,12 @@ class Archive:
     def audio_wav(self, uri: str, start_s: float, end_s: float) -> bytes:
         """The window ``[start_s, end_s)`` as 16-bit mono WAV at 48 kHz, read by
         ``overheard.span.read_span``: the job's reader and sample counting (exact in the first
-        2 minutes of a file; later spans are found by seeking)."""
+        2 minutes of a file; later spans are found by seeking). Raises SpanError for times
+        outside a JSONL span's ``t=a,b``: its windows are in file time and nothing outside the
+        span was captioned, so nothing outside it is played (1 ms allowed for rounding)."""
+        lo, hi = layouts.span_bounds(uri)
+        if start_s < lo - 1e-3 or end_s > hi + 1e-3:
+            raise SpanError(f"outside the source's span {lo:g}-{hi:g} s")
         f = layouts.open_by_id(uri)  # a shard member / Parquet row / span: its container only
         with f if f is not None else storage.open_input(uri) as f:
             x = read_span(f, start_s, end_s, TARGET_SR)
@@ -280,6 +291,10 @@ class Archive:
 
 # ------------------------------------------------------------------------------------ web app
 
+class SpanError(ValueError):
+    """A request for audio outside the part of a file a source id names."""
+
+
 def _asset(name: str) -> bytes:
     return resources.files("overheard").joinpath("assets", "web", name).read_bytes()
 
@@ -358,6 +373,8 @@ def make_app(cfg: ServeConfig, archive: Archive):
             return err(400, f"span {b - a:g} s is longer than the {cfg.max_span_s:g} s cap")
         try:
             data = await run_blocking(archive.audio_wav, uri, a, b)
+        except SpanError as e:
+            return err(400, str(e))
         except MediaError as e:
             return err(502, f"cannot decode the source: {e.error_type}")
         except OSError:

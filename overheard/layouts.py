@@ -30,6 +30,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import math
 import os
 import posixpath
 import re
@@ -609,6 +610,16 @@ def parse_id(source_uri: str) -> tuple[str, str, str] | None:
             return "span", c, rest
         i = source_uri.find("#", i + 1)
     return None
+
+
+def span_bounds(source_uri: str) -> tuple[float, float]:
+    """``(start, end)`` seconds of file time a source id covers: a JSONL span's ``t=a,b``
+    (``t=a`` alone: to the end), ``(0, inf)`` for anything else."""
+    parsed = parse_id(source_uri)
+    if parsed is None or parsed[0] != "span":
+        return 0.0, math.inf
+    a, _, b = parsed[2][2:].partition(",")
+    return float(a), float(b) if b else math.inf
 
 
 def _tar_members(shard: str) -> tuple[dict[str, tuple[int, int]], int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
 import tarfile
 
@@ -323,6 +324,12 @@ def test_jsonl_manifest_spans(ray_local, tiny_model, media, tmp_path):
     _, _, x = _wav(Archive(out, "").audio_wav(uri, r["start_s"], r["end_s"]))
     assert np.array_equal(x, _decode_span(str(d / "a.flac"), r["start_s"], r["end_s"]))
     assert len(x) == round((r["end_s"] - r["start_s"]) * 48000) and np.abs(x).max() > 1000
+    from jobs.serve import SpanError
+    from overheard.layouts import span_bounds
+    assert span_bounds(uri) == (3.5, 15.5) and span_bounds(str(d / "a.flac"))[1] == math.inf
+    for a, b in [(0.0, 2.0), (14.0, 16.0)]:  # the file around the span is not played
+        with pytest.raises(SpanError):
+            Archive(out, "").audio_wav(uri, a, b)
     m2 = run(cfg)
     assert m2["sources_todo"] == 0 and m2["windows"] == 0
 

@@ -213,6 +213,10 @@ def test_audio_refuses_what_is_not_captioned(served):
               "/static/..%2f..%2fjobs%2fserve.py"]:
         assert get(base + p.lstrip("/"))[0] == 404, p
     assert api(base, "/api/source", source_uri="/etc/passwd")[0] == 404
+    # a source with failures only has a page (its failure rows), still no audio
+    broken = json.loads(api(base, "/api/source", source_uri=str(inp / "broken.flac"))[2])
+    assert broken["windows"] == [] and broken["failures"]
+    assert all(f["source_uri"] == str(inp / "broken.flac") for f in broken["failures"])
 
 
 def test_source_runs_failures_api(served):
