@@ -92,11 +92,18 @@ def _help_entries(text: str) -> dict[str, str]:
     """argparse --help -> {option or positional: its description (continuation lines joined)}."""
     entries: dict[str, str] = {}
     key = None
-    section = False
+    section = described = False
     for line in text.splitlines():
-        if re.match(r"^(positional arguments|options|optional arguments):$", line):
+        # "options:", "positional arguments:", or a group's title ("decoding (...):")
+        if re.match(r"^\S.*:$", line):
             section, key = True, None
+            # an argument group's description: the lines up to the first blank one
+            described = line not in ("options:", "positional arguments:", "optional arguments:")
             continue
+        if described:
+            described = bool(line.strip()) and not line.startswith("  -")
+            if described or not line.strip():
+                continue
         if not section or not line.strip():
             key = None if not line.strip() else key
             continue
