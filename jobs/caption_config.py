@@ -244,11 +244,10 @@ class RunConfig:
                             "bounds work lost to a kill"})
     run_id: str = field(default="", metadata={
         "help": "name of this run (parts, runs/<run>/); '' = a timestamp + random suffix"})
-    lease_stale: float = field(default=120.0, metadata={
-        "gt": 0.0,
-        "help": "a run holds OUTPUT/_lease.json, renewed every lease_stale/4 s; a second "
-                "run on the same output refuses (exit 3) unless the lease's last "
-                "heartbeat is older than this (s): a killed run blocks no longer"})
+    lease_stale: float = field(default=120.0, metadata={"gt": 0.0, "help": (
+        "a run holds OUTPUT/_lease.json, renewed every lease_stale/4 s; a second run on the same "
+        "output refuses (exit 3) unless the lease's last heartbeat is older than this (s): a "
+        "killed run blocks no longer")})
     show: int = field(default=20, metadata={
         "min": 0, "help": "print this many captions at the end"})
     progress: bool = field(default=True, metadata={
