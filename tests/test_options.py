@@ -323,3 +323,23 @@ def test_strategy_choices_match_the_captioner():
     from jobs.caption_config import STRATEGIES as CHOICES
 
     assert CHOICES == STRATEGIES
+
+
+def test_a_field_without_help_is_refused():
+    """config_cli builds no parser for a config with an undocumented option (the issue counted 7)."""
+    from dataclasses import dataclass, field
+
+    from jobs.config_cli import parser_for
+
+    @dataclass
+    class Documented:
+        n: int = field(default=1, metadata={"help": "how many"})
+
+    @dataclass
+    class Undocumented:
+        n: int = field(default=1, metadata={"help": "how many"})
+        k: int = 2
+
+    assert parser_for(Documented, "x", "").parse_args(["--n", "3"]).n == 3
+    with pytest.raises(TypeError, match="Undocumented.k has no help"):
+        parser_for(Undocumented, "x", "")
