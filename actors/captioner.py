@@ -11,7 +11,7 @@ Columns out: the same plus
                        the embedding's distance to the model's training audio; the caption-memory
                        cosine when the decoder dir has no audio_stats.safetensors); null on failure rows
 and ``model_id`` becomes "<clap id>+<decoder id>".
-With ``guidance=True`` (or ``score_captions=True``) also
+With ``scoring.guidance`` (or ``scoring.score_captions``) also
     clap_similarity: float32  cosine(CLAP audio embedding, CLAP text embedding of the caption)
     audibility: float32       P(audible | caption) from the audibility classifier, in [0, 1]
 (null on failure rows; see ``overheard.guidance``). Guidance re-ranks decoder candidates per step
@@ -44,13 +44,19 @@ STRATEGIES = ("plain", "nearest", "projection", "retrieval")
 
 
 class Captioner:
-    def __init__(self, decoder_path: str, strategy: str = "plain", search: str = "beam",
-                 num_beams: int = 3, temperature: float = 0.01, device: str = "auto",
-                 torch_threads: int | None = None, clap_path: str | None = None,
-                 guidance: bool = False, guidance_weights=(0.2, 1.0, 0.015),
-                 audibility_model: str | None = "", guidance_candidates: int = 5,
-                 guidance_mode: str = "beam", score_captions: bool = False, clap_encoder=None,
-                 min_confidence: float = 0.0):
+    """``decoding``: the caption job's decoding options (``jobs.caption_config.DecodingConfig``:
+    strategy, search, num_beams, temperature, min_confidence); ``scoring``: its guidance options
+    (``ScoringConfig``: guidance, guidance_weights/_candidates/_mode, score_captions,
+    audibility_model), None = neither; ``resources``: its ``ResourceConfig`` (torch_threads), None
+    = leave torch's threads as they are. Any object with those attributes will do."""
+
+    def __init__(self, decoder_path: str, decoding, scoring=None, *, clap_path: str | None = None,
+                 device: str = "auto", resources=None, clap_encoder=None):
+        strategy, search, num_beams = decoding.strategy, decoding.search, decoding.num_beams
+        temperature, min_confidence = decoding.temperature, decoding.min_confidence
+        guidance = bool(scoring and scoring.guidance)
+        score_captions = bool(scoring and scoring.score_captions)
+        torch_threads = resources.torch_threads if resources is not None else None
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown decoding strategy {strategy!r}; choose from {STRATEGIES}")
         limit_threads(torch_threads)
@@ -84,12 +90,15 @@ class Captioner:
         self.guided = self.scorers = None
         if guidance or score_captions:  # overheard.guidance: loaded once here, never per clip
             from overheard import guidance as g
-            self.scorers = g.load_scorers(clap_path, audibility_model, self.device, clap_encoder)
+            aud = scoring.audibility_model  # 'none': no audibility term; '': the shipped one
+            self.scorers = g.load_scorers(clap_path, None if aud.lower() == "none" else aud,
+                                          self.device, clap_encoder)
             if guidance:
                 self.guided = g.GuidedDecoder(
                     self.model, self.tokenizer, self.scorers[0].embed_text,
-                    self.scorers[1].log_prob_audible if self.scorers[1] else None, guidance_weights,
-                    guidance_mode, num_beams if search == "beam" else 1, guidance_candidates)
+                    self.scorers[1].log_prob_audible if self.scorers[1] else None,
+                    scoring.guidance_weights, scoring.guidance_mode,
+                    num_beams if search == "beam" else 1, scoring.guidance_candidates)
                 self.label = f"{strategy}/{self.guided.label}"
 
     def _condition(self, emb: np.ndarray) -> torch.Tensor:

@@ -48,9 +48,12 @@ def fit_to_model(x: np.ndarray, valid: int, n: int) -> np.ndarray:
 
 class ClapEmbedder:
     def __init__(self, clap_path: str, window_s: float = 10.0, device: str = "auto",
-                 dtype: str = "float32", torch_threads: int | None = None):
-        limit_threads(torch_threads)
+                 resources=None):
+        """``resources``: the caption job's ``ResourceConfig`` (dtype, torch_threads); None =
+        float32, torch's threads left as they are."""
+        limit_threads(resources.torch_threads if resources is not None else None)
         self.device = pick_device(device)
+        dtype = resources.dtype if resources is not None else "float32"
         self.encoder = ClapEncoder(clap_path, device=self.device, dtype=pick_dtype(dtype))
         self.sr = self.encoder.sampling_rate
         self.window_samples = int(round(window_s * self.sr))

@@ -35,16 +35,20 @@ def row_seed(uri: str, window_index: int) -> int:
 
 
 class DaliCaptioner:
-    def __init__(self, model_path: str, mode: str = "audio", temperature: float = 0.0,
-                 max_new_tokens: int = 0, window_s: float = 10.0, device: str = "auto",
-                 dtype: str = "float32", torch_threads: int | None = None):
+    def __init__(self, model_path: str, dali, window_s: float = 10.0, device: str = "auto",
+                 resources=None):
+        """``dali``: the caption job's ``DaliConfig`` (mode, sample_temperature, max_new_tokens);
+        ``resources``: its ``ResourceConfig`` (dtype, torch_threads), None = float32, torch's
+        threads as they are. Any object with those attributes will do."""
+        mode = dali.mode
         if mode not in ("audio", "audio+image"):
             raise ValueError(f"mode must be 'audio' or 'audio+image', got {mode!r}")
-        limit_threads(torch_threads)
+        limit_threads(resources.torch_threads if resources is not None else None)
         self.device = pick_device(device)
+        dtype = resources.dtype if resources is not None else "float32"
         self.model = DaliModel(model_path, device=self.device, dtype=pick_dtype(dtype))
-        self.mode, self.temperature = mode, float(temperature)
-        self.max_new_tokens = max_new_tokens or self.model.cfg.max_new_tokens
+        self.mode, self.temperature = mode, float(dali.sample_temperature)
+        self.max_new_tokens = dali.max_new_tokens or self.model.cfg.max_new_tokens
         self.sr = self.model.clap.sampling_rate
         self.window_samples = int(round(window_s * self.sr))
         self.size = self.model.llava.image_size

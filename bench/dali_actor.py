@@ -77,14 +77,16 @@ def main(argv=None) -> int:
     import torch
 
     from actors.dali_captioner import DaliCaptioner
+    from jobs.caption_config import DaliConfig, ResourceConfig
 
     tmp = tempfile.mkdtemp(prefix="bench-dali-")
     path = os.path.join(a.model, "dali") if a.model else tiny_model(tmp)
     rows = []
     for dtype in a.dtypes.split(","):
         for mode in a.modes.split(","):
-            act = DaliCaptioner(path, mode=mode, max_new_tokens=a.max_new_tokens, device=a.device,
-                                dtype=dtype, torch_threads=a.threads)
+            act = DaliCaptioner(path, DaliConfig(mode=mode, max_new_tokens=a.max_new_tokens),
+                                device=a.device,
+                                resources=ResourceConfig(dtype=dtype, torch_threads=a.threads))
             frame = act.size if mode == "audio+image" else 0
             for bs in [int(b) for b in a.batches.split(",")]:
                 batches = [make_batch(min(bs, a.windows - i), frame, seed=i)

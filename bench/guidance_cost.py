@@ -55,7 +55,7 @@ CONFIGS = [
                                                    guidance_candidates=5)),
     ("guided beam3x5", dict(search="beam", num_beams=3, guidance=True, guidance_candidates=5)),
     ("guided beam3x5, no classifier", dict(search="beam", num_beams=3, guidance=True, guidance_candidates=5,
-                                           audibility_model=None)),
+                                           audibility_model="none")),
 ]
 
 
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     import torch
 
     from actors.captioner import Captioner
-    from jobs.caption import DEFAULT_MODEL
+    from jobs.caption import DEFAULT_MODEL, CaptionConfig
 
     model = args.model or DEFAULT_MODEL
     if args.text_tower == "base":
@@ -119,7 +119,9 @@ def main(argv=None) -> int:
         if kw.get("audibility_model", "") == "":
             kw["audibility_model"] = args.audibility_model
         t0 = time.perf_counter()
-        cap = Captioner(dec, device="cpu", torch_threads=args.threads, clap_path=clap, **kw)
+        c = CaptionConfig("-", "-", torch_threads=args.threads, **kw)  # the job's option groups
+        cap = Captioner(dec, c.decoding, c.scoring, clap_path=clap, device="cpu",
+                        resources=c.resources)
         load_s = time.perf_counter() - t0
         dim = cap.model.config.embedding_dim
         cap(make_batch(2, dim, seed=1))  # warm-up

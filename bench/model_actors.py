@@ -95,6 +95,7 @@ def main(argv=None) -> int:
 
     from actors.captioner import Captioner
     from actors.clap_embedder import ClapEmbedder
+    from jobs.caption_config import DecodingConfig, ResourceConfig
     from dali_actor import make_batch
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
             x = np.zeros((1, enc.window_samples), np.float32)
             flops[m] = count_flops(lambda: enc.embed_audio(x))
         else:
-            cap = Captioner(paths[m], device="cpu")
+            cap = Captioner(paths[m], DecodingConfig(), device="cpu")
             b = embedded_batch(1, 32)
             with torch.inference_mode():
                 flops[m] = count_flops(lambda: cap(b))
@@ -136,9 +137,10 @@ def main(argv=None) -> int:
         for dtype in a.dtypes.split(","):
             clap = m.startswith("htsat")
             if clap:
-                actor = ClapEmbedder(paths[m], device=a.device, dtype=dtype)
+                actor = ClapEmbedder(paths[m], device=a.device,
+                                     resources=ResourceConfig(dtype=dtype))
             else:
-                actor = Captioner(paths[m], device=a.device)
+                actor = Captioner(paths[m], DecodingConfig(), device=a.device)
             amp = (torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16)
                    if (not clap and dtype == "bfloat16") else contextlib.nullcontext())
             for bs in (int(v) for v in a.batches.split(",")):

@@ -158,7 +158,8 @@ def _median_run(files_dir: Path, args, overrides: dict) -> dict:
 
 def _parse_overrides(items: list[str]) -> dict:
     from jobs.caption import CaptionConfig
-    types = {f.name: f.type for f in dataclasses.fields(CaptionConfig)}
+    from jobs.config_cli import leaf_fields
+    types = {f.name: f.type for _, f in leaf_fields(CaptionConfig)}
     out = {}
     for it in items:
         k, _, v = it.partition("=")

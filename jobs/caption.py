@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -34,176 +32,23 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 import overheard
-from jobs.config_cli import check, parse, to_json
+# the options live in jobs/caption_config.py; imported here so `from jobs.caption import
+# CaptionConfig` (and DEFAULT_MODEL, TINY_MODEL) keep working
+from jobs.caption_config import (ASSETS, DEFAULT_MODEL, TINY_MODEL, CaptionConfig,  # noqa: F401
+                                 refuse_for_model)
+from jobs.config_cli import OptionError, check, exit_bad_option, flat_dict, flatten_saved, parse, to_json
 from jobs.lease import LeaseHeld, OutputLease
 from jobs.sink import PartWriter, SourceAssembler, done_sources, quarantine_damaged
 from overheard import layouts, storage
 from overheard.confidence import LOW
 
-ASSETS = os.path.join(os.path.dirname(overheard.__file__), "assets")
-# The embedded default: a tiny CLAP trained on the sound world + a text-only decoder (5.3 MB,
-# overheard/assets/soundworld-model/MODEL_CARD.md). tiny-random-model is random weights: the
-# cheapest model that exercises every path (benchmarks of framework overhead use it).
-DEFAULT_MODEL = os.path.join(ASSETS, "soundworld-model")
 # below this a window counts as low-confidence in the summary (overheard.confidence.LOW: beyond the
 # 95th percentile of held-out in-world distances)
 LOW_CONFIDENCE = LOW
-TINY_MODEL = os.path.join(ASSETS, "tiny-random-model")
 MEDIA_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".mp4",
                   ".m4v", ".mkv", ".webm", ".mov", ".avi", ".wma", ".aiff", ".aif")
 MANIFEST_SUFFIXES = (".parquet", ".csv")
 URI_COLUMNS = ("uri", "source_uri", "path", "url", "file")
-
-
-@dataclass
-class CaptionConfig:
-    input: str = field(metadata={"help": "folder/prefix, glob, single file, a manifest "
-                                         ".parquet/.csv with a 'uri' column or a .jsonl (NeMo), "
-                                         "WebDataset .tar/.tar.gz shards, Hugging Face Parquet "
-                                         "with an 'audio' column (local or s3://)"})
-    output: str = field(metadata={"help": "output folder/prefix (local or s3://)"})
-    model: str = field(default=DEFAULT_MODEL, metadata={
-        "help": "model directory holding clap/ (HF ClapModel dir) or clap.pt, and decoder/; or a "
-                "DALI model: dali/ (config.json naming its CLAP and LLaVA) or a dali checkpoint dir. "
-                "Local, s3://, or a Hugging Face repo id org/name[@rev] / hf://org/name[@rev][/dir] "
-                "(resolved through the hub's cache; offline needs it cached)"})
-    mode: str = field(default="audio", metadata={
-        "choices": ("audio", "audio+image"),
-        "help": "audio | audio+image: DALI models also see the video frame at each window's "
-                "midpoint (files without video fall back to audio); 'audio' decodes no frames"})
-    sample_temperature: float = field(default=0.0, metadata={
-        "min": 0.0, "max": 100.0,
-        "help": "DALI: 0 = greedy (deterministic); > 0 samples at this temperature with a "
-                "per-window seed (the seed paper's reference samples at 0.2)"})
-    max_new_tokens: int = field(default=0, metadata={
-        "min": 0, "max": 4096, "help": "DALI: caption length cap (0: model's)"})
-    clap: str = field(default="", metadata={
-        "help": "override: HF ClapModel directory, original LAION-CLAP .pt checkpoint, or a "
-                "Hugging Face repo id (laion/clap-htsat-unfused, org/name@rev, hf://...)"})
-    decoder: str = field(default="", metadata={
-        "help": "override: caption decoder directory (or hub id / hf:// URI)"})
-    # 600 s: one window is 115 MB of float32 at 48 kHz; CLAP itself sees 10 s
-    window: float = field(default=10.0, metadata={"gt": 0.0, "max": 600.0,
-                                                  "help": "window length, seconds (0 < w <= 600)"})
-    hop: float = field(default=0.0, metadata={"min": 0.0, "max": 600.0,
-                                              "help": "hop between window starts (0: = window)"})
-    min_window: float = field(default=0.5, metadata={
-        "min": 0.0,
-        "help": "drop a trailing partial window shorter than this (a clip shorter than it "
-                "still gets one window)"})
-    pad_mode: str = field(default="repeatpad", metadata={
-        "choices": ("repeatpad", "zeros"), "help": "repeatpad | zeros"})
-    strategy: str = field(default="plain", metadata={
-        "choices": ("plain", "nearest", "projection"), "help": "plain | nearest | projection"})
-    search: str = field(default="beam", metadata={"choices": ("greedy", "beam"),
-                                                  "help": "greedy | beam"})
-    num_beams: int = field(default=3, metadata={"min": 1, "max": 64, "help": "beam width"})
-    temperature: float = field(default=0.01, metadata={"gt": 0.0,
-                                                       "help": "projection decoding temperature"})
-    guidance: bool = field(default=False, metadata={
-        "help": "audibility-guided decoding: re-rank candidates each step by w_lm*LM log-prob + "
-                "w_clap*CLAP audio-text cosine + w_aud*log P(audible) (slower; overheard.guidance)"})
-    guidance_weights: str = field(default="0.2,1,0.015", metadata={
-        "help": "w_lm,w_clap,w_aud (the seed's lambda_0,lambda_1,lambda_2)"})
-    audibility_model: str = field(default="", metadata={
-        "help": "audibility classifier directory (local or s3://); '' = the shipped one, "
-                "'none' = no audibility term"})
-    guidance_candidates: int = field(default=5, metadata={
-        "min": 1, "max": 1000, "help": "guidance: candidate next tokens per beam per step"})
-    guidance_mode: str = field(default="beam", metadata={
-        "choices": ("beam", "topk"),
-        "help": "guidance: beam (num_beams beams x candidates) | topk (one caption, candidates "
-                "per step)"})
-    score_captions: bool = field(default=False, metadata={
-        "help": "without guidance, still fill clap_similarity/audibility of the plain captions "
-                "(loads the CLAP text tower and the classifier into the captioner)"})
-    embeddings: bool = field(default=True, metadata={"help": "write audio_embedding column"})
-    all_files: bool = field(default=False, metadata={
-        "help": "list every file, not only known media extensions"})
-    max_duration: float = field(default=6 * 3600.0, metadata={
-        "min": 0.0, "help": "sources longer than this (s) fail as too_long"})
-    decode_timeout: float = field(default=1800.0, metadata={
-        "min": 0.0, "help": "per-source decode limit (s), opening included"})
-    limit: int = field(default=0, metadata={
-        "min": 0, "help": "caption at most this many new sources (0: all)"})
-    decode_cpus: float = field(default=0.5, metadata={"gt": 0.0, "help": "CPUs per decode task"})
-    pack_sources: bool = field(default=True, metadata={
-        "help": "decode small files several to a task (up to 4 MB / 32 files), largest first; "
-                "off: one task per file in listing order"})
-    fuse_models: bool = field(default=True, metadata={
-        "help": "run CLAP and the decoder in one actor pool (captioner_actors actors, batches "
-                "of captioner_batch, CLAP in chunks of encoder_batch); off: two pools"})
-    encoder_actors: int = field(default=0, metadata={
-        "min": 0, "help": "most CLAP actors (two pools only); 0 = auto, as --captioner-actors"})
-    captioner_actors: int = field(default=0, metadata={
-        "min": 0,
-        "help": "most model actors; the pool autoscales between --min-actors and this. 0 = auto: "
-                "one per GPU the cluster can offer (its autoscaler's limits included), or one per "
-                "4 CPUs on a CPU-only cluster"})
-    min_actors: int = field(default=1, metadata={
-        "min": 1, "help": "model actors kept running (pool minimum)"})
-    actor_cpus: float = field(default=0.5, metadata={"min": 0.0,
-                                                     "help": "CPUs reserved per model actor"})
-    gpus_per_actor: float = field(default=-1.0, metadata={
-        "min": -1.0,
-        "help": "GPUs per model actor; -1: when the cluster has GPUs 1 per fused or DALI "
-                "actor, 0.5 per actor of two pools (they share a card), else 0"})
-    encoder_batch: int = field(default=16, metadata={"min": 1, "help": "windows per CLAP batch"})
-    captioner_batch: int = field(default=64, metadata={"min": 1,
-                                                       "help": "windows per captioner batch"})
-    dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16"),
-                                                    "help": "float32 | bfloat16 (GPU)"})
-    torch_threads: int = field(default=1, metadata={"min": 1,
-                                                    "help": "intra-op threads per CPU actor"})
-    rows_per_part: int = field(default=50_000, metadata={"min": 1,
-                                                         "help": "caption rows per Parquet part"})
-    flush_interval: float = field(default=60.0, metadata={
-        "min": 0.0, "help": "write finished sources at least this often (s; 0: after each source): "
-                            "bounds work lost to a kill"})
-    show: int = field(default=20, metadata={
-        "min": 0, "help": "print this many captions at the end"})
-    ray_address: str = field(default="", metadata={"help": "Ray cluster address ('' = local "
-                                                           "or $RAY_ADDRESS)"})
-    ray_progress: str = field(default="auto", metadata={
-        "choices": ("auto", "on", "off"),
-        "help": "auto | on | off: Ray Data's own progress bars and, for a local cluster, Ray's "
-                "dashboard; auto = on when the job runs on a cluster (--ray-address or "
-                "$RAY_ADDRESS, e.g. under ray job submit)"})
-    whole_clip: float = field(default=0.0, metadata={
-        "min": 0.0, "max": 600.0,
-        "help": "S > 0: whole-clip windows: a source up to S s long is ONE window as long as the "
-                "source (CLAP averages its 10-s chunks), e.g. 30 for Clotho's 15-30-s clips; "
-                "longer sources are cut into S-s windows. Replaces --window/--hop"})
-    verbose: bool = field(default=False, metadata={
-        "help": "show Ray's own notices (log records, the core worker's actor lines)"})
-    lease_stale: float = field(default=120.0, metadata={
-        "gt": 0.0,
-        "help": "a run holds OUTPUT/_lease.json, renewed every lease_stale/4 s; a second "
-                           "run on the same output refuses (exit 3) unless the lease's last "
-                           "heartbeat is older than this (s): a killed run blocks no longer"})
-    min_confidence: float = field(default=0.0, metadata={
-        "min": 0.0, "max": 1.0,
-        "help": "windows whose confidence (0-1, column 'confidence') is below this keep their row "
-                "with caption null and 'decoding' saying why; 0 = caption every window"})
-    run_id: str = field(default="", metadata={
-        "help": "name of this run (parts, runs/<run>/); '' = a timestamp + random suffix"})
-    progress: bool = field(default=True, metadata={
-        "help": "the files/windows progress bar on stderr"})
-
-    def validate(self) -> None:
-        """Cross-field rules (config_cli.check runs the per-field ones first)."""
-        if self.min_window > self.window:
-            raise ValueError(f"--min-window {self.min_window} is longer than --window "
-                             f"{self.window}")
-        try:
-            w = [float(x) for x in self.guidance_weights.split(",")]
-        except ValueError:
-            w = []
-        if len(w) != 3 or not all(math.isfinite(x) for x in w):
-            raise ValueError("--guidance-weights must be three finite numbers w_lm,w_clap,w_aud;"
-                             f" got {self.guidance_weights!r}")
-        if not self.input or not self.output:
-            raise ValueError("INPUT and OUTPUT must not be empty")
 
 
 def pin_models(cfg: CaptionConfig) -> CaptionConfig:
@@ -558,24 +403,18 @@ def build(cfg: CaptionConfig, sources: list[tuple], clap: str, decoder: str,
         from actors.dali_captioner import DaliCaptioner
         ds = ds.map_batches(
             DaliCaptioner, batch_size=cfg.captioner_batch, batch_format="pyarrow",
-            fn_constructor_kwargs=dict(model_path=dali, mode=cfg.mode,
-                                       temperature=cfg.sample_temperature,
-                                       max_new_tokens=cfg.max_new_tokens, window_s=cfg.window,
-                                       device=device, dtype=cfg.dtype,
-                                       torch_threads=cfg.torch_threads),
+            fn_constructor_kwargs=dict(model_path=dali, dali=cfg.dali, window_s=cfg.window,
+                                       device=device, resources=cfg.resources),
             compute=pool(cfg.captioner_actors, gpus),
             num_cpus=cfg.actor_cpus, num_gpus=gpus,
         )
         return ds.drop_columns(["audio_embedding"]) if not cfg.embeddings else ds
-    clap_kwargs = dict(clap_path=clap, window_s=cfg.window, device=device, dtype=cfg.dtype,
-                       torch_threads=cfg.torch_threads)
-    captioner_kwargs = dict(
-        decoder_path=decoder, strategy=cfg.strategy, search=cfg.search, num_beams=cfg.num_beams,
-        temperature=cfg.temperature, device=device, torch_threads=cfg.torch_threads,
-        clap_path=clap, guidance=cfg.guidance, guidance_weights=cfg.guidance_weights,
-        audibility_model=(None if cfg.audibility_model.lower() == "none" else cfg.audibility_model),
-        guidance_candidates=cfg.guidance_candidates, guidance_mode=cfg.guidance_mode,
-        score_captions=cfg.score_captions, min_confidence=cfg.min_confidence)
+    # each actor takes the option groups it reads (jobs/caption_config.py): a new option is
+    # one field there and the line in the actor that reads it, nothing here
+    clap_kwargs = dict(clap_path=clap, window_s=cfg.window, device=device,
+                       resources=cfg.resources)
+    captioner_kwargs = dict(decoder_path=decoder, decoding=cfg.decoding, scoring=cfg.scoring,
+                            clap_path=clap, device=device, resources=cfg.resources)
     if cfg.fuse_models:
         from actors.clap_captioner import ClapCaptioner
         ds = ds.map_batches(
@@ -613,14 +452,12 @@ def run(cfg: CaptionConfig) -> dict:
     check(cfg)
     cfg = effective_windows(pin_models(cfg))
     dali = _preflight("read the model", cfg.model, lambda: dali_checkpoint(cfg))
+    refuse_for_model(cfg, dali)  # options the chosen model would ignore: one line, exit 2
     frame_size = 0
     if dali:
         clap, frame_size = validate_dali(cfg, dali)
         decoder = dali
     else:
-        if cfg.mode != "audio":
-            raise ValueError(f"--mode {cfg.mode} needs a DALI model (dali/config.json); "
-                             f"{cfg.model} is a CLAP + text-only decoder model (audio only)")
         clap, decoder = _preflight("read the model", cfg.model, lambda: resolve_model(cfg))
         validate_models(clap, decoder)
     sources = _preflight("list the input", cfg.input, lambda: list_sources_sized(cfg))
@@ -692,7 +529,8 @@ def settings_differ(cfg: CaptionConfig) -> dict:
         return {}
     _, _, prev = max(earlier, key=lambda e: (float(e[0]) if not hasattr(e[0], "timestamp")
                                              else e[0].timestamp(), e[1]))
-    now = dataclasses.asdict(cfg)
+    # saved grouped ({"windows": {"window": ...}}); runs before the grouping saved it flat
+    prev, now = flatten_saved(prev), flat_dict(cfg)
     return {k: [prev.get(k), now[k]] for k in ROW_SETTINGS if k in prev and prev.get(k) != now[k]}
 
 
@@ -837,6 +675,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with quiet_driver(cfg.verbose):
             m = run(cfg)
+    except OptionError as e:  # an option the chosen model would ignore (refuse_for_model)
+        exit_bad_option("overheard caption", e)
     except HubNotCached as e:
         print(f"overheard caption: error: {e}", file=sys.stderr)
         return 2

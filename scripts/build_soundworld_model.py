@@ -18,11 +18,11 @@ scenes of a split no model trained on), which the caption job's ``confidence`` c
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -32,19 +32,29 @@ CLAP_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "t
               "tokenizer_config.json")
 
 
+@dataclass
+class PackageConfig:
+    bench: str = field(default=os.path.join(ROOT, "build", "bench-soundworld"), metadata={
+        "help": "bench/soundworld.py's output folder (decoders/<name> under it)"})
+    clap: str = field(default=os.path.join(ROOT, "build", "soundworld-clap"), metadata={
+        "help": "the contrastively trained CLAP (HF ClapModel directory)"})
+    decoder: str = field(default="noise", metadata={"help": "decoder name under <bench>/decoders"})
+    strategy: str = field(default="plain", metadata={"help": "the strategy the card recommends"})
+    out: str = field(default=os.path.join(ROOT, "overheard", "assets", "soundworld-model"),
+                     metadata={"help": "model directory to (re)write"})
+    stats_only: bool = field(default=False, metadata={
+        "help": "only (re)write decoder/audio_stats.safetensors of --out from its own clap/"})
+    stats_train: int = field(default=400, metadata={"min": 1,
+                                                    "help": "training scenes for the statistics"})
+    stats_calibration: int = field(default=150, metadata={
+        "min": 1, "help": "held-out scenes for calibration"})
+    world_seed: int = field(default=0, metadata={"help": "seed of the sound world's scenes"})
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bench", default=os.path.join(ROOT, "build", "bench-soundworld"))
-    ap.add_argument("--clap", default=os.path.join(ROOT, "build", "soundworld-clap"))
-    ap.add_argument("--decoder", default="noise", help="decoder name under <bench>/decoders")
-    ap.add_argument("--strategy", default="plain", help="the strategy the card recommends")
-    ap.add_argument("--out", default=os.path.join(ROOT, "overheard", "assets", "soundworld-model"))
-    ap.add_argument("--stats-only", action="store_true",
-                    help="only (re)write decoder/audio_stats.safetensors of --out from its own clap/")
-    ap.add_argument("--stats-train", type=int, default=400, help="training scenes for the statistics")
-    ap.add_argument("--stats-calibration", type=int, default=150, help="held-out scenes for calibration")
-    ap.add_argument("--world-seed", type=int, default=0)
-    a = ap.parse_args(argv)
+    from jobs.config_cli import parse
+
+    a = parse(PackageConfig, argv, "build_soundworld_model.py", __doc__.splitlines()[0])
     if a.stats_only:
         write_audio_stats(a.out, a.stats_train, a.stats_calibration, a.world_seed)
         return 0

@@ -4,23 +4,27 @@ every path (framework-overhead benchmarks).
     .venv/bin/python scripts/build_tiny_model.py [--out DIR]
 """
 
-import argparse
 import os
 import shutil
 import sys
+from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from overheard.clap import ClapEncoder  # noqa: E402
 from overheard.decoder import build_tiny_decoder  # noqa: E402
 from overheard.tiny import build_tiny_clap  # noqa: E402
-from jobs.caption import TINY_MODEL  # noqa: E402
+from jobs.caption_config import TINY_MODEL  # noqa: E402
+from jobs.config_cli import parse  # noqa: E402
+
+
+@dataclass
+class TinyModelConfig:
+    out: str = field(default=TINY_MODEL, metadata={"help": "model directory to (re)write"})
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", default=TINY_MODEL)
-    a = p.parse_args(argv)
+    a = parse(TinyModelConfig, argv, "build_tiny_model.py", __doc__.splitlines()[0])
     shutil.rmtree(a.out, ignore_errors=True)
     build_tiny_clap(os.path.join(a.out, "clap"), seed=0)
     dim = ClapEncoder(os.path.join(a.out, "clap")).embedding_dim

@@ -85,6 +85,7 @@ def test_fused_actor_equals_the_two_stages(tiny_model, tmp_path):
     from actors.captioner import Captioner
     from actors.clap_captioner import ClapCaptioner
     from actors.windows import failure_row
+    from jobs.caption_config import DecodingConfig, ScoringConfig
 
     a = mf.make_tone(tmp_path / "a.wav", seconds=35.0, freq=500.0)  # 4 windows
     src = pa.table({"source_uri": [str(a)], "source_version": [""]})
@@ -93,8 +94,9 @@ def test_fused_actor_equals_the_two_stages(tiny_model, tmp_path):
     batch = pa.concat_tables([batch, pa.Table.from_pylist([bad], schema=batch.schema)])
     clap = dict(clap_path=os.path.join(tiny_model, "clap"))
     # score_captions: the caption scorer embeds text with the same CLAP, loaded once when fused
-    cap = dict(decoder_path=os.path.join(tiny_model, "decoder"), search="beam", num_beams=3,
-               clap_path=clap["clap_path"], score_captions=True, audibility_model=None)
+    cap = dict(decoder_path=os.path.join(tiny_model, "decoder"),
+               decoding=DecodingConfig(search="beam", num_beams=3), clap_path=clap["clap_path"],
+               scoring=ScoringConfig(score_captions=True, audibility_model="none"))
     actor = ClapCaptioner(clap, cap, encoder_batch=3)
     assert actor.captioner.scorers[0] is actor.embedder.encoder
     fused = actor(batch)

@@ -106,7 +106,9 @@ def test_local_archive_end_to_end(ray_local, tiny_model, archive, tmp_path):
         1 for u in by_uri if caps.filter(pc.equal(caps["source_uri"], u)).num_rows) == n_sources
     assert 0 < man["first_output_s"] <= man["wall_s"]  # start-up (README "Performance")
     cfg = json.load(open(os.path.join(out, "runs", m["run_id"], "config.json")))
-    assert cfg["input"] == str(d) and cfg["window"] == 10.0 and cfg["pack_sources"] is True
+    # saved by group (jobs/caption_config.py)
+    assert cfg["inputs"]["input"] == str(d) and cfg["windows"]["window"] == 10.0
+    assert cfg["resources"]["pack_sources"] is True
 
     # rerun: everything is done, nothing new is written
     m2 = run_job(dict(input=str(d), output=out, model=tiny_model, progress=False))

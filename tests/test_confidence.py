@@ -74,12 +74,13 @@ def test_actor_confidence_and_min_confidence(clips, tiny_model):
     from actors.captioner import Captioner
     from actors.clap_captioner import ClapCaptioner
     from actors.clap_embedder import ClapEmbedder
+    from jobs.caption_config import DecodingConfig
 
     paths = sorted(clips.glob("*.flac"))  # conf_00000, conf_00001, zz_brown, zz_silence, zz_white
     batch = _batch(paths)
     clap = dict(clap_path=os.path.join(MODEL, "clap"))
     dec = os.path.join(MODEL, "decoder")
-    plain = ClapCaptioner(clap, dict(decoder_path=dec))(batch)
+    plain = ClapCaptioner(clap, dict(decoder_path=dec, decoding=DecodingConfig()))(batch)
     c = plain.column("confidence").to_pylist()
     assert plain.schema.field("confidence").type == pa.float32()
     assert c[5] is None and all(0.0 <= x <= 1.0 for x in c[:5])
@@ -89,7 +90,8 @@ def test_actor_confidence_and_min_confidence(clips, tiny_model):
     assert plain.column("level_dbfs").to_pylist()[3] < -70
     assert all(plain.column("caption").to_pylist()[:5])
 
-    held = ClapCaptioner(clap, dict(decoder_path=dec, min_confidence=0.5))(batch)
+    held = ClapCaptioner(clap, dict(decoder_path=dec,
+                                    decoding=DecodingConfig(min_confidence=0.5)))(batch)
     assert held.num_rows == 6  # nothing lost
     assert held.column("confidence").to_pylist() == c  # same signal, independent of the cut
     caps, decs = held.column("caption").to_pylist(), held.column("decoding").to_pylist()
@@ -99,7 +101,7 @@ def test_actor_confidence_and_min_confidence(clips, tiny_model):
     assert decs[0] == "plain/beam3" and caps[5] == ""  # failure rows unchanged
 
     # fallback without statistics: the tiny model has no caption memory either -> null
-    tiny = Captioner(decoder_path=os.path.join(tiny_model, "decoder"))
+    tiny = Captioner(os.path.join(tiny_model, "decoder"), DecodingConfig())
     emb = ClapEmbedder(clap_path=os.path.join(tiny_model, "clap"))(batch)
     assert tiny.stats is None and tiny.fallback_memory is None
     assert tiny(emb).column("confidence").null_count == 6
@@ -110,11 +112,12 @@ def test_memory_fallback(tmp_path):
     import shutil
 
     from actors.captioner import Captioner
+    from jobs.caption_config import DecodingConfig
 
     dec = tmp_path / "decoder"
     shutil.copytree(os.path.join(MODEL, "decoder"), dec)
     os.remove(dec / conf.STATS_FILE)
-    cap = Captioner(decoder_path=str(dec))
+    cap = Captioner(str(dec), DecodingConfig())
     assert cap.stats is None and cap.fallback_memory is not None
     emb = np.random.default_rng(0).standard_normal((3, cap.fallback_memory.shape[1])).astype(np.float32)
     want = conf.memory_confidence(emb, cap.fallback_memory)

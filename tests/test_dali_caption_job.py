@@ -112,5 +112,6 @@ def test_dali_pool_takes_gpu_fractions_and_bf16(ray_local, tiny_dali, gpus):
     want = gpus if gpus >= 0 else 0.0  # auto: a whole GPU when the cluster has any; here none
     assert op.ray_remote_args.get("num_gpus", 0) == want
     assert op.fn_constructor_kwargs["device"] == ("cuda" if want > 0 else "cpu")
-    assert op.fn_constructor_kwargs["dtype"] == "bfloat16"
+    assert op.fn_constructor_kwargs["resources"].dtype == "bfloat16"
+    assert op.fn_constructor_kwargs["dali"].mode == "audio+image"
     assert op.compute.max_size == 2

@@ -102,6 +102,7 @@ def test_training_neighbours_exclude_self_and_duplicates():
 
 def test_retrieval_decoder_roundtrip_and_captioner(tiny_model, tmp_path):
     from actors.captioner import Captioner
+    from jobs.caption_config import DecodingConfig
     from overheard.decoder import DecoderConfig
     from overheard.memory import CaptionMemory
     from overheard.retrieval import RetrievalCaptionDecoder, load_model, pack, save_model
@@ -122,10 +123,11 @@ def test_retrieval_decoder_roundtrip_and_captioner(tiny_model, tmp_path):
     emb = pa.FixedSizeListArray.from_arrays(pa.array(e[:2].numpy().reshape(-1)), 8)
     batch = pa.table({"audio_embedding": emb, "error_type": pa.array(["", ""]),
                       "model_id": pa.array(["clap", "clap"])})
-    out = Captioner(str(d), strategy="retrieval", search="greedy", device="cpu")(batch)
+    out = Captioner(str(d), DecodingConfig(strategy="retrieval", search="greedy"),
+                    device="cpu")(batch)
     assert out["decoding"].to_pylist() == ["retrieval/greedy"] * 2
     with pytest.raises(ValueError, match="use --strategy retrieval"):
-        Captioner(str(d), strategy="nearest", device="cpu")
+        Captioner(str(d), DecodingConfig(strategy="nearest"), device="cpu")
 
 
 # ----------------------------------------------------------------------------- Ray: embed + train

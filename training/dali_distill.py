@@ -104,6 +104,8 @@ def window_columns(batch: dict, image_size: int, model_samples: int) -> dict:
 def pseudo_label(ds, cfg: DaliDistillConfig, image_size: int, model_samples: int) -> list[dict]:
     """Caption every decoded clip of ``ds`` from audio + image with the ``--init`` checkpoint.
     Returns ``[{"clip", "uri", "caption", "logprob", "error"}]`` sorted by clip."""
+    from types import SimpleNamespace
+
     from ray.data import ActorPoolStrategy
 
     from actors.dali_captioner import DaliCaptioner
@@ -112,11 +114,14 @@ def pseudo_label(ds, cfg: DaliDistillConfig, image_size: int, model_samples: int
                           fn_kwargs=dict(image_size=image_size, model_samples=model_samples))
              .map_batches(DaliCaptioner, batch_format="pyarrow", batch_size=cfg.caption_batch,
                           fn_constructor_kwargs=dict(
-                              model_path=cfg.init, mode="audio+image", temperature=0.0,
-                              max_new_tokens=cfg.max_new_tokens,
+                              # the actor reads its option groups by attribute (the caption job
+                              # passes jobs.caption_config's DaliConfig / ResourceConfig)
+                              model_path=cfg.init, dali=SimpleNamespace(
+                                  mode="audio+image", sample_temperature=0.0,
+                                  max_new_tokens=cfg.max_new_tokens),
                               window_s=model_samples / av_data.SAMPLE_RATE,
-                              device="cuda" if cfg.use_gpu else "cpu", dtype=cfg.dtype,
-                              torch_threads=max(1, int(cfg.caption_cpus))),
+                              device="cuda" if cfg.use_gpu else "cpu", resources=SimpleNamespace(
+                                  dtype=cfg.dtype, torch_threads=max(1, int(cfg.caption_cpus)))),
                           compute=ActorPoolStrategy(size=cfg.caption_actors),
                           num_cpus=cfg.caption_cpus, num_gpus=1 if cfg.use_gpu else 0))
     labels = []
