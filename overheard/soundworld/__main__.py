@@ -2,4 +2,5 @@
 
 from overheard.soundworld import main
 
-main()
+if __name__ == "__main__":  # imported (e.g. by the layering test) it does nothing
+    main()
