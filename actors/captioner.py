@@ -23,7 +23,7 @@ Strategies (the text-only seed): ``plain`` feeds the audio embedding to the deco
 ``nearest`` replaces it by the most similar caption embedding of the model's text memory;
 ``projection`` by a softmax(similarity / temperature) mix of memory embeddings;
 ``retrieval`` keeps the audio embedding and adds its k nearest memory embeddings as extra prefix
-context (needs a decoder trained with ``--retrieval-k``, see ``overheard.retrieval``).
+context (needs a decoder trained with ``--retrieval-k``); all four: ``overheard.textonly``.
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ import torch
 from actors.device import limit_threads, pick_device
 from overheard import confidence as conf
 from overheard import storage
-from overheard import memory as mem
-from overheard import retrieval as rag
-
-STRATEGIES = ("plain", "nearest", "projection", "retrieval")
+from overheard import textonly
+from overheard.decoder import load_decoder
+from overheard.textonly import STRATEGIES
+from overheard.textonly import memory as mem
 
 
 class Captioner:
@@ -62,7 +62,7 @@ class Captioner:
         limit_threads(torch_threads)
         self.device = pick_device(device)
         local = storage.localize(decoder_path)
-        self.model, self.tokenizer = rag.load_model(local, device=self.device)
+        self.model, self.tokenizer = load_decoder(local, device=self.device)
         self.k = getattr(self.model, "k", 0)
         if (strategy == "retrieval") != bool(self.k):
             raise ValueError(f"{decoder_path} was trained with retrieval k={self.k}: "
@@ -103,13 +103,8 @@ class Captioner:
 
     def _condition(self, emb: np.ndarray) -> torch.Tensor:
         emb = torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32))
-        if self.strategy == "retrieval":
-            return rag.retrieve(emb, self.memory.embeddings, self.k)
-        if self.strategy == "nearest":
-            return mem.nearest_neighbour(emb, self.memory.embeddings)
-        if self.strategy == "projection":
-            return mem.projection(emb, self.memory.embeddings, self.temperature)
-        return emb
+        memory = None if self.memory is None else self.memory.embeddings
+        return textonly.condition_audio(emb, self.strategy, memory, self.k, self.temperature)
 
     def confidence(self, emb: np.ndarray, level: np.ndarray | None = None) -> np.ndarray:
         """[0, 1] per embedding row (times the loudness gate when the window ``level`` in dBFS is

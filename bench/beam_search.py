@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import _benchlib as B  # noqa: E402
 import overheard.decoder as D  # noqa: E402
+from overheard.tiny import TINY_CAPTIONS  # noqa: E402
 from overheard.tokenizer import train_bpe_tokenizer  # noqa: E402
 
 
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    tok = train_bpe_tokenizer(list(D.TINY_CAPTIONS), vocab_size=512)
+    tok = train_bpe_tokenizer(list(TINY_CAPTIONS), vocab_size=512)
     emb = torch.nn.functional.normalize(torch.randn(args.batch, 512, generator=torch.Generator().manual_seed(0)), dim=-1)
     print("Reproduce: `cd /work/main && .venv/bin/python bench/beam_search.py"
           + "".join(f" {a}" for a in (argv or sys.argv[1:])) + "`\n")

@@ -115,8 +115,8 @@ def signals(model: str, emb: np.ndarray, train_emb: np.ndarray, stats, level: np
 
     from overheard.clap import ClapEncoder
     from overheard.confidence import loudness_gate, memory_confidence
-    from overheard.memory import CaptionMemory
-    from overheard.retrieval import load_model
+    from overheard.decoder import load_decoder as load_model
+    from overheard.textonly.memory import CaptionMemory
 
     dec, _ = load_model(os.path.join(model, "decoder"))
     with torch.no_grad():

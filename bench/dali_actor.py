@@ -52,14 +52,9 @@ def make_batch(n: int, frame: int, seed: int = 0) -> pa.Table:
 
 
 def tiny_model(directory: str) -> str:
-    from overheard.dali.model import new_dali
-    from overheard.dali.tiny import build_tiny_llava
-    from overheard.tiny import build_tiny_clap
+    from overheard.dali.tiny import build_tiny_dali
 
-    build_tiny_clap(os.path.join(directory, "clap"))
-    build_tiny_llava(os.path.join(directory, "llava"))
-    new_dali(os.path.join(directory, "dali"), os.path.join(directory, "clap"),
-             os.path.join(directory, "llava"))
+    build_tiny_dali(directory)
     return os.path.join(directory, "dali")
 
 

@@ -67,7 +67,7 @@ def build_base_text_model(directory: str) -> str:
     from transformers import ClapConfig, ClapFeatureExtractor, ClapModel
 
     from overheard.clap import save_clap_model
-    from overheard.decoder import build_tiny_decoder
+    from overheard.tiny import build_tiny_decoder
     from overheard.tiny import SOUND_SENTENCES, tiny_clap_config
     from overheard.tokenizer import train_bpe_tokenizer
 

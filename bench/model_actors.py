@@ -43,7 +43,8 @@ PEAKS = {"H100": {"bfloat16": 989.0, "float32": 67.0}, "H200": {"bfloat16": 989.
 def build_models(names: list[str]) -> dict[str, str]:
     import torch
 
-    from overheard.decoder import TINY_CAPTIONS, CaptionDecoder, DecoderConfig, save_decoder
+    from overheard.decoder import CaptionDecoder, DecoderConfig, save_decoder
+    from overheard.tiny import TINY_CAPTIONS
     from overheard.tiny import build_tiny_clap
     from overheard.tokenizer import train_bpe_tokenizer
 

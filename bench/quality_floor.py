@@ -16,9 +16,10 @@ torch.set_num_threads(1)
 import pyarrow as pa, pyarrow.parquet as pq
 from overheard import soundworld as sw
 from overheard.clap import ClapEncoder
-from overheard.retrieval import load_model
-from overheard.memory import CaptionMemory
+from overheard.decoder import load_decoder as load_model
+from overheard.textonly.memory import CaptionMemory
 from jobs import evaluate as ev
+from overheard import metrics as om
 M = os.path.join(ROOT, "overheard", "assets", "soundworld-model")
 W = os.path.join(ROOT, "build", "confidence", "quality")
 N, SETS = 100, 5
@@ -49,7 +50,7 @@ def table(path, rows):
 res = []
 import csv
 refs_all = list(csv.DictReader(open(os.path.join(d, "captions.csv"))))
-with ev.Scorer("bleu_4,rouge_l,cider_d") as sc:
+with om.Scorer("bleu_4,rouge_l,cider_d") as sc:
     for s in range(SETS):
         idx = range(s * N, (s + 1) * N)
         rp = os.path.join(W, f"refs{s}.csv")

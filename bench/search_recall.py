@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     from jobs.search import search
     from overheard import soundworld as sw
     from overheard.clap import ClapEncoder
-    from overheard.decoder import build_tiny_decoder
+    from overheard.tiny import build_tiny_decoder
 
     work = a.work or tempfile.mkdtemp(prefix="search-recall-")
     t0 = time.time()

@@ -182,7 +182,7 @@ def main() -> int:
     try:
         if not os.path.exists(out):
             tiny_clap_512(clap)
-            from jobs.index import clap_model_id
+            from overheard.clap import clap_model_id
             write_output(out, a.rows, clap_model_id(clap) + "+bench-decoder")
         t = time.time()
         from jobs.index import IndexConfig, run

@@ -10,7 +10,7 @@ Same clips, same seed for every row:
 2. Text side: ``jobs.embed_captions`` on the 5000 training captions.  Audio side (for the gap
    statistics and the upper bound only): the caption job over the training clips, whose
    ``audio_embedding`` column is read back.
-3. Gap statistics (``training.gap``): noise variance from 50 (clip, caption_1) pairs, as the seed
+3. Gap statistics (``overheard.textonly.gap``): noise variance from 50 (clip, caption_1) pairs, as the seed
    does; gap vector mean(audio) - mean(text) over all training clips/captions.
 4. Decoders, ``training.decoder`` (Ray Train), identical size/epochs/seed, trained on TEXT
    embeddings only with gap mode none | noise | shift | both, plus a retrieval-augmented one
@@ -207,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     from jobs import embed_captions as ec
     from jobs import evaluate as ev
-    from training import gap as tg
+    from overheard import metrics as M
+    from overheard.clap import clap_model_id
+    from overheard.textonly import gap as tg
 
     times: dict[str, float] = {}
     t = time.time()
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     dec["both"] = train(work, "both", text_cache, a, "both", gap_file)
     dec["retrieval"] = train(work, "retrieval-noise", text_cache, a, "noise", gap_file, a.retrieval_k)
     up_cache = audio_cache(os.path.join(work, "emb-audio"), captions, np.repeat(audio_emb, 5, axis=0),
-                           ec.clap_model_id(clap))
+                           clap_model_id(clap))
     dec["upper"] = train(work, "upper-audio", up_cache, a, "none")
     times["train_rest"] = time.time() - t
 
@@ -296,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                                        test_files, [top] * len(test_files), "constant")
     import torch
 
-    from overheard.retrieval import load_model
+    from overheard.decoder import load_decoder as load_model
     model, _ = load_model(dec["none"])
     mean_t = torch.nn.functional.normalize(torch.from_numpy(tn.mean(0, keepdims=True)), dim=-1)
     cap_mean = model.generate(mean_t, method="beam", num_beams=a.beams)[0][0]
@@ -316,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     # evaluate (one METEOR JVM for all rows)
     t = time.time()
     results = []
-    with ev.Scorer(ev.DEFAULT_METRICS) as scorer:
+    with M.Scorer(M.DEFAULT_METRICS) as scorer:
         for name, out, note in all_rows:
             rep = ev.evaluate(out, refs_csv, scorer=scorer)
             if rep["n_scored"] != len(test_clips):

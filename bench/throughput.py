@@ -80,11 +80,11 @@ def naive_loop(files: list[Path], clap_path: str, decoder_path: str, num_beams: 
     import av
     import torch
 
-    from overheard import retrieval
     from overheard.clap import ClapEncoder
+    from overheard.decoder import load_decoder
 
     enc = ClapEncoder(clap_path)
-    dec, _ = retrieval.load_model(decoder_path)
+    dec, _ = load_decoder(decoder_path)
     sr, win = enc.sampling_rate, enc.window_samples
     s = B.ProcSampler().start()
     t = time.perf_counter()

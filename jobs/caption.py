@@ -121,8 +121,8 @@ def validate_models(clap: str, decoder: str) -> None:
     use. Only safetensors / torch.load(weights_only=True) are ever read."""
     import gc
 
-    from overheard import retrieval
     from overheard.clap import load_clap_model
+    from overheard.decoder import load_decoder
 
     try:
         model, _, _ = load_clap_model(clap)
@@ -130,7 +130,7 @@ def validate_models(clap: str, decoder: str) -> None:
         raise ValueError(f"invalid CLAP model at {clap}: {type(e).__name__}: {e}") from None
     del model
     try:
-        dec, _ = retrieval.load_model(storage.localize(decoder))
+        dec, _ = load_decoder(storage.localize(decoder))
     except Exception as e:
         raise ValueError(f"invalid decoder at {decoder}: {type(e).__name__}: {e}") from None
     del dec

@@ -39,19 +39,12 @@ def dali_tiny(argv: list[str] | None = None) -> int:
     """``overheard dali-tiny DIR``: DIR/clap (tiny CLAP), DIR/llava (tiny LLaVA-1.5-format model),
     DIR/dali (an untrained DALI checkpoint naming both): the caption job's ``--model DIR`` layout,
     so the DALI training and captioning commands run on a fresh machine without downloads."""
-    import os
-
     from jobs.config_cli import parse
 
     a = parse(DaliTinyConfig, argv, "overheard dali-tiny", dali_tiny.__doc__)
-    from overheard.dali.model import new_dali
-    from overheard.dali.tiny import build_tiny_llava
-    from overheard.tiny import build_tiny_clap
+    from overheard.dali.tiny import build_tiny_dali
 
-    clap, llava, dali = (os.path.join(a.dir, n) for n in ("clap", "llava", "dali"))
-    build_tiny_clap(clap, seed=a.seed)
-    build_tiny_llava(llava, seed=a.seed)
-    m = new_dali(dali, clap, llava, seed=a.seed)
+    m = build_tiny_dali(a.dir, seed=a.seed)
     print(f"tiny DALI model in {a.dir}: clap/ llava/ dali/ (audio tokens {m.cfg.audio_dim} -> vision "
           f"{m.cfg.vision_dim} -> LM {m.cfg.lm_dim}; image {m.llava.image_size}x{m.llava.image_size})")
     return 0

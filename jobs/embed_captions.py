@@ -72,13 +72,6 @@ def clap_path(cfg: EmbedCaptionsConfig) -> str:
     return path
 
 
-def clap_model_id(path: str) -> str:
-    """The id ``ClapEncoder(path).model_id`` reports (name + hash of the weights), without loading."""
-    from overheard.clap import _model_id
-
-    return _model_id(path, storage.localize(path))
-
-
 def cache_dir(output: str, model_id: str, corpus_fp: str) -> str:
     return storage.join(output, model_id, corpus_fp[:16])
 
@@ -157,6 +150,8 @@ def build(cfg: EmbedCaptionsConfig, captions: list[str], clap: str):
 
 def run(cfg: EmbedCaptionsConfig) -> dict:
     """Compute (or find) the cache; returns its manifest plus ``path`` and ``skipped``."""
+    from overheard.clap import clap_model_id
+
     t0 = time.time()
     clap = clap_path(cfg)
     captions = read_captions(cfg.corpus, dedup=cfg.dedup)

@@ -233,15 +233,10 @@ def _part_schema_dim(part: str) -> int | None:
     return schema.field("audio_embedding").type.list_size
 
 
-def clap_model_id(path: str) -> str:
-    """The id ``ClapEncoder(path).model_id`` reports (name + weight hash), without loading it."""
-    from overheard.clap import _model_id
-
-    return _model_id(path, storage.localize(path))
-
-
 def _run_claps(output_root: str, run_ids: set[str]) -> dict[str, str]:
     """{clap id: clap path} from the caption runs' manifests (runs/<run>/manifest.json)."""
+    from overheard.clap import clap_model_id
+
     out = {}
     for rid in sorted(run_ids):
         m = storage.join(output_root, "runs", rid, "manifest.json")
@@ -324,6 +319,7 @@ def run(cfg: IndexConfig) -> dict:
     run_ids = set().union(*runs_by_part.values()) if runs_by_part else set()
     claps = _run_claps(root, run_ids)
     if cfg.clap:
+        from overheard.clap import clap_model_id
         from overheard.hub import model_ref  # Hugging Face repo ids -> hf:// URIs
 
         claps[clap_model_id(model_ref(cfg.clap))] = model_ref(cfg.clap)

@@ -1,5 +1,10 @@
-"""Checks shared by the model-directory loaders (decoder, audibility classifier): weights are
-safetensors only; a directory holding only pickle checkpoints is refused by name."""
+"""Checkpoint I/O shared by every model directory (caption decoder, audibility classifier, caption
+memory, DALI heads, CLAP): a checkpoint is ``config.json`` + ``model.safetensors``.
+
+One weights writer (``save_weights``), one checked weights reader (``read_weights``), and the
+checks around them: weights are safetensors only (a directory holding only pickle checkpoints is
+refused by name), config sizes are bounded before anything is built, tensor names and shapes
+must match the config exactly."""
 
 from __future__ import annotations
 
@@ -105,3 +110,53 @@ def check_tensors(expected: dict[str, tuple], found: dict[str, tuple], where: st
                             f"{list(expected[k])}")
     if problems:
         raise ValueError(f"{where}: weights do not match the config: " + "; ".join(problems[:8]))
+
+
+def model_id(uri: str, weight_files: list, default: str) -> str:
+    """The one model-id scheme: basename of the model URI (``default`` when it has none; an
+    ``hf://org/name@rev`` revision dropped) + the first 12 hex of sha256 over its weight files,
+    so the same weights under the same name give the same id wherever they are stored."""
+    import hashlib
+
+    name = os.path.basename(str(uri).rstrip("/")).split("@")[0] or default
+    h = hashlib.sha256()
+    for f in weight_files:
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(8 << 20), b""):
+                h.update(block)
+    return f"{name}-{h.hexdigest()[:12]}"
+
+
+def save_weights(tensors: dict, uri: str | os.PathLike, metadata: dict | None = None) -> None:
+    """The one weights writer: ``tensors`` (name -> tensor) as a safetensors file at ``uri``
+    (local or s3://; written whole or not at all, ``overheard.storage.write_bytes_atomic``).
+
+    ``metadata`` holds at most one key: safetensors writes metadata from a hash map, so two or
+    more keys come out in a different order between runs and break byte-identical files."""
+    from safetensors.torch import save
+
+    from overheard import storage
+
+    if metadata is not None and len(metadata) > 1:
+        raise ValueError(f"safetensors metadata takes one key at most (byte-stable files), got {sorted(metadata)}")
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    storage.write_bytes_atomic(str(uri), data)
+
+
+def read_weights(path: str | os.PathLike, expected: dict[str, tuple], ignorable: set[str] = frozenset()
+                 ) -> dict:
+    """The tensors of the safetensors file ``path`` after its header matched ``expected``
+    (name -> shape, ``check_tensors``) and every tensor proved floating point; ValueError naming
+    the file otherwise. Nothing is read before the names and shapes are known to fit."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    check_tensors(expected, safetensors_shapes([path]), str(path), ignorable)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
+    for k, t in state.items():
+        if not t.is_floating_point():
+            raise ValueError(f"{path}: tensor {k} has dtype {t.dtype}, expected floating point")
+    return state

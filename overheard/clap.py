@@ -17,7 +17,6 @@ laion-clap's own code: <7.4e-6 with ``LogMel``, <2.9e-6 with the extractor (test
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import numpy as np
@@ -25,6 +24,7 @@ import torch
 from transformers import ClapConfig, ClapFeatureExtractor, ClapModel
 
 from overheard import storage
+from overheard.checkpoint import model_id
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -208,18 +208,15 @@ def save_clap_model(model: ClapModel, feature_extractor: ClapFeatureExtractor, t
         tokenizer.save_pretrained(directory)
 
 
-def _model_id(uri: str, local: str) -> str:
-    """basename of the model URI + first 12 hex of sha256 over its weight file(s)."""
-    name = os.path.basename(uri.rstrip("/")).split("@")[0] or "clap"  # hf://org/name@sha
+def clap_model_id(path: str, local: str | None = None) -> str:
+    """The id ``ClapEncoder(path).model_id`` reports, without loading the model: basename of the
+    model URI + first 12 hex of sha256 over its weight file(s) (``checkpoint.model_id``).
+    ``local``: the already localised copy of ``path`` (default: ``storage.localize(path)``)."""
+    local = storage.localize(path) if local is None else local
     files = [local] if os.path.isfile(local) else [
         os.path.join(local, f) for f in sorted(os.listdir(local))
         if f in WEIGHT_FILES or (f.startswith("model-") and f.endswith(".safetensors"))]
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(8 << 20), b""):
-                h.update(block)
-    return f"{name}-{h.hexdigest()[:12]}"
+    return model_id(path, files, "clap")
 
 
 class ClapEncoder:
@@ -251,7 +248,7 @@ class ClapEncoder:
         self.logmel = LogMel(fe, slaney=not self.fusion).to(self.device)
         # chunk big batches: HTSAT-base activations are ~60 MB per window in float32
         self.max_batch = max_batch
-        self.model_id = _model_id(path, storage.localize(path))
+        self.model_id = clap_model_id(path)
 
     # -- audio ---------------------------------------------------------------------------------------
     def _features(self, windows) -> torch.Tensor:

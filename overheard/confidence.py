@@ -104,14 +104,16 @@ class AudioStats:
         return (1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))).astype(np.float32)
 
     def save(self, directory: str) -> str:
-        from safetensors.numpy import save_file
+        import torch
+
+        from overheard.checkpoint import save_weights
 
         meta = {"d50": self.d50, "d95": self.d95, "n_train": self.n_train,
                 "n_calibration": self.n_calibration, "ridge": self.ridge, "signal": "mahalanobis"}
         path = os.path.join(directory, STATS_FILE)
-        save_file({"mean": np.ascontiguousarray(self.mean, np.float32),
-                   "precision": np.ascontiguousarray(self.precision, np.float32)},
-                  path, metadata={"overheard_confidence": json.dumps(meta)})
+        save_weights({"mean": torch.from_numpy(np.ascontiguousarray(self.mean, np.float32)),
+                      "precision": torch.from_numpy(np.ascontiguousarray(self.precision, np.float32))},
+                     path, metadata={"overheard_confidence": json.dumps(meta)})
         return path
 
     @classmethod

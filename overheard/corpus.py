@@ -30,7 +30,8 @@ from typing import Iterable
 
 from overheard import storage
 
-SUFFIXES = (".csv", ".tsv", ".parquet", ".json", ".jsonl", ".ndjson")
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
+SUFFIXES = TABLE_SUFFIXES + (".json", ".jsonl", ".ndjson")
 _NUMBERED = re.compile(r"^caption_(\d+)$")
 _SINGLE = ("caption", "captions", "text")
 
@@ -93,24 +94,49 @@ def _from_json(obj, where: str) -> list[str]:
                      "with 'caption', or a list of strings)")
 
 
+# ----------------------------------------------------------------------------- table files
+def read_table(uri: str, raw: bytes | None = None, fmt: str | None = None):
+    """The one reader of tabular text files (corpora, reference captions, audio-caption pairs,
+    labelled sentences): a .parquet / .csv / .tsv file (``fmt`` overrides the suffix) as a
+    pyarrow Table. CSV cells are all text (a caption like "1 2 3" must not become a number);
+    empty cells are null. ``raw``: the file's bytes when already read."""
+    low = uri.lower()
+    fmt = fmt or next((s for s in ("parquet", "csv", "tsv") if low.endswith("." + s)), None)
+    if fmt is None:
+        raise ValueError(f"{uri}: expected a table file ({', '.join(TABLE_SUFFIXES)})")
+    raw = storage.read_bytes(uri) if raw is None else raw
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+        return pq.read_table(io.BytesIO(raw))
+    import pyarrow.csv as pcsv
+    opts = pcsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
+    head = raw.split(b"\n", 1)[0].decode("utf-8-sig")
+    names = next(csv.reader([head], delimiter=opts.delimiter), [])
+    conv = pcsv.ConvertOptions(column_types={n: "string" for n in names}, strings_can_be_null=True)
+    return pcsv.read_csv(io.BytesIO(raw), parse_options=opts, convert_options=conv)
+
+
+def read_records(uri: str) -> list[dict]:
+    """Rows as dicts of a table file (:func:`read_table`), a JSON-lines file (one object per
+    line) or a JSON file (``{"data": [...]}`` or a list of objects)."""
+    low = uri.lower()
+    raw = storage.read_bytes(uri)
+    if low.endswith(TABLE_SUFFIXES):
+        return read_table(uri, raw).to_pylist()
+    text = raw.decode("utf-8-sig")
+    if low.endswith((".jsonl", ".ndjson")):
+        return [json.loads(x) for x in text.splitlines() if x.strip()]
+    obj = json.loads(text)
+    return obj["data"] if isinstance(obj, dict) and "data" in obj else obj
+
+
 def read_file(uri: str) -> list[str]:
     """Captions of one corpus file, in file order (see the module docstring for layouts)."""
     low = uri.lower()
     with storage.open_input(uri) as f:
         raw = f.read()
-    if low.endswith(".parquet"):
-        import pyarrow.parquet as pq
-        return _from_table(pq.read_table(io.BytesIO(raw)))
-    if low.endswith((".csv", ".tsv")):
-        import pyarrow.csv as pcsv
-        opts = pcsv.ParseOptions(delimiter="\t" if low.endswith(".tsv") else ",",
-                                 newlines_in_values=True)
-        # every column as text: a caption like "1 2 3" must not become a number
-        head = raw.split(b"\n", 1)[0].decode("utf-8-sig")
-        names = next(csv.reader([head], delimiter=opts.delimiter), [])
-        conv = pcsv.ConvertOptions(column_types={n: "string" for n in names},
-                                   strings_can_be_null=True)
-        return _from_table(pcsv.read_csv(io.BytesIO(raw), parse_options=opts, convert_options=conv))
+    if low.endswith(TABLE_SUFFIXES):
+        return _from_table(read_table(uri, raw))
     text = raw.decode("utf-8-sig")
     if low.endswith((".jsonl", ".ndjson")):
         items = [json.loads(line) for line in text.splitlines() if line.strip()]

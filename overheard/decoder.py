@@ -4,7 +4,8 @@ A mapping network turns one L2-normalised CLAP embedding (B, D) into a prefix of
 ``prefix_length`` vectors (B, P, n_embd); a small randomly initialised GPT-2
 (``transformers.GPT2LMHeadModel``, built from a ``GPT2Config``, never downloaded) continues the
 prefix with the caption.  Training sees CLAP text embeddings; inference feeds CLAP audio
-embeddings (optionally moved onto the text manifold first, see ``overheard.memory``).
+embeddings (optionally moved onto the text manifold first: ``overheard.textonly``).
+:class:`RetrievalCaptionDecoder` also takes the k nearest memory captions as extra prefix context.
 
 Token layout (RoBERTa-style tokenizer from ``overheard.tokenizer``: <s>=0 <pad>=1 </s>=2)::
 
@@ -20,6 +21,8 @@ Checkpoint (a model directory)::
     model.safetensors  state dict (the tied lm_head weight is stored once, as the token embedding)
     tokenizer.json (+ tokenizer_config.json)
 
+``extra.retrieval.k`` marks a retrieval decoder; :func:`load_decoder` loads either kind.
+
 Only safetensors are read: a pickle checkpoint can execute code when loaded.
 """
 
@@ -29,7 +32,7 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from overheard.checkpoint import check_config_sizes, read_config_json, safetensors_weights
+from overheard.checkpoint import (check_config_sizes, read_config_json, read_weights, safetensors_weights,
+                                  save_weights)
 from overheard.topk import beam_topk
 
 FORMAT = "overheard.caption_decoder"
@@ -50,6 +54,9 @@ TOKENIZER_NAME = "tokenizer.json"
 _TIED_KEY = "lm.lm_head.weight"
 
 BOS_ID, PAD_ID, EOS_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 4
+# Each neighbour adds prefix_length positions to every forward pass; trained models use k <= 8,
+# so a config.json asking for more than this is refused before a position table is built.
+MAX_RETRIEVAL_K = 256
 MAPPERS = ("mlp", "transformer")
 
 
@@ -200,7 +207,7 @@ class CaptionDecoder(nn.Module):
         # Tokens generation may never emit: <s>, <pad>, <unk>, <mask> (</s> is how a caption ends).
         banned = torch.zeros(config.vocab_size, dtype=torch.bool)
         banned[[BOS_ID, PAD_ID, UNK_ID, MASK_ID]] = True
-        self.register_buffer("_banned", banned, persistent=False)
+        self.register_buffer("banned", banned, persistent=False)
 
     # ------------------------------------------------------------------ training
     def prefix(self, clap_emb: torch.Tensor) -> torch.Tensor:
@@ -236,8 +243,13 @@ class CaptionDecoder(nn.Module):
         return DecoderOutput(loss, logits)
 
     # ------------------------------------------------------------------ inference
-    def _start(self, clap_emb: torch.Tensor, repeat: int):
-        """Run [prefix; <s>] once; returns (last-position log-probs (B*repeat, V), KV cache)."""
+    # The stepping API every decoding loop uses (greedy and beam here, guided decoding in
+    # ``overheard.guidance``): ``start`` once, then ``step`` per token; ``banned`` (V,) bool marks
+    # the tokens a caption may never contain; ``cache.reorder_cache(rows)`` follows surviving beams.
+    def start(self, clap_emb: torch.Tensor, repeat: int = 1):
+        """Run [prefix; <s>] once; returns (last-position log-probs (B*repeat, V), KV cache).
+        ``clap_emb``: whatever :meth:`prefix` takes (moved to the model's device there); each row
+        repeated ``repeat`` times (beams)."""
         prefix = self.prefix(clap_emb)
         if repeat > 1:
             prefix = prefix.repeat_interleave(repeat, dim=0)
@@ -245,7 +257,8 @@ class CaptionDecoder(nn.Module):
         out = self.lm(inputs_embeds=torch.cat([prefix, bos], dim=1), use_cache=True)
         return F.log_softmax(out.logits[:, -1].float(), dim=-1), out.past_key_values
 
-    def _step(self, tokens: torch.Tensor, cache):
+    def step(self, tokens: torch.Tensor, cache):
+        """Feed one token per row (B*repeat,) -> (next log-probs (B*repeat, V), KV cache)."""
         out = self.lm(input_ids=tokens.view(-1, 1), past_key_values=cache, use_cache=True)
         return F.log_softmax(out.logits[:, -1].float(), dim=-1), out.past_key_values
 
@@ -276,13 +289,13 @@ class CaptionDecoder(nn.Module):
 
     def _greedy(self, clap_emb, n):
         b = clap_emb.shape[0]
-        logp, cache = self._start(clap_emb, 1)
+        logp, cache = self.start(clap_emb, 1)
         finished = torch.zeros(b, dtype=torch.bool, device=logp.device)
         total = torch.zeros(b, dtype=torch.float64, device=logp.device)
         length = torch.zeros(b, dtype=torch.long, device=logp.device)
         steps = []
         for i in range(n):
-            nxt = logp.masked_fill(self._banned, -math.inf).argmax(dim=-1)  # ties -> lowest id
+            nxt = logp.masked_fill(self.banned, -math.inf).argmax(dim=-1)  # ties -> lowest id
             # Finished rows keep stepping (one batched forward for all rows is cheaper than
             # compacting the KV cache) but feed </s> again and add nothing to their score.
             nxt = torch.where(finished, torch.full_like(nxt, EOS_ID), nxt)
@@ -293,7 +306,7 @@ class CaptionDecoder(nn.Module):
             finished |= nxt == EOS_ID
             if bool(finished.all()) or i == n - 1:
                 break
-            logp, cache = self._step(nxt, cache)
+            logp, cache = self.step(nxt, cache)
         seqs = torch.stack(steps, dim=1).tolist()
         return [_strip(s) for s in seqs], (total / length.clamp(min=1)).tolist()
 
@@ -306,7 +319,7 @@ class CaptionDecoder(nn.Module):
         mean token log-prob, which is also the score returned).
         """
         b = clap_emb.shape[0]
-        logp, cache = self._start(clap_emb, k)
+        logp, cache = self.start(clap_emb, k)
         dev = logp.device
         v = logp.shape[-1]
         scores = torch.zeros(b, k, dtype=torch.float64, device=dev)
@@ -318,7 +331,7 @@ class CaptionDecoder(nn.Module):
         frozen[EOS_ID] = 0.0
         rows = torch.arange(b, device=dev)[:, None] * k
         for i in range(n):
-            cand = logp.double().masked_fill(self._banned, -math.inf).view(b, k, v)
+            cand = logp.double().masked_fill(self.banned, -math.inf).view(b, k, v)
             cand = torch.where(finished[..., None], frozen, cand)
             cand = scores[..., None] + cand                                  # (b, k, v)
             # The k best (beam, token) pairs; equal scores -> lowest (beam, token), exactly as a
@@ -333,7 +346,7 @@ class CaptionDecoder(nn.Module):
             if bool(finished.all()) or i == n - 1:
                 break
             cache.reorder_cache((rows + src).view(-1))
-            logp, cache = self._step(tok, cache)
+            logp, cache = self.step(tok, cache)
         length_f = length.clamp(min=1).double()
         best = (scores / length_f.pow(alpha)).argmax(dim=1)  # ties -> lowest beam
         pick = lambda t: t[torch.arange(b, device=dev), best]  # noqa: E731
@@ -356,6 +369,54 @@ class CaptionDecoder(nn.Module):
             raise ValueError("generate needs a tokenizer: pass tokenizer= or load with load_decoder")
         ids, scores = self.generate_ids(clap_emb, method, num_beams, max_new_tokens, length_penalty)
         return [(decode_tokens(tok, s), float(sc)) for s, sc in zip(ids, scores)]
+
+
+class _RoomyConfig(DecoderConfig):
+    """DecoderConfig whose position table also holds k neighbour prefixes (k is not a saved field)."""
+
+    def __init__(self, base: DecoderConfig, k: int):
+        super().__init__(**dataclasses.asdict(base))
+        self._k = int(k)
+
+    @property
+    def n_positions(self) -> int:
+        return (1 + self._k) * self.prefix_length + 1 + self.max_caption_tokens
+
+
+class RetrievalCaptionDecoder(CaptionDecoder):
+    """A caption decoder whose prefix is built from a *packed* conditioning tensor (B, 1 + k, D).
+
+    Slot 0 is the query embedding, slots 1..k its k nearest memory caption embeddings (how they
+    are found: ``overheard.textonly.retrieval``). The same mapping network maps every slot to
+    ``prefix_length`` vectors; a learned per-slot vector (zero at initialisation) is added so the
+    LM can tell the query from the neighbours; the (1 + k) * P prefix vectors precede <s> and the
+    caption, so the position table grows to (1 + k) * P + 1 + max_caption_tokens. k is saved in
+    config.json's ``extra.retrieval.k``; :func:`load_decoder` rebuilds either kind.
+    """
+
+    def __init__(self, config: DecoderConfig, k: int, tokenizer=None):
+        if int(k) < 1:
+            raise ValueError(f"retrieval k must be >= 1, got {k}")
+        super().__init__(_RoomyConfig(config, k), tokenizer)
+        self.k = int(k)
+        self.slot = nn.Parameter(torch.zeros(1 + self.k, config.n_embd))
+
+    def prefix(self, packed: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + k, D) -> (B, (1 + k) * P, n_embd)."""
+        d = self.config.embedding_dim
+        if packed.dim() != 3 or packed.shape[1] != 1 + self.k or packed.shape[2] != d:
+            raise ValueError(f"retrieval decoder needs (B, {1 + self.k}, {d}) query + neighbours, "
+                             f"got {tuple(packed.shape)}")
+        b, g, _ = packed.shape
+        w = self.lm.transformer.wte.weight
+        h = self.mapper(packed.reshape(b * g, d).to(device=w.device, dtype=w.dtype))
+        h = h.view(b, g, self.config.prefix_length, -1) + self.slot[None, :, None, :]
+        return h.reshape(b, g * self.config.prefix_length, -1)
+
+
+def build_decoder(config: DecoderConfig, retrieval_k: int = 0, tokenizer=None) -> CaptionDecoder:
+    """A fresh (random) decoder: plain, or retrieval-augmented with ``retrieval_k`` neighbours."""
+    return RetrievalCaptionDecoder(config, retrieval_k, tokenizer) if retrieval_k else CaptionDecoder(config, tokenizer)
 
 
 def _strip(seq: list[int]) -> list[int]:
@@ -382,17 +443,20 @@ def encode_captions(tokenizer, captions: list[str], max_caption_tokens: int) -> 
 # ---------------------------------------------------------------------------- checkpoints
 def save_decoder(model: CaptionDecoder, tokenizer, directory: str | os.PathLike,
                  extra: dict | None = None) -> Path:
-    """Write config.json + model.safetensors + tokenizer files into ``directory`` (created)."""
-    from safetensors.torch import save_file
-
+    """Write config.json + model.safetensors + tokenizer files into ``directory`` (created).
+    ``extra`` (default ``model.extra``) goes to config.json; a retrieval decoder's k is recorded
+    in it as ``extra.retrieval.k``."""
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but vocab_size={model.config.vocab_size}")
+    extra = dict(extra if extra is not None else model.extra)
+    if isinstance(model, RetrievalCaptionDecoder):
+        extra["retrieval"] = {"k": model.k}
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k != _TIED_KEY}
-    save_file(state, str(d / WEIGHTS_NAME), metadata={"format": "pt"})  # one key: safetensors writes metadata from a hash map, so 2+ keys reorder between runs and break byte-identical files
+    save_weights({k: v for k, v in model.state_dict().items() if k != _TIED_KEY}, d / WEIGHTS_NAME,
+                 metadata={"format": "pt"})
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "decoder": model.config.to_dict(),
-            "extra": extra if extra is not None else dict(model.extra)}
+            "extra": extra}
     (d / CONFIG_NAME).write_text(json.dumps(meta, sort_keys=True, indent=2) + "\n")
     tokenizer.save_pretrained(str(d))
     return d
@@ -418,53 +482,38 @@ def read_config(directory: str | os.PathLike) -> tuple[DecoderConfig, dict]:
     return cfg, meta.get("extra") or {}
 
 
+def retrieval_k(extra: dict) -> int:
+    """k of a decoder from its config.json ``extra`` (0: a plain decoder)."""
+    k = (extra.get("retrieval") or {}).get("k") or 0
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_RETRIEVAL_K:
+        raise ValueError(f"extra.retrieval.k must be an integer in [0, {MAX_RETRIEVAL_K}], got {k!r}")
+    return k
+
+
 def load_decoder(directory: str | os.PathLike, device: str | torch.device = "cpu"
                  ) -> tuple[CaptionDecoder, Any]:
-    """Load a local decoder directory -> (CaptionDecoder in eval mode on ``device``, tokenizer).
+    """The one decoder loader: a local decoder directory, plain or retrieval-augmented ->
+    (model in eval mode on ``device``, tokenizer).
 
     Checks, before any weight is used: config keys and values, that model.safetensors exists and
     is a safetensors file (pickle checkpoints are refused), that its tensor names and shapes match
     the config exactly, and that the tokenizer fits the vocabulary.  Any problem -> ValueError
     naming it.
     """
-    from safetensors import SafetensorError, safe_open
-
     from overheard.tokenizer import load_tokenizer
 
     d = Path(directory)
     if not d.is_dir():
         raise ValueError(f"{directory}: not a directory")
     cfg, extra = read_config(d)
+    k = retrieval_k(extra)
     weights = safetensors_weights(directory, WEIGHTS_NAME)
-
     with torch.device("meta"):  # shapes without memory: an absurd config allocates nothing
-        expected = {k: tuple(v.shape) for k, v in CaptionDecoder(cfg).state_dict().items()
-                    if k != _TIED_KEY}
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            problems = []
-            missing = sorted(set(expected) - set(found))
-            unexpected = sorted(set(found) - set(expected))
-            if missing:
-                problems.append(f"missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-            if unexpected:
-                problems.append(f"unexpected tensor(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-            for k in sorted(set(expected) & set(found)):
-                if expected[k] != found[k]:
-                    problems.append(f"shape mismatch for {k}: file {list(found[k])}, config expects {list(expected[k])}")
-            if problems:
-                raise ValueError(f"{weights}: does not match {CONFIG_NAME}: " + "; ".join(problems))
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except SafetensorError as e:
-        raise ValueError(f"{weights}: not a valid safetensors file ({e}); only safetensors are accepted") from None
-    model = CaptionDecoder(cfg)  # only now: the file holds exactly these tensors
-    for k, t in state.items():
-        if not t.is_floating_point():
-            raise ValueError(f"{weights}: tensor {k} has dtype {t.dtype}, expected floating point")
-    result = model.load_state_dict({k: t.float() for k, t in state.items()}, strict=False)
-    if set(result.missing_keys) - {_TIED_KEY} or result.unexpected_keys:  # guarded above; belt and braces
-        raise ValueError(f"{weights}: state dict mismatch {result}")
+        expected = {n: tuple(v.shape) for n, v in build_decoder(cfg, k).state_dict().items()
+                    if n != _TIED_KEY}
+    state = read_weights(weights, expected)
+    model = build_decoder(cfg, k)  # only now: the file holds exactly these tensors
+    model.load_state_dict({n: t.float() for n, t in state.items()}, strict=False)
     model.lm.tie_weights()
 
     if not (d / TOKENIZER_NAME).is_file():
@@ -475,82 +524,3 @@ def load_decoder(directory: str | os.PathLike, device: str | torch.device = "cpu
     model.tokenizer = tokenizer
     model.extra = extra
     return model.to(device).eval(), tokenizer
-
-
-# ---------------------------------------------------------------------------- tiny model
-# ~50 short sound captions in the style of AudioCaps/Clotho: tokenizer corpus of the tiny model.
-TINY_CAPTIONS = (
-    "a dog barks while cars pass by",
-    "rain falls steadily on a tin roof",
-    "a man speaks over a crackling radio",
-    "birds chirp in the distance as wind blows",
-    "a woman laughs and a baby cries",
-    "an engine idles and then revs loudly",
-    "water trickles from a tap into a sink",
-    "footsteps echo in a large empty hall",
-    "a crowd cheers and applauds",
-    "thunder rumbles during heavy rain",
-    "a telephone rings several times",
-    "a door creaks open and slams shut",
-    "a train passes with a horn blowing",
-    "people talk in a busy restaurant",
-    "an alarm clock beeps repeatedly",
-    "waves crash on a sandy beach",
-    "a cat meows and purrs softly",
-    "a helicopter flies overhead",
-    "someone types quickly on a keyboard",
-    "a child sings a short song",
-    "music plays from a small speaker",
-    "a siren wails as an ambulance drives past",
-    "leaves rustle in a gentle breeze",
-    "a hammer strikes metal repeatedly",
-    "a motorcycle accelerates down a street",
-    "a man coughs and clears his throat",
-    "glass shatters on a hard floor",
-    "a crow caws above a quiet field",
-    "an airplane engine roars during takeoff",
-    "a clock ticks in a silent room",
-    "a woman speaks on a loudspeaker",
-    "dishes clatter in a kitchen sink",
-    "a stream flows over rocks",
-    "a bell rings in a church tower",
-    "insects buzz in warm summer air",
-    "a vacuum cleaner runs on a carpet",
-    "children play and shout in a playground",
-    "a car horn honks in heavy traffic",
-    "a fire crackles in a fireplace",
-    "a person whistles a simple tune",
-    "a drill whirs through wood",
-    "sheep bleat on a windy hill",
-    "a guitar is strummed slowly",
-    "an old fan hums steadily",
-    "a duck quacks near a pond",
-    "paper is crumpled and torn",
-    "a horse gallops on a dirt road",
-    "a man snores loudly while sleeping",
-    "a boat motor hums on the water",
-    "applause fades as a speaker begins to talk",
-    "a frog croaks at night near a lake",
-    "a rooster crows early in the morning",
-)
-
-
-def build_tiny_decoder(directory: str | os.PathLike, embedding_dim: int = 32, seed: int = 0,
-                       texts: list[str] | None = None, mapper: str = "mlp") -> Path:
-    """Save a tiny random decoder in the real format (tests, embedded default model).
-
-    2 layers x 32 wide, 2 heads, prefix 4, vocabulary from a BPE over ``texts`` (default
-    ``TINY_CAPTIONS``, ~330 tokens).  ~55 K parameters -> ~220 KB of float32 weights, whole
-    directory < 500 KB.  Byte-identical for the same arguments (seeded init, deterministic BPE,
-    sorted JSON).  Returns the directory path.
-    """
-    from overheard.tokenizer import train_bpe_tokenizer
-
-    tokenizer = train_bpe_tokenizer(list(texts) if texts is not None else list(TINY_CAPTIONS), vocab_size=512)
-    cfg = DecoderConfig(embedding_dim=embedding_dim, prefix_length=4, mapper=mapper, mapper_layers=1,
-                        n_layer=2, n_head=2, n_embd=32, vocab_size=len(tokenizer), max_caption_tokens=24,
-                        dropout=0.0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CaptionDecoder(cfg, tokenizer)
-    return save_decoder(model, tokenizer, directory, extra={"tiny": True, "seed": seed})

@@ -167,7 +167,7 @@ def _open(src) -> "av.container.InputContainer":
         raise MediaError("empty_file", f"{name}: zero bytes")
     if not isinstance(src, (str, os.PathLike)):
         try:
-            src.seek(0)  # a reused object (e.g. after probe_duration) must be read from its start
+            src.seek(0)  # a reused object (e.g. decoded once already) must be read from its start
         except (AttributeError, OSError, ValueError):
             pass
     try:
@@ -207,27 +207,6 @@ def _declared_duration(container, stream) -> float | None:
     if container.duration is not None and container.duration > 0:
         return container.duration / av.time_base
     return None
-
-
-def probe_duration(src) -> float | None:
-    """Container-declared duration of the first audio stream of ``src`` (path or seekable file object),
-    in seconds; None when undeclared, when there is no audio stream, or when the file cannot be parsed.
-    Reads only the header; a file object is left at position 0."""
-    try:
-        container = _open(src)
-    except MediaError:
-        return None
-    try:
-        if not container.streams.audio:
-            return None
-        return _declared_duration(container, container.streams.audio[0])
-    finally:
-        container.close()
-        if not isinstance(src, (str, os.PathLike)):
-            try:
-                src.seek(0)
-            except (AttributeError, OSError, ValueError):
-                pass
 
 
 # --------------------------------------------------------------------------------------------- decode
@@ -284,6 +263,122 @@ class _MeanDownmixer:
         return out
 
 
+def _audio_stream(container, name: str, deadline: float | None, max_duration_s: float | None,
+                  start_s: float, end_s: float | None):
+    """The first audio stream of an open container after the checks that need no decoding
+    (a stream exists, channel count, deadline, declared duration, a decoder) ->
+    (stream, span_end: the requested end, never past the declared duration; None if unknown)."""
+    if not container.streams.audio:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        raise MediaError("no_audio_track", f"{name}: no audio stream (streams: {', '.join(kinds)})")
+    stream = container.streams.audio[0]
+    if len(container.streams.audio) > 1:
+        _note_tracks(name, len(container.streams.audio))
+    if (stream.channels or 0) > MAX_CHANNELS:
+        # the mean downmix addresses channels by index up to 64 (e.g. a 128-channel WAV):
+        # a layout we do not handle, not a damaged file
+        raise MediaError("unsupported", f"{name}: {stream.channels} audio channels "
+                                        f"(at most {MAX_CHANNELS} are downmixed)")
+    if deadline is not None and time.monotonic() > deadline:  # opening an s3 object can be slow
+        raise MediaError("timeout", f"{name}: decode deadline passed while opening")
+    declared = _declared_duration(container, stream)
+    # span end: the requested end, but never past what the container declares
+    span_end = declared if end_s is None else (end_s if declared is None else min(end_s, declared))
+    if max_duration_s is not None and span_end is not None and span_end - start_s > max_duration_s:
+        raise MediaError("too_long", f"{name}: declared duration {span_end - start_s:.1f} s > limit {max_duration_s:g} s")
+    if stream.codec_context is None:
+        raise MediaError("unsupported", f"{name}: no decoder for audio codec {stream.codec_tag or '?'}")
+    return stream, span_end
+
+
+def _seek_to(container, stream, start_s: float, sr: int) -> int | None:
+    """Seek to the key frame before ``start_s``; returns the samples to drop before it when
+    decoding from 0 (unseekable), or None: the first decoded frame's timestamp decides."""
+    if start_s > 0:
+        try:
+            container.seek(int(start_s / stream.time_base), stream=stream, backward=True)
+            return None
+        except (av.error.FFmpegError, ValueError, OverflowError):
+            pass  # unseekable: decode from 0 and drop start_s of samples
+    return int(round(start_s * sr))
+
+
+class _Samples:
+    """Decoded mono samples on their way to chunks of ``chunk_n``: samples before the span start
+    (``skip_n``) dropped, cut at the span's length (``span_n``), NaN/Inf made silence; ``mixer``:
+    the current ``_MeanDownmixer`` (its buffered tail is drained on EOF and on a decode error)."""
+
+    def __init__(self, sr: int, chunk_n: int, skip_n: int | None, span_n: int | None):
+        self.sr, self.chunk_n, self.skip_n, self.span_n = sr, chunk_n, skip_n, span_n
+        self.pending: list[np.ndarray] = []
+        self.pending_n = 0
+        self.total_n = 0  # samples emitted + pending, at rate sr
+        self.mixer: _MeanDownmixer | None = None
+
+    def drain(self) -> None:
+        """Flush the downmixer: swr keeps a filter-length tail (~1-2 ms) until flushed."""
+        if self.mixer is not None:
+            self.add(self.mixer(None))
+
+    def add(self, arrays) -> None:
+        for a in arrays:
+            if a.size and not np.isfinite(a).all():
+                # NaN/Inf samples (float WAVs) become silence here: left in, the resampler
+                # smears one NaN over its filter taps into the window before it, and the
+                # encoder then fails both windows (issue 15); now the NaN costs < 1 ms
+                a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+            if self.skip_n:
+                drop = min(self.skip_n, a.size)
+                a, self.skip_n = a[drop:], self.skip_n - drop
+            if self.span_n is not None and a.size > self.span_n - self.total_n:
+                a = a[: max(self.span_n - self.total_n, 0)]
+            if a.size:
+                self.pending.append(a)
+                self.pending_n += a.size
+                self.total_n += a.size
+
+    def flush(self, final: bool) -> Iterator[np.ndarray]:
+        """One chunk once ``chunk_n`` samples are pending (``final``: whatever is pending)."""
+        if self.pending_n >= self.chunk_n or (final and self.pending_n):
+            chunk = self.pending[0] if len(self.pending) == 1 else np.concatenate(self.pending)
+            self.pending, self.pending_n = [], 0
+            yield chunk.astype(np.float32, copy=False)
+
+    def span_done(self) -> bool:
+        return self.span_n is not None and self.total_n >= self.span_n
+
+
+def _demux(container, stream, out: _Samples, name: str, where, deadline: float | None, start_s: float,
+           limit_n: int | None, max_duration_s: float | None) -> Iterator[np.ndarray]:
+    """Decode packets into ``out`` and yield its chunks; the mean downmix (``_MeanDownmixer``)
+    is rebuilt whenever the frame format changes mid-stream."""
+    in_fmt = None
+    for packet in container.demux(stream):
+        if deadline is not None and time.monotonic() > deadline:
+            raise MediaError("timeout", f"{where()}: decode deadline passed")
+        if out.span_done():
+            break
+        for frame in packet.decode():
+            if out.skip_n is None:  # first frame after the seek: where did it land?
+                if frame.time is None:
+                    raise MediaError("unsupported", f"{name}: cannot seek to {start_s:g} s "
+                                                    "(frames carry no timestamps)")
+                out.skip_n = max(0, int(round((start_s - frame.time) * out.sr)))
+            # The graph is configured from the first frame; a mid-stream change of rate/layout/
+            # format/channel count (seen in concatenated or broadcast streams) needs a fresh one
+            # (new pan gains too), after draining the old one so its buffered tail is not lost.
+            fmt = (frame.format.name, frame.layout.name, frame.sample_rate, len(frame.layout.channels))
+            if fmt != in_fmt:
+                out.drain()
+                out.mixer = _MeanDownmixer(frame, out.sr)
+                in_fmt = fmt
+            frame.pts = None  # we concatenate samples; timestamps gaps are not filled
+            out.add(out.mixer(frame))
+        if limit_n is not None and out.total_n > limit_n:
+            raise MediaError("too_long", f"{where()}: decoded duration exceeds limit {max_duration_s:g} s")
+        yield from out.flush(False)
+
+
 def _iter_audio(src, sr: int, chunk_s: float, deadline: float | None,
                 max_duration_s: float | None, start_s: float = 0.0,
                 end_s: float | None = None) -> Iterator[np.ndarray]:
@@ -296,137 +391,67 @@ def _iter_audio(src, sr: int, chunk_s: float, deadline: float | None,
     name = _name(src)
     container = _open(src)
     try:
-        if not container.streams.audio:
-            kinds = sorted({s.type for s in container.streams}) or ["none"]
-            raise MediaError("no_audio_track", f"{name}: no audio stream (streams: {', '.join(kinds)})")
-        stream = container.streams.audio[0]
-        if len(container.streams.audio) > 1:
-            _note_tracks(name, len(container.streams.audio))
-        if (stream.channels or 0) > MAX_CHANNELS:
-            # the mean downmix addresses channels by index up to 64 (e.g. a 128-channel WAV):
-            # a layout we do not handle, not a damaged file
-            raise MediaError("unsupported", f"{name}: {stream.channels} audio channels "
-                                            f"(at most {MAX_CHANNELS} are downmixed)")
-        if deadline is not None and time.monotonic() > deadline:  # opening an s3 object can be slow
-            raise MediaError("timeout", f"{name}: decode deadline passed while opening")
-        declared = _declared_duration(container, stream)
-        # span end: the requested end, but never past what the container declares
-        span_end = declared if end_s is None else (end_s if declared is None else min(end_s, declared))
-        if max_duration_s is not None and span_end is not None and span_end - start_s > max_duration_s:
-            raise MediaError("too_long", f"{name}: declared duration {span_end - start_s:.1f} s > limit {max_duration_s:g} s")
-        if stream.codec_context is None:
-            raise MediaError("unsupported", f"{name}: no decoder for audio codec {stream.codec_tag or '?'}")
-
-        chunk_n = max(1, int(round(chunk_s * sr)))
+        stream, span_end = _audio_stream(container, name, deadline, max_duration_s, start_s, end_s)
         limit_n = None if max_duration_s is None else int((max_duration_s + _TOO_LONG_SLACK_S) * sr)
-        pending: list[np.ndarray] = []
-        pending_n = 0
-        total_n = 0  # samples emitted + pending, at rate sr
-        mixer = None
-        in_fmt = None
-        seeked = False
-        if start_s > 0:
-            try:
-                container.seek(int(start_s / stream.time_base), stream=stream, backward=True)
-                seeked = True
-            except (av.error.FFmpegError, ValueError, OverflowError):
-                pass  # unseekable: decode from 0 and drop start_s of samples
-        skip_n = None if seeked else int(round(start_s * sr))  # samples to drop before start_s
-        span_n = None if end_s is None else int(round((end_s - start_s) * sr))
-
-        def convert(arrays) -> None:
-            nonlocal pending_n, total_n, skip_n
-            for a in arrays:
-                if a.size and not np.isfinite(a).all():
-                    # NaN/Inf samples (float WAVs) become silence here: left in, the resampler
-                    # smears one NaN over its filter taps into the window before it, and the
-                    # encoder then fails both windows (issue 15); now the NaN costs < 1 ms
-                    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
-                if skip_n:
-                    drop = min(skip_n, a.size)
-                    a, skip_n = a[drop:], skip_n - drop
-                if span_n is not None and a.size > span_n - total_n:
-                    a = a[: max(span_n - total_n, 0)]
-                if a.size:
-                    pending.append(a)
-                    pending_n += a.size
-                    total_n += a.size
-
-        def flush(final: bool) -> Iterator[np.ndarray]:
-            nonlocal pending, pending_n
-            if pending_n >= chunk_n or (final and pending_n):
-                chunk = pending[0] if len(pending) == 1 else np.concatenate(pending)
-                pending, pending_n = [], 0
-                yield chunk.astype(np.float32, copy=False)
+        out = _Samples(sr, max(1, int(round(chunk_s * sr))), _seek_to(container, stream, start_s, sr),
+                       None if end_s is None else int(round((end_s - start_s) * sr)))
 
         def where() -> str:
-            return f"{name}: at {total_n / sr:.2f} s"
+            return f"{name}: at {out.total_n / sr:.2f} s"
 
         try:
-            for packet in container.demux(stream):
-                if deadline is not None and time.monotonic() > deadline:
-                    raise MediaError("timeout", f"{where()}: decode deadline passed")
-                if span_n is not None and total_n >= span_n:
-                    break
-                for frame in packet.decode():
-                    if skip_n is None:  # first frame after the seek: where did it land?
-                        if frame.time is None:
-                            raise MediaError("unsupported", f"{name}: cannot seek to {start_s:g} s "
-                                                            "(frames carry no timestamps)")
-                        skip_n = max(0, int(round((start_s - frame.time) * sr)))
-                    # The graph is configured from the first frame; a mid-stream change of rate/layout/
-                    # format/channel count (seen in concatenated or broadcast streams) needs a fresh one
-                    # (new pan gains too), after draining the old one so its buffered tail is not lost.
-                    fmt = (frame.format.name, frame.layout.name, frame.sample_rate, len(frame.layout.channels))
-                    if fmt != in_fmt:
-                        if mixer is not None:
-                            convert(mixer(None))
-                        mixer = _MeanDownmixer(frame, sr)
-                        in_fmt = fmt
-                    frame.pts = None  # we concatenate samples; timestamps gaps are not filled
-                    convert(mixer(frame))
-                if limit_n is not None and total_n > limit_n:
-                    raise MediaError("too_long", f"{where()}: decoded duration exceeds limit {max_duration_s:g} s")
-                yield from flush(False)
-            if mixer is not None:
-                convert(mixer(None))  # swr keeps a filter-length tail (~1-2 ms) until flushed
+            yield from _demux(container, stream, out, name, where, deadline, start_s, limit_n,
+                              max_duration_s)
+            out.drain()
         except MediaError:
             raise
         except av.error.FFmpegError as e:
-            msg = e.strerror or str(e)
-            if e.errno == errno.ENOMEM:  # the worker, not the file: retryable
-                raise MediaError("out_of_memory", f"{where()}: FFmpeg out of memory ({msg})") from e
-            if total_n == 0 and not pending_n:
-                raise MediaError("corrupt", f"{name}: audio stream does not decode ({msg})") from e
-            try:
-                if mixer is not None:
-                    convert(mixer(None))
-            except (av.error.FFmpegError, ValueError):
-                pass
-            yield from flush(True)
-            raise MediaError("truncated", f"{where()}: decode failed ({msg})") from e
+            yield from _decode_failed(e, out, name, where)
         except OSError as e:
             raise MediaError("read_error", f"{where()}: read failed ({e})") from e
         except (ValueError, RuntimeError) as e:  # PyAV-level errors that are not FFmpegError
-            kind = "truncated" if total_n else "unsupported"
+            kind = "truncated" if out.total_n else "unsupported"
             raise MediaError(kind, f"{where()}: {type(e).__name__}: {e}") from e
 
-        if limit_n is not None and total_n > limit_n:
+        if limit_n is not None and out.total_n > limit_n:
             raise MediaError("too_long", f"{where()}: decoded duration exceeds limit {max_duration_s:g} s")
-        yield from flush(True)
-        if total_n == 0 and (not stream.rate or not stream.channels):
-            # e.g. random bytes named .flac: FFmpeg picks the demuxer by extension and reports a
-            # 0-channel, 0-Hz stream that yields no packets worth decoding.
-            raise MediaError("corrupt", f"{name}: audio stream has no usable parameters "
-                                        f"({stream.channels} channels, {stream.rate} Hz) and decodes to nothing")
-        # A clean EOF well before the declared duration: bytes were cut (e.g. an mp3 cut mid-file
-        # decodes without any decoder error, just fewer frames).
-        if span_end is not None and total_n > 0:
-            got, want = total_n / sr, span_end - start_s
-            if want - got > max(_TRUNCATION_MIN_S, _TRUNCATION_FRAC * want):
-                raise MediaError("truncated", f"{name}: stream ends at {start_s + got:.2f} s, container declares {span_end:.2f} s")
+        yield from out.flush(True)
+        _check_complete(stream, out, name, start_s, span_end)
     finally:
         container.close()
+
+
+def _decode_failed(e, out: _Samples, name: str, where) -> Iterator[np.ndarray]:
+    """An FFmpeg error mid-decode: out of memory (retryable), nothing decoded (corrupt), or the
+    samples decoded so far are yielded and the source is marked truncated."""
+    msg = e.strerror or str(e)
+    if e.errno == errno.ENOMEM:  # the worker, not the file: retryable
+        raise MediaError("out_of_memory", f"{where()}: FFmpeg out of memory ({msg})") from e
+    if out.total_n == 0 and not out.pending_n:
+        raise MediaError("corrupt", f"{name}: audio stream does not decode ({msg})") from e
+    try:
+        out.drain()
+    except (av.error.FFmpegError, ValueError):
+        pass
+    yield from out.flush(True)
+    raise MediaError("truncated", f"{where()}: decode failed ({msg})") from e
+
+
+def _check_complete(stream, out: _Samples, name: str, start_s: float, span_end: float | None) -> None:
+    """After a clean EOF: a stream that decoded to nothing is corrupt; one that ends well before
+    its declared duration was cut."""
+    sr = out.sr
+    if out.total_n == 0 and (not stream.rate or not stream.channels):
+        # e.g. random bytes named .flac: FFmpeg picks the demuxer by extension and reports a
+        # 0-channel, 0-Hz stream that yields no packets worth decoding.
+        raise MediaError("corrupt", f"{name}: audio stream has no usable parameters "
+                                    f"({stream.channels} channels, {stream.rate} Hz) and decodes to nothing")
+    # A clean EOF well before the declared duration: bytes were cut (e.g. an mp3 cut mid-file
+    # decodes without any decoder error, just fewer frames).
+    if span_end is not None and out.total_n > 0:
+        got, want = out.total_n / sr, span_end - start_s
+        if want - got > max(_TRUNCATION_MIN_S, _TRUNCATION_FRAC * want):
+            raise MediaError("truncated", f"{name}: stream ends at {start_s + got:.2f} s, container declares {span_end:.2f} s")
 
 
 def iter_audio(src, sr: int = TARGET_SR, chunk_s: float = 10.0,

@@ -49,18 +49,13 @@ import pyarrow.compute as pc
 SIM = 0.85    # cosine to the segment's mean audio embedding
 WORDS = 0.0   # Jaccard of caption word sets with one of the segment's captions (0: not used)
 
-SEGMENT_SCHEMA = pa.schema([
-    pa.field("source_uri", pa.string(), nullable=False),
-    pa.field("model_id", pa.string()),
-    pa.field("segment_index", pa.int32(), nullable=False),
-    pa.field("start_s", pa.float64(), nullable=False),
-    pa.field("end_s", pa.float64(), nullable=False),
-    pa.field("caption", pa.string(), nullable=False),
-    pa.field("confidence", pa.float32()),
-    pa.field("first_window", pa.int32(), nullable=False),
-    pa.field("last_window", pa.int32(), nullable=False),
-    pa.field("windows", pa.int32(), nullable=False),
-])
+# One row per segment; model_id and confidence may be null, every other column is always set.
+_SEGMENT_COLUMNS = {"source_uri": pa.string(), "model_id": pa.string(), "segment_index": pa.int32(),
+                    "start_s": pa.float64(), "end_s": pa.float64(), "caption": pa.string(),
+                    "confidence": pa.float32(), "first_window": pa.int32(), "last_window": pa.int32(),
+                    "windows": pa.int32()}
+SEGMENT_SCHEMA = pa.schema([pa.field(n, t, nullable=n in ("model_id", "confidence"))
+                            for n, t in _SEGMENT_COLUMNS.items()])
 
 _STOP = frozenset({"a", "an", "the"})
 

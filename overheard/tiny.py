@@ -4,11 +4,15 @@
 (config.json, model.safetensors, preprocessor_config.json, tokenizer.json + tokenizer_config.json) that
 ``overheard.clap.ClapEncoder`` and ``transformers.ClapModel.from_pretrained`` load like a published
 laion/clap-htsat-unfused. The tokenizer is trained offline on ``SOUND_SENTENCES``.
+
+``build_tiny_decoder(directory, embedding_dim=32, seed=0)`` writes a caption-decoder directory
+(``overheard.decoder`` format) whose tokenizer is trained on ``TINY_CAPTIONS``.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from transformers import ClapConfig, ClapFeatureExtractor, ClapModel
@@ -130,4 +134,86 @@ def build_tiny_clap(directory: str, seed: int = 0, htsat: str = "tiny-tiny", fus
     return directory
 
 
-__all__ = ["build_tiny_clap", "tiny_clap_config", "SOUND_SENTENCES", "HTSAT_SHAPES"]
+
+# ---------------------------------------------------------------------------- tiny caption decoder
+# ~50 short sound captions in the style of AudioCaps/Clotho: tokenizer corpus of the tiny model.
+TINY_CAPTIONS = (
+    "a dog barks while cars pass by",
+    "rain falls steadily on a tin roof",
+    "a man speaks over a crackling radio",
+    "birds chirp in the distance as wind blows",
+    "a woman laughs and a baby cries",
+    "an engine idles and then revs loudly",
+    "water trickles from a tap into a sink",
+    "footsteps echo in a large empty hall",
+    "a crowd cheers and applauds",
+    "thunder rumbles during heavy rain",
+    "a telephone rings several times",
+    "a door creaks open and slams shut",
+    "a train passes with a horn blowing",
+    "people talk in a busy restaurant",
+    "an alarm clock beeps repeatedly",
+    "waves crash on a sandy beach",
+    "a cat meows and purrs softly",
+    "a helicopter flies overhead",
+    "someone types quickly on a keyboard",
+    "a child sings a short song",
+    "music plays from a small speaker",
+    "a siren wails as an ambulance drives past",
+    "leaves rustle in a gentle breeze",
+    "a hammer strikes metal repeatedly",
+    "a motorcycle accelerates down a street",
+    "a man coughs and clears his throat",
+    "glass shatters on a hard floor",
+    "a crow caws above a quiet field",
+    "an airplane engine roars during takeoff",
+    "a clock ticks in a silent room",
+    "a woman speaks on a loudspeaker",
+    "dishes clatter in a kitchen sink",
+    "a stream flows over rocks",
+    "a bell rings in a church tower",
+    "insects buzz in warm summer air",
+    "a vacuum cleaner runs on a carpet",
+    "children play and shout in a playground",
+    "a car horn honks in heavy traffic",
+    "a fire crackles in a fireplace",
+    "a person whistles a simple tune",
+    "a drill whirs through wood",
+    "sheep bleat on a windy hill",
+    "a guitar is strummed slowly",
+    "an old fan hums steadily",
+    "a duck quacks near a pond",
+    "paper is crumpled and torn",
+    "a horse gallops on a dirt road",
+    "a man snores loudly while sleeping",
+    "a boat motor hums on the water",
+    "applause fades as a speaker begins to talk",
+    "a frog croaks at night near a lake",
+    "a rooster crows early in the morning",
+)
+
+
+def build_tiny_decoder(directory: str | os.PathLike, embedding_dim: int = 32, seed: int = 0,
+                       texts: list[str] | None = None, mapper: str = "mlp") -> Path:
+    """Save a tiny random decoder in the real format (tests, embedded default model).
+
+    2 layers x 32 wide, 2 heads, prefix 4, vocabulary from a BPE over ``texts`` (default
+    ``TINY_CAPTIONS``, ~330 tokens).  ~55 K parameters -> ~220 KB of float32 weights, whole
+    directory < 500 KB.  Byte-identical for the same arguments (seeded init, deterministic BPE,
+    sorted JSON).  Returns the directory path.
+    """
+    from overheard.decoder import CaptionDecoder, DecoderConfig, save_decoder
+    from overheard.tokenizer import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(list(texts) if texts is not None else list(TINY_CAPTIONS), vocab_size=512)
+    cfg = DecoderConfig(embedding_dim=embedding_dim, prefix_length=4, mapper=mapper, mapper_layers=1,
+                        n_layer=2, n_head=2, n_embd=32, vocab_size=len(tokenizer), max_caption_tokens=24,
+                        dropout=0.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CaptionDecoder(cfg, tokenizer)
+    return save_decoder(model, tokenizer, directory, extra={"tiny": True, "seed": seed})
+
+
+__all__ = ["build_tiny_clap", "build_tiny_decoder", "tiny_clap_config", "SOUND_SENTENCES", "HTSAT_SHAPES",
+           "TINY_CAPTIONS"]

@@ -3,7 +3,7 @@
 torch.topk does not promise which of several equal values it returns, and a full stable sort
 is exact but slow: a beam-3 step over GPT-2's 50,257-token vocabulary sorts 150,771 doubles per
 clip (batch 64: 1.25 s per step on one core, vs ~0.1 s here). Used by beam search
-(overheard.decoder) and memory retrieval (overheard.memory).
+(overheard.decoder) and memory retrieval (overheard.textonly.memory).
 """
 
 from __future__ import annotations

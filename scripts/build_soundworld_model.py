@@ -63,8 +63,8 @@ def main(argv=None) -> int:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from overheard.memory import CaptionMemory
-    from overheard.retrieval import load_model
+    from overheard.decoder import load_decoder as load_model
+    from overheard.textonly.memory import CaptionMemory
 
     src = os.path.join(a.bench, "decoders", a.decoder)
     if os.path.isdir(a.out):

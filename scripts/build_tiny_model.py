@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from overheard.clap import ClapEncoder  # noqa: E402
-from overheard.decoder import build_tiny_decoder  # noqa: E402
+from overheard.tiny import build_tiny_decoder  # noqa: E402
 from overheard.tiny import build_tiny_clap  # noqa: E402
 from jobs.caption_config import TINY_MODEL  # noqa: E402
 from jobs.config_cli import parse  # noqa: E402

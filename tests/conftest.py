@@ -62,7 +62,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A model directory in the job's layout: clap/ (HF ClapModel) + decoder/."""
-    from overheard.decoder import build_tiny_decoder
+    from overheard.tiny import build_tiny_decoder
     from overheard.tiny import build_tiny_clap
 
     d = tmp_path_factory.mktemp("tiny-model")
@@ -77,12 +77,8 @@ def tiny_model(tmp_path_factory):
 def tiny_dali(tmp_path_factory):
     """A DALI model directory in the caption job's layout: clap/ (tiny random HF ClapModel),
     llava/ (tiny random LLaVA-1.5-format model), dali/ (untrained heads naming ../clap, ../llava)."""
-    from overheard.dali.model import new_dali
-    from overheard.dali.tiny import build_tiny_llava
-    from overheard.tiny import build_tiny_clap
+    from overheard.dali.tiny import build_tiny_dali
 
     d = tmp_path_factory.mktemp("dali-model")
-    build_tiny_clap(str(d / "clap"), seed=0)
-    build_tiny_llava(str(d / "llava"), seed=0)
-    new_dali(str(d / "dali"), str(d / "clap"), str(d / "llava"))
+    build_tiny_dali(d, seed=0)
     return d

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from overheard.decoder import (DecoderConfig, build_tiny_decoder, encode_captions, load_decoder,
-                               save_decoder)
+from overheard.decoder import DecoderConfig, encode_captions, load_decoder, save_decoder
+from overheard.tiny import build_tiny_decoder
 
 DIM = 32
 

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from overheard import audibility as A
+from overheard.guidance import audibility as A
 from overheard.decoder import EOS_ID, decode_tokens, load_decoder
-from overheard.guidance import GuidanceWeights, GuidedDecoder, choose, combine, score_captions
+from overheard.guidance import GuidanceWeights, GuidedDecoder, combine, score_captions
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +36,14 @@ def shipped():
 
 
 # ----------------------------------------------------------------------------- arithmetic
-def test_combine_and_choose_hand_computed():
+def test_combine_hand_computed():
     lm, sim, aud = [-1.0, -2.0, -0.5], [0.1, 0.5, 0.0], [-0.1, -3.0, -0.2]
     w = GuidanceWeights()  # 0.2 / 1 / 0.015
     assert (w.lm, w.clap, w.audibility) == (0.2, 1.0, 0.015)
     # c0: -0.2 + 0.1 - 0.0015 = -0.1015; c1: -0.4 + 0.5 - 0.045 = 0.055; c2: -0.1 + 0 - 0.003 = -0.103
     np.testing.assert_allclose(combine(lm, sim, aud, w), [-0.1015, 0.055, -0.103], atol=1e-12)
-    i, s = choose(lm, sim, aud, w)
-    assert i == 1 and s == pytest.approx(0.055)
     # audibility weighted 1: c0 -0.2, c1 -2.9, c2 -0.3 -> the audible c0 wins
-    i, s = choose(lm, sim, aud, "0.2,1,1")
-    assert i == 0 and s == pytest.approx(-0.2)
+    np.testing.assert_allclose(combine(lm, sim, aud, "0.2,1,1"), [-0.2, -2.9, -0.3], atol=1e-12)
     assert GuidanceWeights.parse([0, 1, 2]) == GuidanceWeights(0.0, 1.0, 2.0)
     with pytest.raises(ValueError):
         GuidanceWeights.parse("1,2")
@@ -60,8 +57,8 @@ def test_guided_step_matches_hand_computation(parts):
     g = GuidedDecoder(dec, tok, clap.embed_text, aud_fn, mode="topk", candidates=4, max_new_tokens=1)
     got = g.generate(torch.from_numpy(audio[:1]), audio[:1])[0]
     with torch.inference_mode():
-        logp, _ = dec._start(torch.from_numpy(audio[:1]), 1)
-    lp = logp[0].masked_fill(dec._banned, -math.inf)
+        logp, _ = dec.start(torch.from_numpy(audio[:1]), 1)
+    lp = logp[0].masked_fill(dec.banned, -math.inf)
     lp[EOS_ID] = -math.inf
     top_lp, top_tok = lp.topk(4)
     texts = [decode_tokens(tok, [int(t)]) for t in top_tok]
@@ -93,8 +90,8 @@ def test_guidance_changes_the_chosen_candidate(parts):
     clap, dec, tok, audio = parts
     cond = torch.from_numpy(audio[:1])
     with torch.inference_mode():
-        logp, _ = dec._start(cond, 1)
-    lp = logp[0].masked_fill(dec._banned, -math.inf)
+        logp, _ = dec.start(cond, 1)
+    lp = logp[0].masked_fill(dec.banned, -math.inf)
     lp[EOS_ID] = -math.inf
     first, third = (int(i) for i in lp.topk(3).indices[[0, 2]])  # most and third most likely
     target = decode_tokens(tok, [third])

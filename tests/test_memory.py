@@ -9,8 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from overheard.memory import (DEFAULT_TEMPERATURE, CaptionMemory, modality_gap, nearest_indices,
-                              nearest_neighbour, projection, shift, top_k)
+from overheard.textonly import condition_audio
+from overheard.textonly.gap import condition, gap_vector, shift
+from overheard.textonly.memory import (DEFAULT_TEMPERATURE, CaptionMemory, nearest_indices, nearest_neighbour,
+                                       projection, top_k)
 
 S = math.sqrt(0.5)
 
@@ -121,10 +123,38 @@ def test_shift_renormalises_like_the_seed():
         shift(e, [1.0, 2.0, 3.0])
 
 
-def test_modality_gap_is_difference_of_means():
+def test_gap_vector_is_difference_of_means():
     audio = unit([1, 0], [0, 1])
     text = unit([1, 0], [1, 0])
-    assert modality_gap(audio, text).tolist() == pytest.approx([-0.5, 0.5])
+    assert gap_vector(audio, text).tolist() == pytest.approx([-0.5, 0.5])
+
+
+def test_condition_shifts_then_adds_seeded_noise():
+    t = torch.tensor([[2.0, 0.0]])                       # normalised to (1, 0) first
+    assert condition(t, "none", 0.5)[0].tolist() == [1.0, 0.0]
+    assert condition(t, "shift", 0.0, [0.0, 1.0])[0].tolist() == pytest.approx([S, S], abs=1e-7)
+    # noise: z + sqrt(0.25) * N(0, I) drawn from the generator, then re-normalised
+    n = torch.randn((1, 2), generator=torch.Generator().manual_seed(3))
+    want = F.normalize(torch.tensor([[S, S]]) + 0.5 * n, dim=-1)
+    got = condition(t, "both", 0.25, [0.0, 1.0], generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got, want)
+    raw = condition(t, "noise", 0.25, renormalise=False, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(raw, torch.tensor([[1.0, 0.0]]) + 0.5 * n)
+    with pytest.raises(ValueError, match="unknown gap mode"):
+        condition(t, "jitter", 0.1)
+
+
+def test_condition_audio_strategies():
+    memory = unit([1, 0], [0, 1], [1, 1])
+    audio = unit([1, 0.2])
+    assert torch.equal(condition_audio(audio, "plain"), audio)
+    assert condition_audio(audio, "nearest", memory)[0].tolist() == memory[0].tolist()
+    torch.testing.assert_close(condition_audio(audio, "projection", memory, temperature=0.05),
+                               projection(audio, memory, 0.05))
+    packed = condition_audio(audio, "retrieval", memory, k=2)
+    assert packed.shape == (1, 3, 2) and torch.equal(packed[0, 1:], memory[[0, 2]])
+    with pytest.raises(ValueError, match="needs a caption memory"):
+        condition_audio(audio, "nearest")
 
 
 def test_shape_errors():

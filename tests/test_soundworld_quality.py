@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import evaluate as ev
+from overheard import metrics as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "overheard", "assets", "soundworld-model")
@@ -77,11 +78,11 @@ def test_identical_scores_max_and_mismatched_scores_low(tmp_path):
     wrong = _caption_table(tmp_path / "wrong", [
         (f"/x/{k[:-4]}.flac", 0, t) for k, t in zip(keys, [
             "an engine idles", "the sound of heavy traffic", "a woman is laughing", "water drips"])])
-    with ev.Scorer(ev.DEFAULT_METRICS) as scorer:  # one METEOR JVM for both
+    with M.Scorer(M.DEFAULT_METRICS) as scorer:  # one METEOR JVM for both
         hi = ev.evaluate(same, refs, scorer=scorer)
         lo = ev.evaluate(wrong, refs, scorer=scorer)
     m = hi["metrics"]
-    assert list(m) == list(ev.DEFAULT_METRICS)
+    assert list(m) == list(M.DEFAULT_METRICS)
     assert hi["n_scored"] == 4 and not hi["captions_without_references"]
     for n in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l"):
         assert m[n] == pytest.approx(1.0, abs=1e-6), n
@@ -133,7 +134,7 @@ def test_spice_without_jars_is_a_clear_error(tmp_path, monkeypatch, capsys):
     refs = _clotho(tmp_path / "refs.csv", REFS)
     out = _caption_table(tmp_path / "out", [("/x/a.flac", 0, "a dog barks")])
     for metrics in ("bleu,spice", "spider", "all"):
-        with pytest.raises(ev.MetricUnavailable, match=r"SPICE needs Stanford CoreNLP 3\.6\.0 jars at "
+        with pytest.raises(M.MetricUnavailable, match=r"SPICE needs Stanford CoreNLP 3\.6\.0 jars at "
                                                        r".*no-jars.*not present"):
             ev.evaluate(out, refs, metrics=metrics, tokenizer="simple")
     assert ev.main([out, refs, "--metrics", "cider_d,spice", "--tokenizer", "simple"]) == 2
@@ -141,7 +142,7 @@ def test_spice_without_jars_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert "SPICE needs Stanford CoreNLP 3.6.0 jars at" in err and "not present" in err
     assert not os.path.exists(os.path.join(out, "evaluation.json"))  # nothing half-written
     with pytest.raises(ValueError, match="unknown metric"):
-        ev.parse_metrics("bleu,fense")
+        M.parse_metrics("bleu,fense")
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -162,8 +163,8 @@ def test_shipped_model_beats_lower_bound(ray_local, held_out, tmp_path):
     import torch
 
     from jobs.caption import CaptionConfig, run
-    from overheard.memory import CaptionMemory
-    from overheard.retrieval import load_model
+    from overheard.decoder import load_decoder as load_model
+    from overheard.textonly.memory import CaptionMemory
 
     assert os.path.isfile(os.path.join(MODEL, "MODEL_CARD.md"))
     from overheard import outofworld as oow
@@ -183,7 +184,7 @@ def test_shipped_model_beats_lower_bound(ray_local, held_out, tmp_path):
     files = sorted(f for f in os.listdir(held_out) if f.startswith("ci_") and f.endswith(".flac"))
     low_out = _caption_table(tmp_path / "low", [(os.path.join(held_out, f), 0, top) for f in files])
     metrics = "bleu_4,rouge_l,cider_d"
-    with ev.Scorer(metrics) as scorer:
+    with M.Scorer(metrics) as scorer:
         model = ev.evaluate(str(tmp_path / "out"), refs, scorer=scorer)
         low = ev.evaluate(low_out, refs, scorer=scorer)
     assert model["n_scored"] == N_CLIPS and low["n_scored"] == N_CLIPS

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from overheard.decoder import TINY_CAPTIONS
+from overheard.tiny import TINY_CAPTIONS
 
 CAPTIONS = list(TINY_CAPTIONS[:20])
 
@@ -51,7 +51,7 @@ def test_corpus_reader_layouts(tmp_path):
 
 # ----------------------------------------------------------------------------- gap statistics
 def test_gap_statistics_hand_computed(tmp_path):
-    from training.gap import estimate, load_gap, noise_variance, save_gap
+    from overheard.textonly.gap import estimate, load_gap, noise_variance, save_gap
 
     # unit vectors in 2-D: pairs (a, t) with a - t = (0, 0), (2, 0)/..., computed by hand
     a = np.array([[1, 0], [0, 1], [1, 0]], np.float32)
@@ -71,7 +71,8 @@ def test_gap_statistics_hand_computed(tmp_path):
 
 def test_estimate_gap_cli_on_audio(tiny_model, tmp_path):
     from tests import media_factory as mf
-    from training.gap import load_gap, main
+    from overheard.textonly.gap import load_gap
+    from training.gap import main
 
     for i, f in enumerate((440, 880)):
         mf.make_tone(str(tmp_path / f"t{i}.wav"), seconds=1.5, sr=48000, freq=f)
@@ -87,7 +88,7 @@ def test_estimate_gap_cli_on_audio(tiny_model, tmp_path):
 
 # ----------------------------------------------------------------------------- retrieval pieces
 def test_training_neighbours_exclude_self_and_duplicates():
-    from overheard.retrieval import retrieve, training_neighbours
+    from overheard.textonly.retrieval import retrieve, training_neighbours
 
     e = torch.nn.functional.normalize(torch.tensor(
         [[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [1.0, 0.0], [0.5, 0.5]]), dim=-1)
@@ -103,9 +104,9 @@ def test_training_neighbours_exclude_self_and_duplicates():
 def test_retrieval_decoder_roundtrip_and_captioner(tiny_model, tmp_path):
     from actors.captioner import Captioner
     from jobs.caption_config import DecodingConfig
-    from overheard.decoder import DecoderConfig
-    from overheard.memory import CaptionMemory
-    from overheard.retrieval import RetrievalCaptionDecoder, load_model, pack, save_model
+    from overheard.decoder import DecoderConfig, RetrievalCaptionDecoder, load_decoder, save_decoder
+    from overheard.textonly.memory import CaptionMemory
+    from overheard.textonly.retrieval import pack
     from overheard.tokenizer import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(CAPTIONS, 300)
@@ -115,9 +116,9 @@ def test_retrieval_decoder_roundtrip_and_captioner(tiny_model, tmp_path):
     m = RetrievalCaptionDecoder(cfg, 2, tok)
     e = torch.nn.functional.normalize(torch.randn(len(CAPTIONS), 8), dim=-1)
     d = tmp_path / "dec"
-    save_model(m, tok, d, extra={})
+    save_decoder(m, tok, d, extra={})
     CaptionMemory(e, CAPTIONS).save(d)
-    m2, _ = load_model(d)
+    m2, _ = load_decoder(d)
     x = pack(e[:3], e[3:9].reshape(3, 2, 8))
     assert m.eval().generate(x) == m2.generate(x)
     emb = pa.FixedSizeListArray.from_arrays(pa.array(e[:2].numpy().reshape(-1)), 8)
@@ -170,7 +171,7 @@ def test_rerun_resumes_at_next_epoch(trained):
 
 def test_model_dir_records_gap_handling_and_memory(trained):
     from overheard.decoder import load_decoder
-    from overheard.memory import CaptionMemory
+    from overheard.textonly.memory import CaptionMemory
 
     out = trained["base"]["output"]
     meta = json.load(open(os.path.join(out, "config.json")))

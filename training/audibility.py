@@ -8,10 +8,10 @@
 Data: a CSV (header ``text,label``) or JSON-lines file (``{"text": ..., "label": ...}``), local or
 ``s3://``; label 1/true/audible = audible, 0/false/not_audible = not audible. Default: the small
 set written for this project, ``overheard/assets/audibility_sentences.csv``. The held-out split is
-fixed by a hash of each sentence (``overheard.audibility.heldout_mask``, ``heldout_fraction``).
+fixed by a hash of each sentence (``overheard.guidance.audibility.heldout_mask``, ``heldout_fraction``).
 
 Model: any transformers sequence-classification architecture via ``model_type`` + ``model_kwargs``
-(default a small ``DistilBertConfig``: see ``overheard.audibility.default_config``), random init,
+(default a small ``DistilBertConfig``: see ``overheard.guidance.audibility.default_config``), random init,
 tokenizer = byte-level BPE trained on the training split.
 
 Training: ``TorchTrainer`` (DDP over CPU workers here, GPUs on a cluster; fractional
@@ -83,7 +83,7 @@ class Config:
 def model_config(cfg: Config, vocab_size: int):
     from transformers import AutoConfig
 
-    from overheard.audibility import default_config
+    from overheard.guidance.audibility import default_config
 
     over = json.loads(cfg.model_kwargs) if cfg.model_kwargs else {}
     if not isinstance(over, dict):
@@ -100,7 +100,7 @@ def evaluate(model, tokenizer, texts, labels, max_length, device, batch: int = 1
     import torch
     import torch.nn.functional as F
 
-    from overheard.audibility import encode
+    from overheard.guidance.audibility import encode
 
     m = model.module if hasattr(model, "module") else model
     was = m.training
@@ -126,7 +126,7 @@ def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from overheard.audibility import build_classifier, encode
+    from overheard.guidance.audibility import build_classifier, encode
     from overheard.tokenizer import load_tokenizer
 
     cfg = Config(**config["cfg"])
@@ -204,7 +204,7 @@ def parse_args(argv) -> Config:
 def run(cfg: Config) -> dict:
     import ray
 
-    from overheard import audibility as A
+    from overheard.guidance import audibility as A
     from overheard.tokenizer import load_tokenizer
 
     t_start = time.time()

@@ -117,6 +117,7 @@ def run(cfg: BuildModelConfig) -> dict:
     """Build the model directory; returns the build record (also OUT/build.json)."""
     from jobs import caption, evaluate
     from training import decoder as train_decoder
+    from overheard.textonly.gap import load_gap
     from training import gap as train_gap
 
     t0 = time.time()
@@ -151,7 +152,7 @@ def run(cfg: BuildModelConfig) -> dict:
         if cfg.max_pairs:
             argv += ["--max-pairs", str(cfg.max_pairs)]
         train_gap.main(argv)
-        g = train_gap.load_gap(gap_file)
+        g = load_gap(gap_file)
         rec["gap"] = {"pairs": cfg.pairs, "n_pairs": g.get("n_pairs"),
                       "noise_variance_estimate": g.get("noise_variance"),
                       "gap_norm": g.get("gap_norm")}

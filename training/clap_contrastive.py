@@ -233,8 +233,7 @@ def prepare_split(cfg: Config, split: str, n: int) -> tuple[str, str]:
     from overheard import soundworld as sw
 
     # keyed by the generator's own source too: a changed world never reuses stale features
-    with open(sw.__file__, "rb") as f:
-        world_hash = hashlib.sha1(f.read()).hexdigest()
+    world_hash = sw.fingerprint()
     key = hashlib.sha1(json.dumps([cfg.world_seed, split, n, world_hash, "v2"]).encode()).hexdigest()[:10]
     d = os.path.join(cfg.data_dir, f"{split}-{n}-{key}")
     fp, cp = os.path.join(d, "features.npy"), os.path.join(d, "captions.json")

@@ -106,24 +106,13 @@ class DaliAlignConfig:
     ray_address: str = run_option("ray_address", "")
 
 
-def alignment_loss(kind: str, audio, vision, weights=None, lam: float = 0.0, uniform: bool = True):
-    """D(audio (B, Na, D), vision (B, Nv, D)) averaged over the B pairs (float32 inputs)."""
-    from overheard.dali.losses import attentive_ot, emd, mmd_rbf
-
-    if kind == "mmd":
-        return mmd_rbf(audio, vision)
-    if kind == "emd":
-        return emd(audio, vision)
-    return attentive_ot(audio, vision, weights, lam, uniform=uniform)[0]
-
-
 def _aligner(dali, cfg: DaliAlignConfig):
     """What stage 1b trains, as one module so that DDP averages all of its gradients: the
     projection, the CLAP tower when tuned, the OT attention for attentive_ot.
     forward(windows float32 (B, samples), vision tokens (B, Nv, Dv), lam, uniform) -> scalar loss."""
     import torch
 
-    from overheard.dali.losses import AttentiveWeights
+    from overheard.dali.losses import AttentiveWeights, alignment_loss
 
     class Aligner(torch.nn.Module):
         def __init__(self):

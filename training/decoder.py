@@ -9,11 +9,12 @@
    run ``jobs.embed_captions`` (Ray Data actor pool; skipped when the cache for the same corpus and
    CLAP weights exists).  The driver reads the cache (captions in corpus order, (N, D) embeddings),
    trains a byte-level BPE on the captions (or loads ``--tokenizer DIR``), loads the gap statistics
-   (``training.gap``) and, with ``--retrieval-k K``, finds each caption's K nearest OTHER captions.
+   (``overheard.textonly.gap``) and, with ``--retrieval-k K``, finds each caption's K nearest OTHER captions.
    Those arrays go to the workers through Ray's object store (one copy per node).
 2. Training (``TorchTrainer``; DDP over ``--num-workers`` CPU workers, or GPUs with ``--use-gpu``):
-   prefix-LM cross-entropy of ``overheard.decoder.CaptionDecoder`` (``overheard.retrieval.
-   RetrievalCaptionDecoder`` with K neighbours).  Modality-gap handling (``--gap-mode``):
+   prefix-LM cross-entropy of ``overheard.decoder.CaptionDecoder`` (``overheard.decoder.
+   RetrievalCaptionDecoder`` with K neighbours).  Modality-gap handling (``--gap-mode``,
+   ``overheard.textonly.gap.condition``):
        shift   z <- normalise(normalise(t) + gap)                 (gap vector from --gap-file)
        noise   z <- z + N(0, sigma^2 I), then re-normalise (--renormalise, the seed's order)
        both    shift, then noise;      none   z = normalise(t)
@@ -47,10 +48,9 @@ import numpy as np
 
 from jobs.config_cli import parse, to_json
 from overheard import storage
+from overheard.textonly.gap import GAP_MODES, condition
 from training.common import (adamw, cosine_lr, cpu_state_dict, fit, load_final, restore_checkpoint,
                              run_option, save_epoch_checkpoint, worker_context)
-
-GAP_MODES = ("none", "noise", "shift", "both")
 
 
 @dataclass
@@ -112,34 +112,14 @@ class TrainDecoderConfig:
     ray_address: str = run_option("ray_address", "")
 
 
-# ----------------------------------------------------------------------------- conditioning
-def condition(emb, gap_mode: str, noise_variance: float, gap=None, renormalise: bool = True,
-              generator=None):
-    """Training-time modality-gap handling of text embeddings (B, D) -> (B, D) (see module doc)."""
-    import torch
-    import torch.nn.functional as F
-
-    z = F.normalize(emb.float(), dim=-1)
-    if gap_mode in ("shift", "both"):
-        z = F.normalize(z + torch.as_tensor(gap, dtype=z.dtype, device=z.device), dim=-1)
-    if gap_mode in ("noise", "both") and noise_variance > 0:
-        noise = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
-        z = z + noise * math.sqrt(noise_variance)
-        if renormalise:
-            z = F.normalize(z, dim=-1)
-    return z
-
-
 def _lr_at(cfg: TrainDecoderConfig, step: int, total: int) -> float:
     return cosine_lr(cfg.lr, cfg.warmup_steps, step, total, floor=0.1)
 
 
 def _build_model(dcfg_dict: dict, k: int):
-    from overheard.decoder import CaptionDecoder, DecoderConfig
-    from overheard.retrieval import RetrievalCaptionDecoder
+    from overheard.decoder import DecoderConfig, build_decoder
 
-    dcfg = DecoderConfig.from_dict(dcfg_dict)
-    return RetrievalCaptionDecoder(dcfg, k) if k else CaptionDecoder(dcfg)
+    return build_decoder(DecoderConfig.from_dict(dcfg_dict), k)
 
 
 def _tokenizer_from_files(files: dict):
@@ -214,7 +194,7 @@ def train_loop(config: dict) -> None:
             z = condition(emb_all[idx], cfg.gap_mode, config["noise_variance"], gap,
                           cfg.renormalise, gen)
             if k:
-                from overheard.retrieval import pack
+                from overheard.textonly.retrieval import pack
                 z = pack(z, torch.nn.functional.normalize(emb_all[nbr_all[idx]].float(), dim=-1))
             am = mask_all[idx]
             t = int(am.sum(1).max())
@@ -283,7 +263,7 @@ def _tokenizer_files(tok) -> dict:
 
 
 def _gap_settings(cfg: TrainDecoderConfig, dim: int) -> tuple[float, list | None, dict]:
-    from training.gap import load_gap
+    from overheard.textonly.gap import load_gap
 
     if cfg.gap_mode not in GAP_MODES:
         raise ValueError(f"--gap-mode must be one of {GAP_MODES}, got {cfg.gap_mode!r}")
@@ -298,7 +278,7 @@ def _gap_settings(cfg: TrainDecoderConfig, dim: int) -> tuple[float, list | None
     gap = None
     if cfg.gap_mode in ("shift", "both"):
         if stats is None:
-            raise ValueError(f"--gap-mode {cfg.gap_mode} needs --gap-file (see training.gap)")
+            raise ValueError(f"--gap-mode {cfg.gap_mode} needs --gap-file (overheard estimate-gap)")
         gap = [float(v) for v in stats["gap_vector"]]
         if len(gap) != dim:
             raise ValueError(f"gap vector has {len(gap)} values, embeddings have {dim}")
@@ -327,9 +307,9 @@ def run(cfg: TrainDecoderConfig) -> dict:
     import torch
 
     from jobs.embed_captions import read_cache
-    from overheard.decoder import DecoderConfig
-    from overheard.memory import CaptionMemory
-    from overheard.retrieval import save_model, training_neighbours
+    from overheard.decoder import DecoderConfig, save_decoder
+    from overheard.textonly.memory import CaptionMemory
+    from overheard.textonly.retrieval import training_neighbours
 
     t_start = time.time()
     if not ray.is_initialized():
@@ -376,7 +356,7 @@ def run(cfg: TrainDecoderConfig) -> dict:
     local_out = cfg.output if storage.protocol_of(cfg.output) == "file" else tempfile.mkdtemp()
     if os.path.isdir(local_out):
         shutil.rmtree(local_out)
-    save_model(model, tok, local_out, extra=extra)
+    save_decoder(model, tok, local_out, extra=extra)
     CaptionMemory(torch.from_numpy(emb), captions, normalise=True).save(local_out)
     summary["seconds"]["total"] = round(time.time() - t_start, 1)
     with open(os.path.join(local_out, "train_summary.json"), "w") as f:

@@ -34,6 +34,7 @@ from torch import nn
 __all__ = [
     "ALIGNMENT_LOSSES",
     "AttentiveWeights",
+    "alignment_loss",
     "attentive_ot",
     "emd",
     "entropy",
@@ -261,3 +262,14 @@ def lambda_schedule(epoch: float, first_uniform: bool = True, start: float = 500
         return False, float(end)
     t = min(max((epoch - 1) / (ramp_epochs - 1), 0.0), 1.0)
     return False, float(start + (end - start) * t)
+
+
+def alignment_loss(kind: str, audio: torch.Tensor, vision: torch.Tensor, weights: AttentiveWeights | None = None,
+                   lam: float = 0.0, uniform: bool = True) -> torch.Tensor:
+    """D(audio (B, Na, D), vision (B, Nv, D)) averaged over the B pairs (float32 inputs), for one
+    of ``ALIGNMENT_LOSSES``; ``weights``, ``lam`` and ``uniform`` only matter to attentive_ot."""
+    if kind == "mmd":
+        return mmd_rbf(audio, vision)
+    if kind == "emd":
+        return emd(audio, vision)
+    return attentive_ot(audio, vision, weights, lam, uniform=uniform)[0]

@@ -27,10 +27,9 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import torch
 from safetensors.torch import load as load_weights
-from safetensors.torch import save_file
 
 from overheard import storage
-from overheard.checkpoint import read_config_json, safetensors_weights
+from overheard.checkpoint import read_config_json, safetensors_weights, save_weights
 from overheard.clap import ClapEncoder
 from overheard.dali.llava import DALI_PROMPT, LLAVA15_TEMPLATE, FrozenLlava, Generated
 
@@ -91,13 +90,7 @@ def save_dali(directory: str, cfg: DaliConfig, heads: DaliHeads, tower: torch.nn
     sd = {k: v.detach().float().cpu().contiguous() for k, v in heads.state_dict().items()}
     if tower is not None:
         sd.update({f"tower.{k}": v.detach().float().cpu().contiguous() for k, v in tower.state_dict().items()})
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-        p = os.path.join(tmp, "model.safetensors")
-        save_file(sd, p, metadata={"format": "pt"})  # one key: safetensors orders 2+ keys randomly
-        with open(p, "rb") as f:
-            weights = f.read()
-    storage.write_bytes_atomic(storage.join(directory, "model.safetensors"), weights)
+    save_weights(sd, storage.join(directory, "model.safetensors"), metadata={"format": "pt"})
     d = {"kind": "dali", **asdict(cfg)}
     storage.write_bytes_atomic(storage.join(directory, "config.json"),
                                json.dumps(d, indent=2, sort_keys=True).encode())

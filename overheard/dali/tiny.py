@@ -92,4 +92,18 @@ def build_tiny_llava(directory: str | os.PathLike, seed: int = 0, extra_texts=()
     return directory
 
 
-__all__ = ["build_tiny_llava", "train_llava_tokenizer", "tiny_llava_config"]
+def build_tiny_dali(directory: str | os.PathLike, seed: int = 0):
+    """The caption job's ``--model DIR`` layout with tiny random models: DIR/clap (tiny CLAP,
+    ``overheard.tiny``), DIR/llava (:func:`build_tiny_llava`), DIR/dali (an untrained DALI
+    checkpoint naming both, ``new_dali``); all three seeded by ``seed``. Returns the loaded
+    ``DaliModel`` of DIR/dali."""
+    from overheard.dali.model import new_dali
+    from overheard.tiny import build_tiny_clap
+
+    clap, llava, dali = (os.path.join(str(directory), n) for n in ("clap", "llava", "dali"))
+    build_tiny_clap(clap, seed=seed)
+    build_tiny_llava(llava, seed=seed)
+    return new_dali(dali, clap, llava, seed=seed)
+
+
+__all__ = ["build_tiny_dali", "build_tiny_llava", "train_llava_tokenizer", "tiny_llava_config"]

@@ -9,8 +9,8 @@ onto the text manifold before decoding:
   (the seed scales similarities by 100 before the softmax, i.e. T = 1/100, as in DeCap, and
   re-normalises the mix)
 * top-k retrieval:    indices/scores of the k most similar captions (retrieval-augmented decoding)
-* shift:              e -> normalise(e + gap)   (training-time embedding shift; the seed adds the
-  gap after L2-normalising the text embedding and re-normalises the sum)
+
+(The training-time embedding shift and noise live in ``overheard.textonly.gap``.)
 
 Everything is batched, deterministic and chunked over N: at most a (B, chunk_size) similarity
 block exists at a time (B=32, chunk 65 536 -> 8 MiB), so a 1 M-caption memory never builds a
@@ -131,21 +131,6 @@ def projection(audio_emb: torch.Tensor, memory: torch.Tensor, temperature: float
     return F.normalize(acc / run_sum, dim=-1)
 
 
-def shift(emb: torch.Tensor, gap_vector: torch.Tensor | Sequence[float], renormalise: bool = True
-          ) -> torch.Tensor:
-    """Embedding shift: (B, D) + gap (D,) -> (B, D), re-normalised like the seed (unless told not to)."""
-    gap = torch.as_tensor(gap_vector, dtype=emb.dtype, device=emb.device)
-    if gap.shape != emb.shape[-1:]:
-        raise ValueError(f"gap vector has shape {tuple(gap.shape)}, embeddings have dim {emb.shape[-1]}")
-    out = emb + gap
-    return F.normalize(out, dim=-1) if renormalise else out
-
-
-def modality_gap(audio_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-    """Gap vector (D,) = mean(normalised audio) - mean(normalised text) (WSAC §3.1.2)."""
-    return F.normalize(audio_emb.float(), dim=-1).mean(0) - F.normalize(text_emb.float(), dim=-1).mean(0)
-
-
 class CaptionMemory:
     """Caption strings + their L2-normalised text embeddings (float32 (N, D)), row-aligned.
 
@@ -206,12 +191,12 @@ class CaptionMemory:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write memory.safetensors + memory_captions.jsonl (one JSON string per line)."""
-        from safetensors.torch import save_file
+        from overheard.checkpoint import save_weights
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        save_file({TENSOR_KEY: self.embeddings.cpu().contiguous()}, str(d / EMBEDDINGS_NAME),
-                  metadata={"shape": f"{len(self)}x{self.dim}"})  # one key: safetensors writes metadata from a hash map, so 2+ keys reorder between runs and break byte-identical files
+        save_weights({TENSOR_KEY: self.embeddings}, d / EMBEDDINGS_NAME,
+                     metadata={"shape": f"{len(self)}x{self.dim}"})
         with open(d / CAPTIONS_NAME, "w", encoding="utf-8") as f:
             for c in self.captions:
                 f.write(json.dumps(c, ensure_ascii=False) + "\n")

@@ -27,9 +27,7 @@ No Ray here; ``read_labelled`` reads local or ``s3://`` files through ``overhear
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 from pathlib import Path
@@ -38,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from overheard.checkpoint import read_config_json, safetensors_weights
+from overheard.checkpoint import model_id, read_config_json, safetensors_weights, save_weights
 
 FORMAT = "overheard.audibility"
 FORMAT_VERSION = 1
@@ -46,7 +44,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
 AUDIBLE, NOT_AUDIBLE = 1, 0
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")  # overheard/assets
 DEFAULT_MODEL = os.path.join(ASSETS, "audibility")
 DEFAULT_DATA = os.path.join(ASSETS, "audibility_sentences.csv")
 
@@ -90,13 +88,15 @@ def read_labelled(uri: str) -> tuple[list[str], list[int]]:
             texts.append(str(row["text"]))
             labels.append(_label(row["label"], f"{uri}:{n}"))
     else:
-        reader = csv.DictReader(io.StringIO(raw))
-        if not reader.fieldnames or "text" not in reader.fieldnames or "label" not in reader.fieldnames:
+        from overheard.corpus import read_table
+
+        t = read_table(uri, raw.encode("utf-8"), fmt="csv")
+        if "text" not in t.column_names or "label" not in t.column_names:
             raise ValueError(f"{uri}: CSV needs a header with columns 'text' and 'label', "
-                             f"got {reader.fieldnames}")
-        for n, row in enumerate(reader, 2):
-            texts.append(row["text"] or "")
-            labels.append(_label(row["label"], f"{uri}:{n}"))
+                             f"got {t.column_names}")
+        for n, (text, label) in enumerate(zip(t.column("text").to_pylist(), t.column("label").to_pylist()), 2):
+            texts.append(text or "")
+            labels.append(_label(label, f"{uri}:{n}"))
     keep = [i for i, t in enumerate(texts) if t.strip()]
     texts, labels = [texts[i].strip() for i in keep], [labels[i] for i in keep]
     if not texts:
@@ -163,13 +163,11 @@ def encode(tokenizer, texts: list[str], max_length: int, device="cpu") -> dict[s
 def save_classifier(model, tokenizer, directory: str | os.PathLike, max_length: int = 64,
                     extra: dict | None = None) -> Path:
     """Write config.json + model.safetensors + tokenizer files into ``directory`` (created)."""
-    from safetensors.torch import save_model
-
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but vocab_size={model.config.vocab_size}")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(d / WEIGHTS_NAME), metadata={"format": "pt"})  # one key: safetensors writes metadata from a hash map, so 2+ keys reorder between runs and break byte-identical files
+    save_weights(model.state_dict(), d / WEIGHTS_NAME, metadata={"format": "pt"})
     cfg = model.config.to_dict()
     cfg.pop("transformers_version", None)  # keep the file byte-stable across library versions
     cfg["overheard"] = {"format": FORMAT, "format_version": FORMAT_VERSION, "audible_label": AUDIBLE,
@@ -269,9 +267,7 @@ class AudibilityClassifier:
         self.max_length = int(min(self.meta["max_length"],
                                   getattr(self.model.config, "max_position_embeddings", 10 ** 9)))
         self.batch_size = int(batch_size)
-        with open(os.path.join(local, WEIGHTS_NAME), "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()[:12]
-        self.model_id = f"{os.path.basename(path.rstrip('/')) or 'audibility'}-{digest}"
+        self.model_id = model_id(path, [os.path.join(local, WEIGHTS_NAME)], "audibility")
 
     @torch.inference_mode()
     def log_prob_audible(self, texts: list[str]) -> np.ndarray:
