@@ -34,11 +34,12 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 import overheard
-from jobs.config_cli import check, parse, to_json
+from jobs.config_cli import check, init_ray, parse, to_json
 from jobs.lease import LeaseHeld, OutputLease
 from jobs.sink import PartWriter, SourceAssembler, done_sources, quarantine_damaged
 from overheard import layouts, storage
 from overheard.confidence import LOW
+from overheard.media import MEDIA_SUFFIXES  # also jobs.caption.MEDIA_SUFFIXES (listing)
 
 ASSETS = os.path.join(os.path.dirname(overheard.__file__), "assets")
 # The embedded default: a tiny CLAP trained on the sound world + a text-only decoder (5.3 MB,
@@ -49,8 +50,6 @@ DEFAULT_MODEL = os.path.join(ASSETS, "soundworld-model")
 # 95th percentile of held-out in-world distances)
 LOW_CONFIDENCE = LOW
 TINY_MODEL = os.path.join(ASSETS, "tiny-random-model")
-MEDIA_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".mp4",
-                  ".m4v", ".mkv", ".webm", ".mov", ".avi", ".wma", ".aiff", ".aif")
 MANIFEST_SUFFIXES = (".parquet", ".csv")
 URI_COLUMNS = ("uri", "source_uri", "path", "url", "file")
 
@@ -452,16 +451,11 @@ def ray_ui(cfg: CaptionConfig) -> bool:
 
 
 def _ray_init(cfg: CaptionConfig):
-    import ray
+    import logging
 
-    if not ray.is_initialized():
-        import logging
-
-        # quiet: the token set-up and "Started a local Ray instance" notices (jobs/quiet.py)
-        ray.init(address=cfg.ray_address or None, include_dashboard=ray_ui(cfg),
-                 log_to_driver=True, ignore_reinit_error=True,
-                 logging_level=logging.INFO if cfg.verbose else logging.ERROR)
-    return ray
+    # quiet: the token set-up and "Started a local Ray instance" notices (jobs/quiet.py)
+    return init_ray(cfg.ray_address, include_dashboard=ray_ui(cfg), log_to_driver=True,
+                    logging_level=logging.INFO if cfg.verbose else logging.ERROR)
 
 
 # CPU-only clusters: one model actor per this many CPUs. Measured on 2 cores (README

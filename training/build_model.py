@@ -33,15 +33,16 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from jobs.config_cli import parse, to_json
 from overheard import hub, storage
-from training.common import run_option
+from training.common import TrainRun, caption_tokens_field, run_fields, train_config
 
 
-@dataclass
-class BuildModelConfig:
+# the decoder's run defaults: build-model hands its TrainRun on to training.decoder as it is
+@train_config(run_name="decoder", epochs=10, batch_size=64, warmup_steps=100, num_workers=2)
+class BuildModelConfig(TrainRun):
     output: str = field(metadata={"help": "model directory to write (local): clap/ decoder/ "
                                           "MODEL_CARD.md build.json"})
     clap: str = field(default="", metadata={
@@ -66,7 +67,8 @@ class BuildModelConfig:
     eval_tokenizer: str = field(default="ptb", metadata={
         "choices": ("ptb", "simple"), "help": "ptb (Java) | simple"})
     work: str = field(default="", metadata={
-        "help": "work folder: embedding cache, training runs, evaluation (default OUT-work)"})
+        "help": "work folder: embedding cache, training runs (unless --storage-path), evaluation "
+                "(default OUT-work)"})
     gap_mode: str = field(default="noise", metadata={
         "choices": ("none", "noise", "shift", "both"), "help": "none | noise | shift | both"})
     noise_variance: float = field(default=0.013, metadata={
@@ -77,19 +79,10 @@ class BuildModelConfig:
     prefix_length: int = field(default=10, metadata={"min": 1, "help": "CLAP prefix tokens"})
     vocab_size: int = field(default=5000, metadata={
         "min": 16, "help": "BPE vocabulary trained on the corpus"})
-    max_caption_tokens: int = run_option("max_caption_tokens", 30)
-    epochs: int = field(default=10, metadata={"min": 1, "help": "passes over the corpus"})
-    batch_size: int = field(default=64, metadata={"min": 1, "help": "global batch"})
+    max_caption_tokens: int = caption_tokens_field(30)
     lr: float = field(default=2e-4, metadata={"gt": 0.0, "help": "peak learning rate"})
-    warmup_steps: int = run_option("warmup_steps", 100)
-    seed: int = run_option("seed", 0)
-    num_workers: int = field(default=2, metadata={"min": 1, "help": "Ray Train workers"})
-    use_gpu: bool = field(default=False, metadata={"help": "one GPU per training worker"})
-    cpus_per_worker: float = field(default=1.0, metadata={
-        "gt": 0.0, "help": "CPUs per training worker"})
     actor_cpus: float = field(default=0.5, metadata={
         "gt": 0.0, "help": "CPUs per embedding/caption actor"})
-    ray_address: str = field(default="", metadata={"help": "Ray cluster ('' = local)"})
 
 
 def place_clap(src: str, dest: str) -> str:
@@ -159,16 +152,13 @@ def run(cfg: BuildModelConfig) -> dict:
             noise = -1.0  # training.decoder: take sigma^2 from the gap file
     t_gap = time.time()
 
+    run = dict(run_fields(cfg), storage_path=cfg.storage_path or storage.join(work, "runs"))
     dcfg = train_decoder.TrainDecoderConfig(
         output=os.path.join(out, "decoder"), corpus=",".join(cfg.corpus), clap=clap_dir,
-        cache=storage.join(work, "embeddings"), storage_path=storage.join(work, "runs"),
-        gap_mode=cfg.gap_mode, noise_variance=noise, gap_file=gap_file,
-        n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+        cache=storage.join(work, "embeddings"), gap_mode=cfg.gap_mode, noise_variance=noise,
+        gap_file=gap_file, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
         prefix_length=cfg.prefix_length, vocab_size=cfg.vocab_size,
-        max_caption_tokens=cfg.max_caption_tokens, epochs=cfg.epochs,
-        batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
-        num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
-        actor_cpus=cfg.actor_cpus, ray_address=cfg.ray_address)
+        max_caption_tokens=cfg.max_caption_tokens, lr=cfg.lr, actor_cpus=cfg.actor_cpus, **run)
     s = train_decoder.run(dcfg)
     h = s["history"]
     with open(os.path.join(out, "decoder", "config.json")) as f:

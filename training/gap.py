@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         pa_ = np.stack([fe[u] for u, _ in pairs])
         pt_ = enc.embed_text([c for _, c in pairs])
     if a.audio:
-        from jobs.caption import MEDIA_SUFFIXES
+        from overheard.media import MEDIA_SUFFIXES
 
         files = [u for u, _, _ in storage.list_files(a.audio, MEDIA_SUFFIXES)][: a.max_files]
         ua = embed_audio_files(enc, files, a.max_windows)
