@@ -35,9 +35,9 @@ from dataclasses import field
 import numpy as np
 
 from jobs.config_cli import init_ray, parse
-from training.common import (TrainRun, adamw, cosine_lr, cpu_state_dict, fit, inject_failure, load_final,
-                             optimizer_step, restore_checkpoint, run_storage, save_epoch_checkpoint,
-                             train_config, worker_context)
+from training.common import (TrainRun, adamw, cosine_lr, cpu_state_dict, fit, inject_failure,
+                             load_final, optimizer_step, restore_checkpoint, run_storage,
+                             save_epoch_checkpoint, train_config, worker_context, write_json)
 
 
 @train_config(run_name="audibility", epochs=6, batch_size=32, warmup_steps=20)
@@ -45,8 +45,7 @@ class Config(TrainRun):
     data: str = field(default="", metadata={
         "help": "labelled file (CSV text,label or JSON lines), local or s3://; empty: the shipped "
                 "set"})
-    out_dir: str = field(default="build/audibility", metadata={
-        "help": "final classifier directory (local)"})
+    out_dir: str = field(default="build/audibility", metadata={"help": "final classifier directory (local)"})
     heldout_fraction: float = field(default=0.2, metadata={
         "gt": 0.0, "max": 0.9, "help": "share of sentences held out (fixed by a hash of each)"})
     lr: float = field(default=2e-3, metadata={"gt": 0.0, "help": "peak AdamW learning rate"})
@@ -241,8 +240,7 @@ def run(cfg: Config) -> dict:
         "seconds": {"fit": round(t_fit, 1), "total": round(time.time() - t_start, 1)},
         "config": dataclasses.asdict(cfg), "checkpoint": result.checkpoint.path,
     }
-    with open(os.path.join(cfg.out_dir, "audibility_metrics.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_json(os.path.join(cfg.out_dir, "audibility_metrics.json"), summary)
     return summary
 
 

@@ -81,8 +81,7 @@ class BuildModelConfig(TrainRun):
         "min": 16, "help": "BPE vocabulary trained on the corpus"})
     max_caption_tokens: int = caption_tokens_field(30)
     lr: float = field(default=2e-4, metadata={"gt": 0.0, "help": "peak learning rate"})
-    actor_cpus: float = field(default=0.5, metadata={
-        "gt": 0.0, "help": "CPUs per embedding/caption actor"})
+    actor_cpus: float = field(default=0.5, metadata={"gt": 0.0, "help": "CPUs per embedding/caption actor"})
 
 
 def place_clap(src: str, dest: str) -> str:

@@ -34,19 +34,17 @@ import numpy as np
 
 from jobs.config_cli import init_ray, parse
 from overheard.contrastive import clip_loss, embed_pairs, retrieval_metrics
-from training.common import (TrainRun, adamw, cosine_lr, cpu_state_dict, fit, inject_failure, load_final,
-                             optimizer_step, restore_checkpoint, run_storage, save_epoch_checkpoint,
-                             train_config, worker_context)
+from training.common import (TrainRun, adamw, cosine_lr, cpu_state_dict, fit, inject_failure,
+                             load_final, optimizer_step, restore_checkpoint, run_storage,
+                             save_epoch_checkpoint, train_config, worker_context, write_json)
 from training.soundworld_data import feature_extractor, prepare_split, without_sources
 
 
 @train_config(run_name="soundworld-clap", epochs=20, batch_size=32, weight_decay=0.05,
               warmup_steps=30, num_workers=2)
 class Config(TrainRun):
-    out_dir: str = field(default="build/soundworld-clap", metadata={
-        "help": "final HF model directory"})
-    data_dir: str = field(default="", metadata={
-        "help": "feature cache; default: build/soundworld-cache"})
+    out_dir: str = field(default="build/soundworld-clap", metadata={"help": "final HF model directory"})
+    data_dir: str = field(default="", metadata={"help": "feature cache; default: build/soundworld-cache"})
     world_seed: int = field(default=0, metadata={
         "min": 0, "help": "seed of the generated sound world (scenes + captions)"})
     n_train: int = field(default=800, metadata={"min": 1, "help": "training scenes"})
@@ -71,8 +69,7 @@ class Config(TrainRun):
     audio_heads: list[int] = field(default_factory=lambda: [2, 4, 8], metadata={
         "help": "HTSAT attention heads per stage"})
     patch_size: int = field(default=8, metadata={"min": 1, "help": "HTSAT patch size"})
-    projection_dim: int = field(default=128, metadata={
-        "min": 1, "help": "shared audio/text embedding size"})
+    projection_dim: int = field(default=128, metadata={"min": 1, "help": "shared audio/text embedding size"})
     logit_scale_init: float = field(default=1 / 0.07, metadata={
         "gt": 0.0, "max": 100.0,
         "help": "initial contrastive logit scale (CLAP's 1/0.07); a larger (learned, clamped "
@@ -301,15 +298,13 @@ def run(cfg: Config) -> dict:
         "seconds": {"data": round(t_data, 1), "fit": round(t_fit, 1), "total": round(time.time() - t_start, 1)},
         "checkpoint": result.checkpoint.path,
     }
-    with open(os.path.join(cfg.out_dir, "soundworld_metrics.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_json(os.path.join(cfg.out_dir, "soundworld_metrics.json"), summary)
     return summary
 
 
 def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = parse_args(argv)
-    summary = run(cfg)
+    summary = run(parse_args(argv))
     ev = summary["eval"]
     print(json.dumps({k: summary[k] for k in ("params", "safetensors_bytes", "seconds")}))
     print(f"held-out a2t R@1 {ev['a2t_R@1']:.3f} (chance {ev['a2t_R@1_chance']:.3f})  "
@@ -317,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"sources R@1 {ev['a2t_sources_R@1']:.3f} (chance {ev['a2t_sources_R@1_chance']:.3f})")
     print(f"modality gap |mean a - mean t| {ev['gap_norm']:.3f}  cos paired {ev['cos_paired']:.3f}  "
           f"unpaired {ev['cos_unpaired']:.3f}")
-    print(f"model: {cfg.out_dir}")
+    print(f"model: {summary['config']['out_dir']}")
     return summary
 
 

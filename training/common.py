@@ -23,9 +23,15 @@ import os
 import tempfile
 from dataclasses import dataclass, field, fields
 
+
 def caption_tokens_field(default: int):
     """The ``max_caption_tokens`` field of the trainers that write captions (one help, one bound)."""
     return field(default=default, metadata={"min": 1, "help": "caption length in tokens"})
+
+
+def _option(default, help_: str, **rules):
+    """A config field: its default, its --help text, its bounds (``min``/``gt``, jobs.config_cli)."""
+    return field(default=default, metadata={"help": help_, **rules})
 
 
 @dataclass(kw_only=True)
@@ -35,31 +41,25 @@ class TrainRun:
     schedule, the workers and their resources, where checkpoints live, failures, the cluster.
     A trainer sets its own defaults with :func:`train_config`."""
 
-    epochs: int = field(default=10, metadata={"min": 1, "help": "passes over the training data"})
-    batch_size: int = field(default=16, metadata={
-        "min": 1, "help": "global batch (split across workers)"})
-    weight_decay: float = field(default=0.01, metadata={"min": 0.0, "help": "AdamW weight decay"})
-    warmup_steps: int = field(default=0, metadata={"min": 0, "help": "linear warm-up steps"})
-    grad_clip: float = field(default=1.0, metadata={
-        "min": 0.0, "help": "clip the gradient norm to this (0: off)"})
-    seed: int = field(default=0, metadata={"min": 0, "help": "initialisation and data order"})
-    num_workers: int = field(default=1, metadata={"min": 1, "help": "Ray Train workers (DDP)"})
-    use_gpu: bool = field(default=False, metadata={"help": "train on GPUs"})
-    cpus_per_worker: float = field(default=1.0, metadata={
-        "gt": 0.0, "help": "CPUs each training worker reserves (fractional shares a node)"})
-    gpus_per_worker: float = field(default=1.0, metadata={
-        "gt": 0.0, "help": "GPUs each worker reserves, with --use-gpu; fractional shares a card"})
-    storage_path: str = field(default="", metadata={
-        "help": "Ray Train run storage (local or s3://); default <output>-runs"})
-    run_name: str = field(default="train", metadata={
-        "help": "Ray Train run name; same name + storage path => resume"})
-    max_failures: int = field(default=2, metadata={
-        "min": -1, "help": "worker failures Ray Train recovers from (-1: unlimited)"})
-    num_to_keep: int = field(default=2, metadata={"min": 1, "help": "checkpoints kept"})
-    inject_failure_epoch: int = field(default=-1, metadata={
-        "min": -1, "help": "testing: rank 0 raises once at the start of this epoch (-1: never)"})
-    ray_address: str = field(default="", metadata={
-        "help": "Ray cluster to join (empty: RAY_ADDRESS, else start a local one)"})
+    epochs: int = _option(10, "passes over the training data", min=1)
+    batch_size: int = _option(16, "global batch (split across workers)", min=1)
+    weight_decay: float = _option(0.01, "AdamW weight decay", min=0.0)
+    warmup_steps: int = _option(0, "linear warm-up steps", min=0)
+    grad_clip: float = _option(1.0, "clip the gradient norm to this (0: off)", min=0.0)
+    seed: int = _option(0, "initialisation and data order", min=0)
+    num_workers: int = _option(1, "Ray Train workers (DDP)", min=1)
+    use_gpu: bool = _option(False, "train on GPUs")
+    cpus_per_worker: float = _option(
+        1.0, "CPUs each training worker reserves (fractional shares a node)", gt=0.0)
+    gpus_per_worker: float = _option(
+        1.0, "GPUs each worker reserves, with --use-gpu; fractional shares a card", gt=0.0)
+    storage_path: str = _option("", "Ray Train run storage (local or s3://); default <output>-runs")
+    run_name: str = _option("train", "Ray Train run name; same name + storage path => resume")
+    max_failures: int = _option(2, "worker failures Ray Train recovers from (-1: unlimited)", min=-1)
+    num_to_keep: int = _option(2, "checkpoints kept", min=1)
+    inject_failure_epoch: int = _option(
+        -1, "testing: rank 0 raises once at the start of this epoch (-1: never)", min=-1)
+    ray_address: str = _option("", "Ray cluster to join (empty: RAY_ADDRESS, else start a local one)")
 
 
 def train_config(**defaults):
@@ -215,6 +215,15 @@ def end_epoch(model, opt, metrics: dict, history: list, rank: int, line: str) ->
 
 
 # ----------------------------------------------------------------------------- driver side
+def loss_change(history: list[dict], label: str = "loss", fmt: str = ".4f") -> str:
+    """``"<label> <first loss> (epoch a) -> <last loss> (epoch b)"`` of a run's per-epoch history
+    (the line a trainer's ``main`` prints)."""
+    if not history:
+        return f"{label}: no epoch left to run"
+    a, b = history[0], history[-1]
+    return f"{label} {a['loss']:{fmt}} (epoch {a['epoch']}) -> {b['loss']:{fmt}} (epoch {b['epoch']})"
+
+
 def write_json(uri: str, value) -> None:
     from overheard import storage
 

@@ -49,17 +49,14 @@ from dataclasses import field
 from jobs.config_cli import init_ray, parse
 from training import av_data, dali_stage
 from training.common import (TrainRun, cosine_lr, end_epoch, fit, inject_failure, mean_across_workers,
-                             optimizer_step, train_config, worker_context)
+                             optimizer_step, train_config)
 
 
 @train_config(run_name="dali-align", epochs=10, batch_size=16)
-class DaliAlignConfig(TrainRun):
+class DaliAlignConfig(TrainRun, dali_stage.FrozenModels):
     output: str = field(metadata={"help": "DALI checkpoint directory to write (local or s3://)"})
     data: str = field(default="", metadata={"help": "videos: folder, glob, s3:// prefix, or csv/parquet "
                                                     "manifest with a 'uri' column"})
-    init: str = field(default="", metadata={"help": "start from this DALI checkpoint"})
-    clap: str = field(default="", metadata={"help": "CLAP model (with --llava: start a new DALI model)"})
-    llava: str = field(default="", metadata={"help": "LLaVA model directory (HF format)"})
     hidden: int = field(default=0, metadata={
         "min": 0, "help": "projection MLP hidden width for a new model "
                           "(0: the vision width)"})
@@ -71,8 +68,7 @@ class DaliAlignConfig(TrainRun):
     frames_per_clip: int = field(default=10, metadata={
         "min": 1, "help": "first frame of each of the first N "
                           "seconds; one per clip per epoch"})
-    lr: float = field(default=1e-3, metadata={
-        "gt": 0.0, "help": "projection (and attention) learning rate"})
+    lr: float = field(default=1e-3, metadata={"gt": 0.0, "help": "projection (and attention) learning rate"})
     tower_lr: float = field(default=1e-5, metadata={
         "gt": 0.0, "help": "CLAP tower learning rate (--tune-tower)"})
     tune_tower: bool = field(default=False, metadata={"help": "also fine-tune the CLAP audio tower"})
@@ -86,8 +82,6 @@ class DaliAlignConfig(TrainRun):
         "gt": 0.0, "help": "OT lambda from epoch --lambda-ramp-epochs on (Appendix E: 100)"})
     lambda_ramp_epochs: int = field(default=5, metadata={
         "min": 0, "help": "epoch at which lambda reaches --lambda-end"})
-    dtype: str = field(default="float32", metadata={
-        "choices": ("float32", "bfloat16"), "help": "frozen models: float32 | bfloat16 (GPU)"})
 
 
 def alignment_loss(kind: str, audio, vision, weights=None, lam: float = 0.0, uniform: bool = True):
@@ -130,18 +124,13 @@ def _aligner(dali, cfg: DaliAlignConfig):
 
 # ----------------------------------------------------------------------------- worker loop
 def train_loop(config: dict) -> None:
-    import ray
-    import ray.train
     import ray.train.torch
     import torch
 
     from overheard.dali.losses import lambda_schedule
 
-    cfg = DaliAlignConfig(**config["cfg"])
-    rank, world, device = worker_context(cfg)
-    data = ray.get(config["data_ref"])
+    cfg, rank, world, device, data = dali_stage.worker_start(DaliAlignConfig, config)
     windows, frames, n_frames = data["windows"], data["frames"], data["n_frames"]
-    torch.manual_seed(cfg.seed)
     dali = dali_stage.load_dali(cfg.init, config["clap"], config["llava"], device, cfg.dtype, cfg.seed,
                                 hidden=cfg.hidden)
     if dali.clap.window_samples != windows.shape[1]:
@@ -228,15 +217,11 @@ def run(cfg: DaliAlignConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse(DaliAlignConfig, argv, "overheard dali-align",
-                "DALI stage 1b: align CLAP audio tokens with LLaVA's vision tokens (MMD / OT) on Ray Train.")
-    s = run(cfg)
-    h = s["history"]
-    if h:
-        print(f"{cfg.loss} {h[0]['loss']:.5f} (epoch {h[0]['epoch']}) -> {h[-1]['loss']:.5f} "
-              f"(epoch {h[-1]['epoch']}); {s['clips']} clips, {sum(s['skipped'].values())} skipped")
-    print(f"DALI checkpoint: {s['output']}")
-    return 0
+    """``overheard dali-align``: align, then print the loss change and the checkpoint."""
+    s = run(parse(DaliAlignConfig, argv, "overheard dali-align", "DALI stage 1b: align CLAP audio "
+                  "tokens with LLaVA's vision tokens (MMD / OT) on Ray Train."))
+    return dali_stage.report(s, s["config"]["loss"], f"{s['clips']} clips, "
+                             f"{sum(s['skipped'].values())} skipped", fmt=".5f")
 
 
 if __name__ == "__main__":

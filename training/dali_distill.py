@@ -34,11 +34,11 @@ import numpy as np
 from jobs.config_cli import init_ray, parse
 from overheard import storage
 from training import av_data, dali_stage
-from training.common import TrainRun, caption_tokens_field, fit, train_config, worker_context
+from training.common import TrainRun, caption_tokens_field, fit, train_config
 
 
 @train_config(run_name="dali-distill", epochs=5, batch_size=16)
-class DaliDistillConfig(TrainRun):
+class DaliDistillConfig(TrainRun, dali_stage.Precision):
     output: str = field(metadata={"help": "DALI checkpoint directory to write (local or s3://)"})
     data: str = field(default="", metadata={"help": "videos: folder, glob, s3:// prefix, or csv/parquet "
                                                     "manifest with a 'uri' column"})
@@ -51,15 +51,11 @@ class DaliDistillConfig(TrainRun):
                           "one of the first N seconds"})
     max_new_tokens: int = field(default=0, metadata={
         "min": 0, "help": "pseudo-caption length (0: the model's)"})
-    caption_batch: int = field(default=16, metadata={
-        "min": 1, "help": "clips per pseudo-captioning call"})
+    caption_batch: int = field(default=16, metadata={"min": 1, "help": "clips per pseudo-captioning call"})
     caption_actors: int = field(default=1, metadata={"min": 1, "help": "pseudo-captioning actors"})
-    caption_cpus: float = field(default=1.0, metadata={
-        "gt": 0.0, "help": "CPUs per captioner actor"})
+    caption_cpus: float = field(default=1.0, metadata={"gt": 0.0, "help": "CPUs per captioner actor"})
     lr: float = field(default=2e-4, metadata={"gt": 0.0, "help": "paper: 2e-4, cosine decay"})
     max_caption_tokens: int = caption_tokens_field(40)
-    dtype: str = field(default="float32", metadata={
-        "choices": ("float32", "bfloat16"), "help": "frozen models: float32 | bfloat16 (GPU)"})
 
 
 # ----------------------------------------------------------------------------- pseudo-labels
@@ -145,16 +141,10 @@ def audio_tokens(dali, windows: np.ndarray, batch: int = 16):
 
 
 def train_loop(config: dict) -> None:
-    import ray
-    import ray.train
-    import ray.train.torch
     import torch
 
-    cfg = DaliDistillConfig(**config["cfg"])
-    rank, world, device = worker_context(cfg)
-    data = ray.get(config["data_ref"])
+    cfg, rank, world, device, data = dali_stage.worker_start(DaliDistillConfig, config)
     captions = data["captions"]
-    torch.manual_seed(cfg.seed)
     dali = dali_stage.load_dali(cfg.init, "", "", device, cfg.dtype, cfg.seed)
     with dali_stage.autocast(device, cfg.dtype):
         tokens = audio_tokens(dali, data["windows"])
@@ -215,16 +205,11 @@ def run(cfg: DaliDistillConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse(DaliDistillConfig, argv, "overheard dali-distill",
-                "DALI stage 2: caption clips from audio+image, then fine-tune the audio projector "
-                "on those captions from audio alone (Ray Data + Ray Train).")
-    s = run(cfg)
-    h = s["history"]
-    if h:
-        print(f"audio-only NLL {h[0]['loss']:.4f} (epoch {h[0]['epoch']}) -> {h[-1]['loss']:.4f} "
-              f"(epoch {h[-1]['epoch']}); {s['pseudo_labels']} pseudo-labels")
-    print(f"DALI checkpoint: {s['output']}")
-    return 0
+    """``overheard dali-distill``: pseudo-label, distil, then print the NLL change and the checkpoint."""
+    s = run(parse(DaliDistillConfig, argv, "overheard dali-distill", "DALI stage 2: caption clips "
+                  "from audio+image, then fine-tune the audio projector on those captions from "
+                  "audio alone (Ray Data + Ray Train)."))
+    return dali_stage.report(s, "audio-only NLL", f"{s['pseudo_labels']} pseudo-labels")
 
 
 if __name__ == "__main__":

@@ -36,23 +36,18 @@ import numpy as np
 
 from jobs.config_cli import init_ray, parse
 from training import av_data, dali_stage
-from training.common import TrainRun, caption_tokens_field, fit, train_config, worker_context
+from training.common import TrainRun, caption_tokens_field, fit, train_config
 
 
 @train_config(run_name="dali-prefix", epochs=50, batch_size=8, weight_decay=0.0)
-class DaliPrefixConfig(TrainRun):
+class DaliPrefixConfig(TrainRun, dali_stage.FrozenModels):
     output: str = field(metadata={"help": "DALI checkpoint directory to write (local or s3://)"})
     data: str = field(default="", metadata={"help": "manifest (csv/parquet) with uri (video or image) "
                                                     "and caption (what it sounds like)"})
-    init: str = field(default="", metadata={"help": "start from this DALI checkpoint"})
-    clap: str = field(default="", metadata={"help": "CLAP model (with --llava: start a new DALI model)"})
-    llava: str = field(default="", metadata={"help": "LLaVA model directory (HF format)"})
     prefix_tokens: int = field(default=16, metadata={
         "min": 1, "help": "prefix length for a new model (paper: 16)"})
     lr: float = field(default=2e-4, metadata={"gt": 0.0, "help": "paper: 2e-4, cosine decay"})
     max_caption_tokens: int = caption_tokens_field(40)
-    dtype: str = field(default="float32", metadata={
-        "choices": ("float32", "bfloat16"), "help": "frozen models: float32 | bfloat16 (GPU)"})
 
 
 def _prefix_tuner(dali, cfg: DaliPrefixConfig):
@@ -87,16 +82,10 @@ def image_segments(dali, frames, batch: int = 32):
 
 # ----------------------------------------------------------------------------- worker loop
 def train_loop(config: dict) -> None:
-    import ray
-    import ray.train
-    import ray.train.torch
     import torch
 
-    cfg = DaliPrefixConfig(**config["cfg"])
-    rank, world, device = worker_context(cfg)
-    data = ray.get(config["data_ref"])
+    cfg, rank, world, device, data = dali_stage.worker_start(DaliPrefixConfig, config)
     captions = data["captions"]
-    torch.manual_seed(cfg.seed)
     dali = dali_stage.load_dali(cfg.init, config["clap"], config["llava"], device, cfg.dtype, cfg.seed,
                                 prefix_tokens=cfg.prefix_tokens)
     with dali_stage.autocast(device, cfg.dtype):
@@ -149,15 +138,10 @@ def run(cfg: DaliPrefixConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse(DaliPrefixConfig, argv, "overheard dali-prefix",
-                "DALI stage 1a: learn the prefix tokens from (image, sound caption) pairs on Ray Train.")
-    s = run(cfg)
-    h = s["history"]
-    if h:
-        print(f"caption NLL {h[0]['loss']:.4f} (epoch {h[0]['epoch']}) -> {h[-1]['loss']:.4f} "
-              f"(epoch {h[-1]['epoch']}); {s['pairs']} pairs")
-    print(f"DALI checkpoint: {s['output']}")
-    return 0
+    """``overheard dali-prefix``: tune the prefix, then print the NLL change and the checkpoint."""
+    s = run(parse(DaliPrefixConfig, argv, "overheard dali-prefix", "DALI stage 1a: learn the prefix "
+                  "tokens from (image, sound caption) pairs on Ray Train."))
+    return dali_stage.report(s, "caption NLL", f"{s['pairs']} pairs")
 
 
 if __name__ == "__main__":

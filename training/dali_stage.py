@@ -16,11 +16,43 @@ from __future__ import annotations
 import json
 import os
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 from overheard import storage
 from training.av_data import CLAP_WINDOW, epoch_batches
-from training.common import (cosine_lr, end_epoch, inject_failure, mean_across_workers,
-                             optimizer_step, restore_checkpoint, write_json)
+from training.common import (HISTORY, cosine_lr, end_epoch, inject_failure, loss_change,
+                             mean_across_workers, optimizer_step, restore_checkpoint, worker_context,
+                             write_json)
+
+
+@dataclass(kw_only=True)
+class Precision:
+    """Config fields (a DALI stage's config inherits them): the frozen models' precision."""
+    dtype: str = field(default="float32", metadata={
+        "choices": ("float32", "bfloat16"), "help": "frozen models: float32 | bfloat16 (GPU)"})
+
+
+@dataclass(kw_only=True)
+class FrozenModels(Precision):
+    """Config fields of a stage that may start a new DALI model: the checkpoint to start from, or
+    the CLAP + LLaVA pair of a new one (:func:`frozen_paths`), and their precision."""
+    init: str = field(default="", metadata={"help": "start from this DALI checkpoint"})
+    clap: str = field(default="", metadata={"help": "CLAP model (with --llava: start a new DALI model)"})
+    llava: str = field(default="", metadata={"help": "LLaVA model directory (HF format)"})
+
+
+def worker_start(cls, config: dict):
+    """The start of a DALI ``train_loop``: (cfg, rank, world, device, data) = the stage's config
+    rebuilt from ``config["cfg"]``, this worker's place (:func:`training.common.worker_context`),
+    the arrays from the object store (``config["data_ref"]``); torch seeded with ``cfg.seed``."""
+    import ray
+    import torch
+
+    cfg = cls(**config["cfg"])
+    rank, world, device = worker_context(cfg)
+    data = ray.get(config["data_ref"])
+    torch.manual_seed(cfg.seed)
+    return cfg, rank, world, device, data
 
 
 def _rel(path: str, directory: str) -> str:
@@ -179,12 +211,18 @@ def nll_epochs(model, opt, inputs, captions: list[str], cfg, rank: int, world: i
     return history, step
 
 
+def report(summary: dict, loss: str, counts: str, fmt: str = ".4f") -> int:
+    """What a stage's ``main`` prints: the loss change over the run's epochs, ``counts``, and where
+    the checkpoint is; returns the exit status 0."""
+    print(f"{loss_change(summary['history'], loss, fmt)}; {counts}\n"
+          f"DALI checkpoint: {summary['output']}")
+    return 0
+
+
 def write_summary(cfg, result, stage: str, seconds: dict, **extra) -> dict:
     """``OUTPUT/train_<stage>.json``: the run's config, per-epoch history (from the final Ray
     Train checkpoint), timings and ``extra`` counts; returned as a dict."""
     from jobs.config_cli import to_json
-    from training.common import HISTORY
-
     with result.checkpoint.as_directory() as d:
         with open(os.path.join(d, HISTORY)) as f:
             history = json.load(f)

@@ -48,8 +48,8 @@ import numpy as np
 from jobs.config_cli import init_ray, parse, to_json
 from overheard import storage
 from training.common import (TrainRun, adamw, caption_tokens_field, cosine_lr, cpu_state_dict, fit,
-                             inject_failure, load_final, restore_checkpoint, save_epoch_checkpoint,
-                             train_config, worker_context)
+                             inject_failure, load_final, loss_change, restore_checkpoint,
+                             save_epoch_checkpoint, train_config, worker_context)
 
 GAP_MODES = ("none", "noise", "shift", "both")
 
@@ -67,8 +67,7 @@ class TrainDecoderConfig(TrainRun):
     dedup: bool = field(default=False, metadata={"help": "drop repeated identical captions"})
     tokenizer: str = field(default="", metadata={"help": "tokenizer dir (tokenizer.json with "
                                                         "<s>=0 <pad>=1 </s>=2); default: train BPE"})
-    vocab_size: int = field(default=5000, metadata={
-        "min": 16, "help": "BPE vocabulary when training one"})
+    vocab_size: int = field(default=5000, metadata={"min": 16, "help": "BPE vocabulary when training one"})
     prefix_length: int = field(default=10, metadata={"min": 1, "help": "CLAP prefix tokens"})
     mapper: str = field(default="mlp", metadata={
         "choices": ("mlp", "transformer"), "help": "mlp | transformer"})
@@ -78,8 +77,7 @@ class TrainDecoderConfig(TrainRun):
     n_head: int = field(default=4, metadata={"min": 1, "help": "decoder attention heads"})
     n_embd: int = field(default=768, metadata={"min": 1, "help": "decoder width"})
     max_caption_tokens: int = caption_tokens_field(30)
-    dropout: float = field(default=0.1, metadata={
-        "min": 0.0, "max": 1.0, "help": "dropout probability"})
+    dropout: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0, "help": "dropout probability"})
     gap_mode: str = field(default="noise", metadata={
         "choices": ("none", "noise", "shift", "both"), "help": "none | noise | shift | both"})
     noise_variance: float = field(default=0.013, metadata={
@@ -88,11 +86,9 @@ class TrainDecoderConfig(TrainRun):
     gap_file: str = field(default="", metadata={"help": "training.gap output (.json/.safetensors)"})
     retrieval_k: int = field(default=0, metadata={
         "min": 0, "help": "neighbour captions in the prefix (0: off)"})
-    lr: float = field(default=2e-4, metadata={
-        "gt": 0.0, "help": "peak learning rate (cosine decay)"})
+    lr: float = field(default=2e-4, metadata={"gt": 0.0, "help": "peak learning rate (cosine decay)"})
     embed_actors: int = field(default=1, metadata={"min": 1, "help": "CLAP text-embedding actors"})
-    embed_batch: int = field(default=256, metadata={
-        "min": 1, "help": "captions per embedding call"})
+    embed_batch: int = field(default=256, metadata={"min": 1, "help": "captions per embedding call"})
     actor_cpus: float = field(default=0.5, metadata={"gt": 0.0, "help": "CPUs reserved per actor"})
 
 
@@ -361,10 +357,8 @@ def main(argv: list[str] | None = None) -> int:
                 "Train the caption decoder on CLAP text embeddings of a caption corpus (Ray Train).")
     s = run(cfg)
     h = s["history"]
-    if h:
-        print(f"loss {h[0]['loss']:.4f} (epoch {h[0]['epoch']}) -> {h[-1]['loss']:.4f} "
-              f"(epoch {h[-1]['epoch']}), {h[-1]['tokens_per_s']:.0f} tokens/s in the last epoch")
-    print(f"model: {s['output']}  ({s['captions']} captions in its memory)")
+    speed = f", {h[-1]['tokens_per_s']:.0f} tokens/s in the last epoch" if h else ""
+    print(f"{loss_change(h)}{speed}\nmodel: {s['output']}  ({s['captions']} captions in its memory)")
     return 0
 
 
