@@ -1,6 +1,9 @@
 """DALI checkpoints and the stage loop the three DALI training scripts share
-(``training/dali_align.py``, ``dali_prefix.py``, ``dali_distill.py``): plain functions.
+(``training/dali_align.py``, ``dali_prefix.py``, ``dali_distill.py``): plain functions, and two
+config mixins, :class:`FrozenModels` (``--init`` / ``--clap`` / ``--llava`` / ``--dtype``) and
+:class:`Precision` (``--dtype``), that the stages' configs inherit beside ``TrainRun``.
 
+    :func:`worker_start` the first lines of every stage's ``train_loop``.
     :func:`frozen_paths`, :func:`image_size_of`, :func:`clap_window_of`  what a stage runs on,
                          read from configs only (the driver never loads the 7-B LLaVA).
     :func:`load_dali`    a trainable copy inside a worker (frozen models in float32/bfloat16,
@@ -8,7 +11,7 @@
     :func:`save_stage`   write the checkpoint with a ``history`` entry.
     :func:`nll_epochs`   the caption-NLL epoch loop prefix tuning and distillation share
                          (:func:`resume_state`: where a resumed run starts).
-    :func:`write_summary`  ``OUTPUT/train_<stage>.json``.
+    :func:`write_summary`  ``OUTPUT/train_<stage>.json``; :func:`report` what ``main`` prints.
 """
 
 from __future__ import annotations
