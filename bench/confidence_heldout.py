@@ -38,15 +38,14 @@ def main(argv=None) -> int:
     ap.add_argument("--decoder-epochs", type=int, default=8)
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import ray
-
+    from jobs.config_cli import init_ray
     from training import clap_contrastive as cc
     from training import decoder as td
 
     work = os.path.abspath(a.work)
     model = os.path.join(work, "model")
     t0 = time.time()
-    ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    init_ray(log_to_driver=False)
     clap_dir = os.path.join(model, "clap")
     if not os.path.isfile(os.path.join(clap_dir, "config.json")):
         cc.run(cc.Config(out_dir=clap_dir, data_dir=os.path.join(work, "cache"),

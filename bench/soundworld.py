@@ -203,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isfile(os.path.join(clap, "config.json")):
         raise SystemExit(f"no CLAP at {clap}: train one with python -m training.clap_contrastive "
                          f"--out-dir {clap} --n-train 1000 --n-eval 100 --epochs 15")
-    import ray
-    ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    from jobs.config_cli import init_ray
+    init_ray(log_to_driver=False)
     from jobs import embed_captions as ec
     from jobs import evaluate as ev
     from overheard import metrics as M

@@ -36,17 +36,17 @@ import overheard
 # CaptionConfig` (and DEFAULT_MODEL, TINY_MODEL) keep working
 from jobs.caption_config import (ASSETS, DEFAULT_MODEL, TINY_MODEL, CaptionConfig,  # noqa: F401
                                  refuse_for_model)
-from jobs.config_cli import OptionError, check, exit_bad_option, flat_dict, flatten_saved, parse, to_json
+from jobs.config_cli import (OptionError, check, exit_bad_option, flat_dict, flatten_saved,
+                             init_ray, parse, to_json)
 from jobs.lease import LeaseHeld, OutputLease
 from jobs.sink import PartWriter, SourceAssembler, done_sources, quarantine_damaged
 from overheard import layouts, storage
 from overheard.confidence import LOW
+from overheard.media import MEDIA_SUFFIXES  # also jobs.caption.MEDIA_SUFFIXES (listing)
 
 # below this a window counts as low-confidence in the summary (overheard.confidence.LOW: beyond the
 # 95th percentile of held-out in-world distances)
 LOW_CONFIDENCE = LOW
-MEDIA_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".mp4",
-                  ".m4v", ".mkv", ".webm", ".mov", ".avi", ".wma", ".aiff", ".aif")
 MANIFEST_SUFFIXES = (".parquet", ".csv")
 URI_COLUMNS = ("uri", "source_uri", "path", "url", "file")
 
@@ -297,16 +297,11 @@ def ray_ui(cfg: CaptionConfig) -> bool:
 
 
 def _ray_init(cfg: CaptionConfig):
-    import ray
+    import logging
 
-    if not ray.is_initialized():
-        import logging
-
-        # quiet: the token set-up and "Started a local Ray instance" notices (jobs/quiet.py)
-        ray.init(address=cfg.ray_address or None, include_dashboard=ray_ui(cfg),
-                 log_to_driver=True, ignore_reinit_error=True,
-                 logging_level=logging.INFO if cfg.verbose else logging.ERROR)
-    return ray
+    # quiet: the token set-up and "Started a local Ray instance" notices (jobs/quiet.py)
+    return init_ray(cfg.ray_address, include_dashboard=ray_ui(cfg), log_to_driver=True,
+                    logging_level=logging.INFO if cfg.verbose else logging.ERROR)
 
 
 # CPU-only clusters: one model actor per this many CPUs. Measured on 2 cores (README

@@ -272,3 +272,16 @@ def exit_bad_option(prog: str, e: Exception) -> typing.NoReturn:
 def to_json(cfg) -> str:
     """The config as saved next to the output (sub-configs as nested objects)."""
     return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True, default=str)
+
+
+def init_ray(address: str = "", **options):
+    """Join the Ray cluster at ``address`` (empty: ``RAY_ADDRESS``, else start a local one) unless
+    this process already joined one; returns the ``ray`` module. The one ``ray.init`` of every job
+    and trainer: the dashboard is off unless ``include_dashboard=True``; other ``options`` go to
+    ``ray.init`` as they are (``log_to_driver``, ``logging_level``, ``num_cpus``)."""
+    import ray
+
+    if not ray.is_initialized():
+        options.setdefault("include_dashboard", False)
+        ray.init(address=address or None, ignore_reinit_error=True, **options)
+    return ray

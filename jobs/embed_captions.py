@@ -32,8 +32,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.config_cli import parse
+from jobs.config_cli import init_ray, parse
 from overheard import storage
+from overheard.storage import arrow_fs
 from overheard.corpus import fingerprint, read_captions
 
 FORMAT = "overheard.caption_embeddings"
@@ -76,17 +77,6 @@ def cache_dir(output: str, model_id: str, corpus_fp: str) -> str:
     return storage.join(output, model_id, corpus_fp[:16])
 
 
-def arrow_fs(uri: str):
-    """(pyarrow filesystem, path) for ``uri``; object stores go through fsspec so that
-    S3_ENDPOINT_URL and the usual credentials apply exactly as in ``overheard.storage``."""
-    from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
-
-    fs, path = storage.get_fs(uri)
-    if storage.protocol_of(uri) == "file":
-        return LocalFileSystem(), path
-    return PyFileSystem(FSSpecHandler(fs)), path
-
-
 def read_manifest(path: str) -> dict | None:
     uri = storage.join(path, MANIFEST)
     if not storage.exists(uri):
@@ -114,17 +104,9 @@ def read_cache(path: str) -> tuple[list[str], np.ndarray, dict]:
     return t.column("caption").to_pylist(), emb.reshape(n, dim).astype(np.float32), manifest
 
 
-def _ray_init(address: str):
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address or None, include_dashboard=False, ignore_reinit_error=True)
-    return ray
-
-
 def build(cfg: EmbedCaptionsConfig, captions: list[str], clap: str):
     """Lazy Dataset: (index, caption) rows -> TextEmbedder actor pool -> (index, caption, embedding)."""
-    ray = _ray_init(cfg.ray_address)
+    ray = init_ray(cfg.ray_address)
     import ray.data
     from ray.data import ActorPoolStrategy
 

@@ -40,6 +40,9 @@ import av.filter
 import numpy as np
 
 TARGET_SR = 48000  # CLAP's rate
+# what a folder/prefix listing takes as audio or video (the caption job, training.gap)
+MEDIA_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".mp4",
+                  ".m4v", ".mkv", ".webm", ".mov", ".avi", ".wma", ".aiff", ".aif")
 
 PAD_MODES = ("repeatpad", "zeros")
 MAX_CHANNELS = 64  # the mean downmix is tested for 1..64 channels (tests/test_media.py)

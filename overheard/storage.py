@@ -50,6 +50,17 @@ def get_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, fs._strip_protocol(uri)
 
 
+def arrow_fs(uri: str):
+    """(pyarrow filesystem, path) for ``uri`` (Ray Data writers, Ray Train storage); object stores
+    go through fsspec so that S3_ENDPOINT_URL and the usual credentials apply exactly as here."""
+    from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
+
+    fs, path = get_fs(uri)
+    if protocol_of(uri) == "file":
+        return LocalFileSystem(), path
+    return PyFileSystem(FSSpecHandler(fs)), path
+
+
 # ------------------------------------------------------------------ local file names and stat
 # A file name that is not valid UTF-8 (a Latin-1 "caf\xe9.wav" from an old archive) cannot be
 # a Parquet string. Such a name is carried as text with each undecodable byte written

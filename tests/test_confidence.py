@@ -154,7 +154,7 @@ def test_clap_training_can_leave_sources_out(tmp_path):
     bench/confidence_heldout.py): every scene containing an excluded source is dropped."""
     import json
 
-    from training.clap_contrastive import _without_sources
+    from training.soundworld_data import without_sources as _without_sources
 
     feats = np.arange(4 * 3, dtype=np.float16).reshape(4, 3)
     rows = [{"sources": ["dog"]}, {"sources": ["rain", "birds"]}, {"sources": ["siren", "rain"]},

@@ -237,39 +237,39 @@ def test_bfloat16_loading_keeps_float32_heads_and_tuned_tower(world, decoded, tm
     trained parts stay float32, exactly as saved; a tuned CLAP tower is saved and kept by later
     stages; --tune-tower gets gradients into the tower."""
     from overheard.dali.model import DaliModel
-    from training import av_data
+    from training import dali_stage
     from training.dali_align import DaliAlignConfig, _aligner
 
     windows, frames, _ = decoded
-    m = av_data.load_dali(os.path.join(world["model"], "dali"), "", "", "cpu")
+    m = dali_stage.load_dali(os.path.join(world["model"], "dali"), "", "", "cpu")
     with torch.no_grad():
         for p in m.clap.model.audio_model.parameters():
             p.add_(1e-3)            # stands in for a tuned tower
     m.cfg.tuned_tower = True
-    av_data.save_stage(str(tmp_path / "tuned"), m, {"stage": "align"})
-    f32, b16 = (av_data.load_dali(str(tmp_path / "tuned"), "", "", "cpu", dt) for dt in ("float32", "bfloat16"))
+    dali_stage.save_stage(str(tmp_path / "tuned"), m, {"stage": "align"})
+    f32, b16 = (dali_stage.load_dali(str(tmp_path / "tuned"), "", "", "cpu", dt) for dt in ("float32", "bfloat16"))
     assert b16.llava.model.dtype == torch.bfloat16
     for a, b in ((f32.heads, b16.heads), (f32.clap.model.audio_model, b16.clap.model.audio_model)):
         sa, sb = a.state_dict(), b.state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
         assert all(p.dtype == torch.float32 for p in b.parameters())
-    av_data.save_stage(str(tmp_path / "next"), b16, {"stage": "prefix"})   # a later stage
+    dali_stage.save_stage(str(tmp_path / "next"), b16, {"stage": "prefix"})   # a later stage
     r = DaliModel(str(tmp_path / "next"))
     assert r.cfg.tuned_tower and [e["stage"] for e in r.cfg.history] == ["align", "prefix"]
     assert torch.equal(next(r.clap.model.audio_model.parameters()), next(m.clap.model.audio_model.parameters()))
     # --clap + --llava without --init: the same seeded heads new_dali (dali-tiny) wrote; the
     # checkpoint names the frozen models relative to itself
     clap, llava = (os.path.join(world["model"], n) for n in ("clap", "llava"))
-    fresh = av_data.load_dali("", clap, llava, "cpu")
+    fresh = dali_stage.load_dali("", clap, llava, "cpu")
     made = DaliModel(os.path.join(world["model"], "dali")).heads.state_dict()
     assert all(torch.equal(v, made[k]) for k, v in fresh.heads.state_dict().items())
-    av_data.save_stage(str(tmp_path / "fresh"), fresh, {"stage": "align"})
+    dali_stage.save_stage(str(tmp_path / "fresh"), fresh, {"stage": "align"})
     stored = DaliModel(str(tmp_path / "fresh")).cfg.clap
     assert not os.path.isabs(stored) and os.path.samefile(tmp_path / "fresh" / stored, clap)
     aligner = _aligner(b16, DaliAlignConfig(output="-", loss="mmd", tune_tower=True, dtype="bfloat16"))
-    with torch.no_grad(), av_data.autocast("cpu", "bfloat16"):
+    with torch.no_grad(), dali_stage.autocast("cpu", "bfloat16"):
         vision = b16.llava.vision_tokens(frames[:2])
-    with av_data.autocast("cpu", "bfloat16"):
+    with dali_stage.autocast("cpu", "bfloat16"):
         aligner(torch.from_numpy(windows[:2]), vision).backward()
     assert all(p.dtype == torch.float32 for p in aligner.tower.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in aligner.tower.parameters())

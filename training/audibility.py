@@ -30,44 +30,27 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import numpy as np
 
-from jobs.config_cli import parse
-from training.common import (adamw, cosine_lr, cpu_state_dict, fit, load_final, restore_checkpoint,
-                             run_option, save_epoch_checkpoint, worker_context)
+from jobs.config_cli import init_ray, parse
+from training.common import (TrainRun, adamw, cosine_lr, cpu_state_dict, fit, inject_failure,
+                             load_final, optimizer_step, restore_checkpoint, run_storage,
+                             save_epoch_checkpoint, train_config, worker_context, write_json)
 
 
-@dataclass
-class Config:
+@train_config(run_name="audibility", epochs=6, batch_size=32, warmup_steps=20)
+class Config(TrainRun):
     data: str = field(default="", metadata={
         "help": "labelled file (CSV text,label or JSON lines), local or s3://; empty: the shipped "
                 "set"})
-    out_dir: str = field(default="build/audibility", metadata={
-        "help": "final classifier directory (local)"})
-    storage_path: str = field(default="", metadata={
-        "help": "Ray Train run storage; default: <out_dir>-runs"})
-    run_name: str = field(default="audibility", metadata={
-        "help": "Ray Train run name; same name + storage_path => resume"})
+    out_dir: str = field(default="build/audibility", metadata={"help": "final classifier directory (local)"})
     heldout_fraction: float = field(default=0.2, metadata={
         "gt": 0.0, "max": 0.9, "help": "share of sentences held out (fixed by a hash of each)"})
-    epochs: int = run_option("epochs", 6)
-    batch_size: int = field(default=32, metadata={
-        "min": 1, "help": "global batch (split across workers)"})
     lr: float = field(default=2e-3, metadata={"gt": 0.0, "help": "peak AdamW learning rate"})
-    weight_decay: float = run_option("weight_decay", 0.01)
-    warmup_steps: int = run_option("warmup_steps", 20)
-    seed: int = run_option("seed", 0)
     max_steps: int = field(default=0, metadata={
         "min": 0, "help": "stop after this many optimiser steps (0 = all epochs)"})
-    num_workers: int = run_option("num_workers", 1)
-    use_gpu: bool = run_option("use_gpu", False)
-    cpus_per_worker: float = run_option("cpus_per_worker", 1.0)
-    gpus_per_worker: float = field(default=1.0, metadata={
-        "gt": 0.0, "help": "GPUs each worker reserves, with --use-gpu; fractional shares a card"})
-    max_failures: int = run_option("max_failures", 2)
-    num_to_keep: int = run_option("num_to_keep", 2)
     # model
     model_type: str = field(default="distilbert", metadata={
         "help": "transformers sequence-classification architecture (AutoConfig model type)"})
@@ -157,6 +140,7 @@ def train_loop(config: dict) -> None:
         first_step = epoch * steps_per_epoch
         if cfg.max_steps and first_step >= cfg.max_steps:
             break
+        inject_failure(epoch, cfg.inject_failure_epoch, rank, config["run_dir"])
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, epoch])
         mine = rng.permutation(n)[rank::world]
@@ -172,10 +156,7 @@ def train_loop(config: dict) -> None:
             enc = encode(tokenizer, [tr_x[i] for i in idx], cfg.max_length, device)
             y = torch.tensor([tr_y[i] for i in idx], device=device)
             loss = F.cross_entropy(model(**enc).logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            optimizer_step(model, opt, loss, cfg.grad_clip)
             losses.append(float(loss.detach()))
         mean_loss = torch.tensor([float(np.mean(losses)) if losses else float("nan")])
         if world > 1:
@@ -202,8 +183,6 @@ def parse_args(argv) -> Config:
 
 
 def run(cfg: Config) -> dict:
-    import ray
-
     from overheard.guidance import audibility as A
     from overheard.tokenizer import load_tokenizer
 
@@ -211,7 +190,7 @@ def run(cfg: Config) -> dict:
     cfg = dataclasses.replace(cfg)
     cfg.data = cfg.data or A.DEFAULT_DATA
     cfg.out_dir = os.path.abspath(cfg.out_dir)
-    cfg.storage_path = os.path.abspath(cfg.storage_path or cfg.out_dir.rstrip("/") + "-runs")
+    cfg.storage_path = run_storage(cfg, cfg.out_dir, local=True)[0]
     texts, labels = A.read_labelled(cfg.data)
     held = A.heldout_mask(texts, cfg.heldout_fraction)
     if held.all() or not held.any():
@@ -235,13 +214,9 @@ def run(cfg: Config) -> dict:
     tokenizer = load_tokenizer(tok_dir)
     vocab = len(tokenizer)
 
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, include_dashboard=False)
-    resources = {"CPU": cfg.cpus_per_worker}
-    if cfg.use_gpu:
-        resources["GPU"] = cfg.gpus_per_worker
+    init_ray(cfg.ray_address)
     result, t_fit = fit(train_loop, {"cfg": dataclasses.asdict(cfg), "tokenizer_dir": tok_dir, "vocab_size": vocab,
-                                     "split_path": split_path}, cfg, resources, cfg.storage_path)
+                                     "split_path": split_path}, cfg, cfg.out_dir)
 
     model = A.build_classifier(model_config(cfg, vocab), seed=cfg.seed)
     hist = load_final(result.checkpoint, model, strict=False)
@@ -265,8 +240,7 @@ def run(cfg: Config) -> dict:
         "seconds": {"fit": round(t_fit, 1), "total": round(time.time() - t_start, 1)},
         "config": dataclasses.asdict(cfg), "checkpoint": result.checkpoint.path,
     }
-    with open(os.path.join(cfg.out_dir, "audibility_metrics.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_json(os.path.join(cfg.out_dir, "audibility_metrics.json"), summary)
     return summary
 
 

@@ -33,15 +33,16 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from jobs.config_cli import parse, to_json
 from overheard import hub, storage
-from training.common import run_option
+from training.common import TrainRun, caption_tokens_field, run_fields, train_config
 
 
-@dataclass
-class BuildModelConfig:
+# the decoder's run defaults: build-model hands its TrainRun on to training.decoder as it is
+@train_config(run_name="decoder", epochs=10, batch_size=64, warmup_steps=100, num_workers=2)
+class BuildModelConfig(TrainRun):
     output: str = field(metadata={"help": "model directory to write (local): clap/ decoder/ "
                                           "MODEL_CARD.md build.json"})
     clap: str = field(default="", metadata={
@@ -66,7 +67,8 @@ class BuildModelConfig:
     eval_tokenizer: str = field(default="ptb", metadata={
         "choices": ("ptb", "simple"), "help": "ptb (Java) | simple"})
     work: str = field(default="", metadata={
-        "help": "work folder: embedding cache, training runs, evaluation (default OUT-work)"})
+        "help": "work folder: embedding cache, training runs (unless --storage-path), evaluation "
+                "(default OUT-work)"})
     gap_mode: str = field(default="noise", metadata={
         "choices": ("none", "noise", "shift", "both"), "help": "none | noise | shift | both"})
     noise_variance: float = field(default=0.013, metadata={
@@ -77,19 +79,9 @@ class BuildModelConfig:
     prefix_length: int = field(default=10, metadata={"min": 1, "help": "CLAP prefix tokens"})
     vocab_size: int = field(default=5000, metadata={
         "min": 16, "help": "BPE vocabulary trained on the corpus"})
-    max_caption_tokens: int = run_option("max_caption_tokens", 30)
-    epochs: int = field(default=10, metadata={"min": 1, "help": "passes over the corpus"})
-    batch_size: int = field(default=64, metadata={"min": 1, "help": "global batch"})
+    max_caption_tokens: int = caption_tokens_field(30)
     lr: float = field(default=2e-4, metadata={"gt": 0.0, "help": "peak learning rate"})
-    warmup_steps: int = run_option("warmup_steps", 100)
-    seed: int = run_option("seed", 0)
-    num_workers: int = field(default=2, metadata={"min": 1, "help": "Ray Train workers"})
-    use_gpu: bool = field(default=False, metadata={"help": "one GPU per training worker"})
-    cpus_per_worker: float = field(default=1.0, metadata={
-        "gt": 0.0, "help": "CPUs per training worker"})
-    actor_cpus: float = field(default=0.5, metadata={
-        "gt": 0.0, "help": "CPUs per embedding/caption actor"})
-    ray_address: str = field(default="", metadata={"help": "Ray cluster ('' = local)"})
+    actor_cpus: float = field(default=0.5, metadata={"gt": 0.0, "help": "CPUs per embedding/caption actor"})
 
 
 def place_clap(src: str, dest: str) -> str:
@@ -113,14 +105,7 @@ def place_clap(src: str, dest: str) -> str:
     return "converted from a LAION-CLAP .pt checkpoint"
 
 
-def run(cfg: BuildModelConfig) -> dict:
-    """Build the model directory; returns the build record (also OUT/build.json)."""
-    from jobs import caption, evaluate
-    from training import decoder as train_decoder
-    from overheard.textonly.gap import load_gap
-    from training import gap as train_gap
-
-    t0 = time.time()
+def _check(cfg: BuildModelConfig) -> None:
     if not cfg.clap or not cfg.corpus:
         raise ValueError("give --clap and --corpus")
     if bool(cfg.references) != bool(cfg.eval_audio):
@@ -129,74 +114,102 @@ def run(cfg: BuildModelConfig) -> dict:
         raise ValueError("OUTPUT must be a local directory (copy it to object storage after)")
     if os.path.exists(os.path.join(cfg.output, "decoder")):
         raise FileExistsError(f"{cfg.output} already holds a model; choose a new OUTPUT")
-    clap_src = hub.pin(hub.model_ref(cfg.clap))  # a cold hub cache offline fails here
-    out = os.path.abspath(cfg.output)
-    work = cfg.work or out.rstrip("/") + "-work"
-    clap_dir = os.path.join(out, "clap")
-    rec: dict = {"config": json.loads(to_json(cfg)), "clap": {"source": cfg.clap,
-                                                              "resolved": clap_src}}
-    rec["clap"]["how"] = place_clap(clap_src, clap_dir)
+
+
+def _clap_step(cfg: BuildModelConfig, clap_dir: str) -> dict:
+    """Step 1: the CLAP into ``clap_dir``; returns its record."""
     from overheard.clap import ClapEncoder
+
+    clap_src = hub.pin(hub.model_ref(cfg.clap))  # a cold hub cache offline fails here
+    rec = {"source": cfg.clap, "resolved": clap_src, "how": place_clap(clap_src, clap_dir)}
     enc = ClapEncoder(clap_dir)
-    rec["clap"].update(model_id=enc.model_id, embedding_dim=enc.embedding_dim,
-                       params=sum(p.numel() for p in enc.model.parameters()))
-    del enc
-    t_clap = time.time()
+    rec.update(model_id=enc.model_id, embedding_dim=enc.embedding_dim,
+               params=sum(p.numel() for p in enc.model.parameters()))
+    return rec
 
-    gap_file, noise = "", cfg.noise_variance
-    if cfg.pairs:
-        gap_file = storage.join(work, "gap.json")
-        argv = ["--clap", clap_dir, "--pairs", cfg.pairs, "--out", gap_file]
-        if cfg.audio_root:
-            argv += ["--audio-root", cfg.audio_root]
-        if cfg.max_pairs:
-            argv += ["--max-pairs", str(cfg.max_pairs)]
-        train_gap.main(argv)
-        g = load_gap(gap_file)
-        rec["gap"] = {"pairs": cfg.pairs, "n_pairs": g.get("n_pairs"),
-                      "noise_variance_estimate": g.get("noise_variance"),
-                      "gap_norm": g.get("gap_norm")}
-        if g.get("noise_variance") is not None:
-            noise = -1.0  # training.decoder: take sigma^2 from the gap file
-    t_gap = time.time()
 
-    dcfg = train_decoder.TrainDecoderConfig(
+def _gap_step(cfg: BuildModelConfig, clap_dir: str, work: str) -> tuple[str, float, dict | None]:
+    """Step 2 (with --pairs): estimate-gap -> (gap file, the decoder's --noise-variance, record)."""
+    from overheard.textonly.gap import load_gap
+    from training import gap as train_gap
+
+    if not cfg.pairs:
+        return "", cfg.noise_variance, None
+    gap_file = storage.join(work, "gap.json")
+    argv = ["--clap", clap_dir, "--pairs", cfg.pairs, "--out", gap_file]
+    if cfg.audio_root:
+        argv += ["--audio-root", cfg.audio_root]
+    if cfg.max_pairs:
+        argv += ["--max-pairs", str(cfg.max_pairs)]
+    train_gap.main(argv)
+    g = load_gap(gap_file)
+    rec = {"pairs": cfg.pairs, "n_pairs": g.get("n_pairs"),
+           "noise_variance_estimate": g.get("noise_variance"), "gap_norm": g.get("gap_norm")}
+    # -1: training.decoder takes sigma^2 from the gap file
+    return gap_file, cfg.noise_variance if g.get("noise_variance") is None else -1.0, rec
+
+
+def _decoder_step(cfg: BuildModelConfig, out: str, work: str, clap_dir: str, gap_file: str,
+                  noise: float) -> dict:
+    """Step 3: training.decoder with this command's run options -> OUT/decoder; returns the
+    record's corpus, gap_settings and training entries."""
+    from training import decoder as train_decoder
+
+    run = dict(run_fields(cfg), storage_path=cfg.storage_path or storage.join(work, "runs"))
+    s = train_decoder.run(train_decoder.TrainDecoderConfig(
         output=os.path.join(out, "decoder"), corpus=",".join(cfg.corpus), clap=clap_dir,
-        cache=storage.join(work, "embeddings"), storage_path=storage.join(work, "runs"),
-        gap_mode=cfg.gap_mode, noise_variance=noise, gap_file=gap_file,
-        n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+        cache=storage.join(work, "embeddings"), gap_mode=cfg.gap_mode, noise_variance=noise,
+        gap_file=gap_file, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
         prefix_length=cfg.prefix_length, vocab_size=cfg.vocab_size,
-        max_caption_tokens=cfg.max_caption_tokens, epochs=cfg.epochs,
-        batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
-        num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
-        actor_cpus=cfg.actor_cpus, ray_address=cfg.ray_address)
-    s = train_decoder.run(dcfg)
+        max_caption_tokens=cfg.max_caption_tokens, lr=cfg.lr, actor_cpus=cfg.actor_cpus, **run))
     h = s["history"]
     with open(os.path.join(out, "decoder", "config.json")) as f:
         gap_used = json.load(f).get("extra", {}).get("modality_gap")
-    rec["corpus"] = {"sources": list(cfg.corpus), "captions": s["captions"],
-                     "vocab_size": s["vocab_size"]}
-    rec["gap_settings"] = gap_used
-    rec["training"] = {
-        "decoder_params": s["params"], "epochs": cfg.epochs, "steps": h[-1]["step"] if h else 0,
-        "loss_first_epoch": h[0]["loss"] if h else None, "loss_last_epoch": h[-1]["loss"] if h else None,
-        "tokens_per_s_last_epoch": h[-1]["tokens_per_s"] if h else None,
-        "workers": cfg.num_workers, "gpu": cfg.use_gpu, "seconds": s["seconds"]}
-    t_train = time.time()
+    return {"corpus": {"sources": list(cfg.corpus), "captions": s["captions"],
+                       "vocab_size": s["vocab_size"]},
+            "gap_settings": gap_used,
+            "training": {
+                "decoder_params": s["params"], "epochs": cfg.epochs, "steps": h[-1]["step"] if h else 0,
+                "loss_first_epoch": h[0]["loss"] if h else None,
+                "loss_last_epoch": h[-1]["loss"] if h else None,
+                "tokens_per_s_last_epoch": h[-1]["tokens_per_s"] if h else None,
+                "workers": cfg.num_workers, "gpu": cfg.use_gpu, "seconds": s["seconds"]}}
 
+
+def _evaluation_step(cfg: BuildModelConfig, out: str, work: str) -> dict:
+    """Step 4: the caption job on --eval-audio with the new model, scored on whole clips."""
+    from jobs import caption, evaluate
+
+    ccfg = caption.CaptionConfig(
+        input=cfg.eval_audio, output=storage.join(work, "evaluation"), model=out,
+        whole_clip=cfg.eval_whole_clip, actor_cpus=cfg.actor_cpus, show=0, progress=False,
+        ray_address=cfg.ray_address)
+    m = caption.run(ccfg)
+    rep = evaluate.evaluate(ccfg.output, cfg.references, cfg.eval_metrics,
+                            cfg.eval_tokenizer, windowing="whole")
+    return {"references": cfg.references, "audio": cfg.eval_audio,
+            "windowing": rep["windowing"], "whole_clip_s": cfg.eval_whole_clip,
+            "metrics": rep["metrics"], "tokenizer": rep["tokenizer"],
+            "n_scored": rep["n_scored"], "caption_run": m["run_id"], "captions": ccfg.output}
+
+
+def run(cfg: BuildModelConfig) -> dict:
+    """Build the model directory; returns the build record (also OUT/build.json)."""
+    t0 = time.time()
+    _check(cfg)
+    out = os.path.abspath(cfg.output)
+    work = cfg.work or out.rstrip("/") + "-work"
+    clap_dir = os.path.join(out, "clap")
+    rec: dict = {"config": json.loads(to_json(cfg)), "clap": _clap_step(cfg, clap_dir)}
+    t_clap = time.time()
+    gap_file, noise, gap = _gap_step(cfg, clap_dir, work)
+    if gap is not None:
+        rec["gap"] = gap
+    t_gap = time.time()
+    rec.update(_decoder_step(cfg, out, work, clap_dir, gap_file, noise))
+    t_train = time.time()
     if cfg.references:
-        ccfg = caption.CaptionConfig(
-            input=cfg.eval_audio, output=storage.join(work, "evaluation"), model=out,
-            whole_clip=cfg.eval_whole_clip, actor_cpus=cfg.actor_cpus, show=0, progress=False,
-            ray_address=cfg.ray_address)
-        m = caption.run(ccfg)
-        rep = evaluate.evaluate(ccfg.output, cfg.references, cfg.eval_metrics,
-                                cfg.eval_tokenizer, windowing="whole")
-        rec["evaluation"] = {"references": cfg.references, "audio": cfg.eval_audio,
-                             "windowing": rep["windowing"], "whole_clip_s": cfg.eval_whole_clip,
-                             "metrics": rep["metrics"], "tokenizer": rep["tokenizer"],
-                             "n_scored": rep["n_scored"], "caption_run": m["run_id"],
-                             "captions": ccfg.output}
+        rec["evaluation"] = _evaluation_step(cfg, out, work)
     rec["seconds"] = {"clap": round(t_clap - t0, 1), "gap": round(t_gap - t_clap, 1),
                       "decoder": round(t_train - t_gap, 1),
                       "evaluation": round(time.time() - t_train, 1),

@@ -2,14 +2,13 @@
 
     python -m training.clap_contrastive --out-dir build/soundworld-clap --n-train 800 --n-eval 100
 
-1. Data (driver + Ray tasks): scenes from ``overheard.soundworld`` (train and held-out splits,
-   deterministic by ``world_seed``) -> log-mel features with ``ClapFeatureExtractor``
-   (``truncation="rand_trunc"``, ``padding="repeatpad"``; scenes are exactly 10 s so no crop) ->
-   cached as float16 ``.npy`` + captions JSON under ``data_dir`` (reused when present). A BPE
+1. Data (driver + Ray tasks, ``training.soundworld_data``): scenes from ``overheard.soundworld``
+   (train and held-out splits, deterministic by ``world_seed``) -> log-mel features cached as
+   float16 ``.npy`` + captions JSON under ``data_dir`` (reused when present). A BPE
    tokenizer is trained on the training captions (``overheard.tokenizer.train_bpe_tokenizer``).
 2. Training (``TorchTrainer``, DDP over CPU workers or GPUs): a small ``ClapModel`` (HTSAT audio
    tower with 8x8 patches, 2-layer RoBERTa text tower), symmetric InfoNCE with CLAP's two
-   learnable logit scales, negatives gathered across workers. One random reference caption per
+   learnable logit scales (``overheard.contrastive``), negatives gathered across workers. One random reference caption per
    clip per epoch. Every epoch: held-out retrieval metrics + ``ray.train.report`` with a
    checkpoint (weights + optimiser + epoch). Rerunning with the same ``run_name`` and
    ``storage_path`` resumes from the latest checkpoint at the next epoch; worker failures are
@@ -24,47 +23,33 @@ On a multi-node cluster ``data_dir`` must be on storage every worker can read.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import numpy as np
 
-from jobs.config_cli import parse
-from training.common import (adamw, cosine_lr, cpu_state_dict, fit, load_final, restore_checkpoint,
-                             run_option, save_epoch_checkpoint, worker_context)
+from jobs.config_cli import init_ray, parse
+from overheard.contrastive import clip_loss, embed_pairs, retrieval_metrics
+from training.common import (TrainRun, adamw, cosine_lr, cpu_state_dict, fit, inject_failure,
+                             load_final, optimizer_step, restore_checkpoint, run_storage,
+                             save_epoch_checkpoint, train_config, worker_context, write_json)
+from training.soundworld_data import feature_extractor, prepare_split, without_sources
 
 
-@dataclass
-class Config:
-    out_dir: str = field(default="build/soundworld-clap", metadata={
-        "help": "final HF model directory"})
-    data_dir: str = field(default="", metadata={
-        "help": "feature cache; default: build/soundworld-cache"})
-    storage_path: str = field(default="", metadata={
-        "help": "Ray Train run storage; default: <out_dir>-runs"})
-    run_name: str = field(default="soundworld-clap", metadata={
-        "help": "Ray Train run name; same name + storage_path => resume"})
+@train_config(run_name="soundworld-clap", epochs=20, batch_size=32, weight_decay=0.05,
+              warmup_steps=30, num_workers=2)
+class Config(TrainRun):
+    out_dir: str = field(default="build/soundworld-clap", metadata={"help": "final HF model directory"})
+    data_dir: str = field(default="", metadata={"help": "feature cache; default: build/soundworld-cache"})
     world_seed: int = field(default=0, metadata={
         "min": 0, "help": "seed of the generated sound world (scenes + captions)"})
     n_train: int = field(default=800, metadata={"min": 1, "help": "training scenes"})
     n_eval: int = field(default=100, metadata={"min": 1, "help": "held-out scenes"})
-    epochs: int = run_option("epochs", 20)
-    batch_size: int = field(default=32, metadata={
-        "min": 2, "help": "global batch (split across workers); >= 2 for in-batch negatives"})
     lr: float = field(default=1e-3, metadata={"gt": 0.0, "help": "peak AdamW learning rate"})
-    weight_decay: float = run_option("weight_decay", 0.05)
-    warmup_steps: int = run_option("warmup_steps", 30)
-    seed: int = run_option("seed", 0)
-    num_workers: int = run_option("num_workers", 2)
-    use_gpu: bool = run_option("use_gpu", False)
-    cpus_per_worker: float = run_option("cpus_per_worker", 1.0)
-    max_failures: int = run_option("max_failures", 2)
-    num_to_keep: int = run_option("num_to_keep", 2)
     prep_tasks: int = field(default=2, metadata={
         "min": 1, "help": "parallel Ray tasks generating scenes + features"})
     exclude_sources: str = field(default="", metadata={
@@ -84,8 +69,7 @@ class Config:
     audio_heads: list[int] = field(default_factory=lambda: [2, 4, 8], metadata={
         "help": "HTSAT attention heads per stage"})
     patch_size: int = field(default=8, metadata={"min": 1, "help": "HTSAT patch size"})
-    projection_dim: int = field(default=128, metadata={
-        "min": 1, "help": "shared audio/text embedding size"})
+    projection_dim: int = field(default=128, metadata={"min": 1, "help": "shared audio/text embedding size"})
     logit_scale_init: float = field(default=1 / 0.07, metadata={
         "gt": 0.0, "max": 100.0,
         "help": "initial contrastive logit scale (CLAP's 1/0.07); a larger (learned, clamped "
@@ -94,6 +78,8 @@ class Config:
         "help": "the tiny test configuration (TINY for every option left at its default)"})
 
     def validate(self) -> None:
+        if self.batch_size < 2:
+            raise ValueError(f"--batch-size must be >= 2 (in-batch negatives), got {self.batch_size}")
         if not self.audio_depths or len(self.audio_heads) < len(self.audio_depths):
             raise ValueError(f"--audio-heads needs a value for each of the {len(self.audio_depths)} "
                              f"--audio-depths stages, got {len(self.audio_heads)}")
@@ -107,12 +93,6 @@ TINY = dict(n_train=32, n_eval=16, epochs=2, batch_size=16, warmup_steps=2, lr=3
 
 
 # ----------------------------------------------------------------------------- model
-def feature_extractor():
-    from transformers import ClapFeatureExtractor
-
-    return ClapFeatureExtractor(truncation="rand_trunc", padding="repeatpad")
-
-
 def clap_config(cfg: Config, vocab_size: int):
     from transformers import ClapAudioConfig, ClapConfig, ClapTextConfig
 
@@ -139,164 +119,7 @@ def build_model(cfg: Config, vocab_size: int):
     return ClapModel(clap_config(cfg, vocab_size))
 
 
-def clip_loss(a, t, scale_a, scale_t):
-    """Symmetric InfoNCE as CLAP: CE(scale_a * A T^T) and CE(scale_t * T A^T), matched on the diagonal."""
-    import torch.nn.functional as F
-    import torch
-
-    labels = torch.arange(a.shape[0], device=a.device)
-    return 0.5 * (F.cross_entropy(scale_a * a @ t.T, labels) + F.cross_entropy(scale_t * t @ a.T, labels))
-
-
-# ----------------------------------------------------------------------------- metrics
-def _chance_a2t(n_audio: int, per: int, k: int) -> float:
-    total = n_audio * per
-    return 1.0 - math.comb(total - per, k) / math.comb(total, k)
-
-
-def retrieval_metrics(audio, text, per: int = 5, source_sets: list | None = None) -> dict:
-    """Audio->text / text->audio recall and modality-gap statistics of L2-normalised embeddings.
-
-    ``audio`` (N, D), ``text`` (N*per, D) with captions of clip i at rows i*per..i*per+per-1.
-    a2t R@k: an own caption among the k nearest captions; t2a R@k: own clip among k nearest clips.
-    ``a2t_sources_R@1``: the nearest caption describes a clip with the same set of sources.
-    Gap: ``gap_norm`` = |mean(audio) - mean(text)|, ``cos_paired`` = mean cosine of a clip with its
-    captions, ``cos_unpaired`` = mean cosine with other clips' captions.
-    """
-    audio = np.asarray(audio, dtype=np.float64)
-    text = np.asarray(text, dtype=np.float64)
-    audio /= np.linalg.norm(audio, axis=1, keepdims=True) + 1e-12
-    text /= np.linalg.norm(text, axis=1, keepdims=True) + 1e-12
-    n = audio.shape[0]
-    owner = np.repeat(np.arange(n), per)
-    sim = audio @ text.T                                   # (N, N*per)
-    order = np.argsort(-sim, axis=1, kind="stable")
-    own = owner[order] == np.arange(n)[:, None]
-    first = own.argmax(axis=1)                             # rank of the best own caption
-    out: dict = {"n_audio": n, "n_text": n * per}
-    for k in (1, 5, 10):
-        out[f"a2t_R@{k}"] = float(np.mean(first < k))
-        out[f"a2t_R@{k}_chance"] = _chance_a2t(n, per, k)
-    rank_t = np.argsort(-sim.T, axis=1, kind="stable")
-    first_t = (rank_t == owner[:, None]).argmax(axis=1)
-    for k in (1, 5, 10):
-        out[f"t2a_R@{k}"] = float(np.mean(first_t < k))
-        out[f"t2a_R@{k}_chance"] = min(1.0, k / n)
-    if source_sets is not None:
-        top = owner[order[:, 0]]
-        out["a2t_sources_R@1"] = float(np.mean([source_sets[i] == source_sets[j] for i, j in enumerate(top)]))
-        sets = [frozenset(s) for s in source_sets]
-        freq = {s: sets.count(s) / n for s in set(sets)}
-        out["a2t_sources_R@1_chance"] = float(sum(f * f for f in freq.values()))
-    paired = sim[owner, np.arange(n * per)]
-    out["cos_paired"] = float(paired.mean())
-    out["cos_unpaired"] = float((sim.sum() - paired.sum()) / (sim.size - paired.size))
-    out["gap_norm"] = float(np.linalg.norm(audio.mean(0) - text.mean(0)))
-    out["cos_audio_audio"] = float(((audio @ audio.T).sum() - n) / (n * n - n))
-    out["cos_text_text"] = float(((text @ text.T).sum() - n * per) / ((n * per) ** 2 - n * per))
-    return out
-
-
-# ----------------------------------------------------------------------------- data
-def _prep_chunk(world_seed: int, split: str, indices: list[int]):
-    from overheard import soundworld as sw
-
-    fe = feature_extractor()
-    try:  # the torch twin of the extractor's mel that ClapEncoder runs at inference (~10x faster)
-        import torch
-
-        from overheard.clap import LogMel
-
-        torch.set_num_threads(1)
-        logmel = LogMel(fe, slaney=True)
-    except ImportError:
-        logmel = None
-    feats, rows = [], []
-    for i in indices:
-        s = sw.clip_seed(world_seed, split, i)
-        audio, caps, meta = sw.make_scene(s)
-        if logmel is not None:
-            with torch.no_grad():
-                f = logmel(torch.from_numpy(audio)[None])[0, 0].numpy()
-        else:
-            f = fe(audio, sampling_rate=sw.SR, return_tensors="np")["input_features"][0, 0]
-        feats.append(f.astype(np.float16))
-        rows.append({"seed": s, "captions": caps, "sources": sorted({x["name"] for x in meta["sources"]}),
-                     "relation": meta["relation"]})
-    return np.stack(feats), rows
-
-
-def prepare_split(cfg: Config, split: str, n: int) -> tuple[str, str]:
-    """Generate (or reuse) ``n`` scenes of ``split``: returns (features .npy path, captions .json path)."""
-    import ray
-
-    from overheard import soundworld as sw
-
-    # keyed by the generator's own source too: a changed world never reuses stale features
-    world_hash = sw.fingerprint()
-    key = hashlib.sha1(json.dumps([cfg.world_seed, split, n, world_hash, "v2"]).encode()).hexdigest()[:10]
-    d = os.path.join(cfg.data_dir, f"{split}-{n}-{key}")
-    fp, cp = os.path.join(d, "features.npy"), os.path.join(d, "captions.json")
-    if os.path.exists(fp) and os.path.exists(cp):
-        return fp, cp
-    os.makedirs(d, exist_ok=True)
-    chunks = [c.tolist() for c in np.array_split(np.arange(n), max(1, min(cfg.prep_tasks * 4, n)))]
-    chunks = [c for c in chunks if c]
-    if ray.is_initialized() and cfg.prep_tasks > 1:
-        task = ray.remote(num_cpus=1)(_prep_chunk)
-        parts = ray.get([task.remote(cfg.world_seed, split, c) for c in chunks])
-    else:
-        parts = [_prep_chunk(cfg.world_seed, split, c) for c in chunks]
-    feats = np.concatenate([p[0] for p in parts])
-    rows = [r for p in parts for r in p[1]]
-    tmp = fp + ".tmp.npy"
-    np.save(tmp, feats)
-    with open(cp + ".tmp", "w") as f:
-        json.dump(rows, f)
-    os.replace(cp + ".tmp", cp)
-    os.replace(tmp, fp)
-    return fp, cp
-
-
-def _without_sources(feat_path: str, cap_path: str, exclude: str) -> tuple[str, str]:
-    """The split minus every scene that contains one of the comma-separated ``exclude`` sources
-    (a held-out-sources split: the model never hears them), written beside the full split."""
-    drop = {s.strip() for s in exclude.split(",") if s.strip()}
-    with open(cap_path) as f:
-        rows = json.load(f)
-    keep = [i for i, r in enumerate(rows) if not drop & set(r["sources"])]
-    tag = "-without-" + "-".join(sorted(drop))
-    fp, cp = feat_path[:-4] + tag + ".npy", cap_path[:-5] + tag + ".json"
-    if not (os.path.exists(fp) and os.path.exists(cp)):
-        np.save(fp + ".tmp.npy", np.load(feat_path)[keep])
-        with open(cp + ".tmp", "w") as f:
-            json.dump([rows[i] for i in keep], f)
-        os.replace(cp + ".tmp", cp)
-        os.replace(fp + ".tmp.npy", fp)
-    return fp, cp
-
-
 # ----------------------------------------------------------------------------- worker loop
-def embed_eval(model, feats, captions_flat, tokenizer, device, batch: int = 32):
-    import torch
-
-    m = model.module if hasattr(model, "module") else model
-    was = m.training
-    m.eval()
-    a, t = [], []
-    with torch.no_grad():
-        for i in range(0, len(feats), batch):
-            x = torch.from_numpy(np.asarray(feats[i:i + batch], dtype=np.float32)).unsqueeze(1).to(device)
-            a.append(m.get_audio_features(input_features=x).pooler_output.cpu().numpy())
-        for i in range(0, len(captions_flat), 128):
-            tok = tokenizer([c.lower() for c in captions_flat[i:i + 128]], padding=True, truncation=True,
-                            return_tensors="pt").to(device)
-            t.append(m.get_text_features(input_ids=tok["input_ids"],
-                                         attention_mask=tok["attention_mask"]).pooler_output.cpu().numpy())
-    m.train(was)
-    return np.concatenate(a), np.concatenate(t)
-
-
 def train_loop(config: dict) -> None:
     import torch
     import torch.distributed as dist
@@ -333,6 +156,7 @@ def train_loop(config: dict) -> None:
     eval_caps = [c for r in eval_rows for c in r["captions"]]
     eval_sets = [r["sources"] for r in eval_rows]
     for epoch in range(start_epoch, cfg.epochs):
+        inject_failure(epoch, cfg.inject_failure_epoch, rank, config["run_dir"])
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, epoch])
         perm = rng.permutation(n)
@@ -358,10 +182,7 @@ def train_loop(config: dict) -> None:
                 ga[rank], gt[rank] = a, t
                 a, t = torch.cat(ga), torch.cat(gt)
             loss = clip_loss(a, t, core.logit_scale_a.exp(), core.logit_scale_t.exp())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            optimizer_step(model, opt, loss, cfg.grad_clip)
             with torch.no_grad():  # CLAP/CLIP clamp: scale <= 100
                 core.logit_scale_a.clamp_(0, math.log(100))
                 core.logit_scale_t.clamp_(0, math.log(100))
@@ -373,7 +194,7 @@ def train_loop(config: dict) -> None:
         metrics = {"epoch": epoch, "train_loss": float(mean_loss), "epoch_s": time.time() - t0,
                    "logit_scale_a": float(core.logit_scale_a.detach().exp()), "steps": (epoch + 1) * steps_per_epoch}
         if rank == 0:
-            ae, te = embed_eval(model, eval_feats, eval_caps, tokenizer, device)
+            ae, te = embed_pairs(model, eval_feats, eval_caps, tokenizer, device)
             ev = retrieval_metrics(ae, te, per=5, source_sets=eval_sets)
             metrics.update({f"eval_{k}": v for k, v in ev.items() if not k.endswith("_chance")})
             history.append({k: metrics[k] for k in ("epoch", "train_loss", "epoch_s", "eval_a2t_R@1",
@@ -417,21 +238,18 @@ def parse_args(argv) -> Config:
 
 
 def run(cfg: Config) -> dict:
-    import ray
-
     from overheard.tokenizer import train_bpe_tokenizer
 
     t_start = time.time()
     cfg.out_dir = os.path.abspath(cfg.out_dir)
     cfg.data_dir = os.path.abspath(cfg.data_dir or os.path.join(os.path.dirname(cfg.out_dir), "soundworld-cache"))
-    cfg.storage_path = os.path.abspath(cfg.storage_path or cfg.out_dir.rstrip("/") + "-runs")
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, include_dashboard=False)
-    tr_f, tr_c = prepare_split(cfg, "train", cfg.n_train)
-    ev_f, ev_c = prepare_split(cfg, "eval", cfg.n_eval)
+    cfg.storage_path = run_storage(cfg, cfg.out_dir, local=True)[0]
+    init_ray(cfg.ray_address)
+    tr_f, tr_c = prepare_split(cfg.data_dir, cfg.world_seed, "train", cfg.n_train, cfg.prep_tasks)
+    ev_f, ev_c = prepare_split(cfg.data_dir, cfg.world_seed, "eval", cfg.n_eval, cfg.prep_tasks)
     if cfg.exclude_sources:
-        tr_f, tr_c = _without_sources(tr_f, tr_c, cfg.exclude_sources)
-        ev_f, ev_c = _without_sources(ev_f, ev_c, cfg.exclude_sources)
+        tr_f, tr_c = without_sources(tr_f, tr_c, cfg.exclude_sources)
+        ev_f, ev_c = without_sources(ev_f, ev_c, cfg.exclude_sources)
     t_data = time.time() - t_start
     with open(tr_c) as f:
         train_rows = json.load(f)
@@ -455,7 +273,7 @@ def run(cfg: Config) -> dict:
     result, t_fit = fit(train_loop, {"cfg": dataclasses.asdict(cfg), "tokenizer_dir": tok_dir, "vocab_size": vocab,
                                      "train_features": tr_f, "train_captions": tr_c,
                                      "eval_features": ev_f, "eval_captions": ev_c},
-                        cfg, {"CPU": cfg.cpus_per_worker}, cfg.storage_path)
+                        cfg, cfg.out_dir)
 
     model = build_model(cfg, vocab)
     history = load_final(result.checkpoint, model)
@@ -468,7 +286,7 @@ def run(cfg: Config) -> dict:
     from transformers import ClapModel
 
     loaded = ClapModel.from_pretrained(cfg.out_dir).eval()
-    ae, te = embed_eval(loaded, np.load(ev_f, mmap_mode="r"),
+    ae, te = embed_pairs(loaded, np.load(ev_f, mmap_mode="r"),
                         [c for r in eval_rows for c in r["captions"]], load_tokenizer(cfg.out_dir), "cpu")
     metrics = retrieval_metrics(ae, te, per=5, source_sets=[r["sources"] for r in eval_rows])
     summary = {
@@ -480,15 +298,13 @@ def run(cfg: Config) -> dict:
         "seconds": {"data": round(t_data, 1), "fit": round(t_fit, 1), "total": round(time.time() - t_start, 1)},
         "checkpoint": result.checkpoint.path,
     }
-    with open(os.path.join(cfg.out_dir, "soundworld_metrics.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_json(os.path.join(cfg.out_dir, "soundworld_metrics.json"), summary)
     return summary
 
 
 def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = parse_args(argv)
-    summary = run(cfg)
+    summary = run(parse_args(argv))
     ev = summary["eval"]
     print(json.dumps({k: summary[k] for k in ("params", "safetensors_bytes", "seconds")}))
     print(f"held-out a2t R@1 {ev['a2t_R@1']:.3f} (chance {ev['a2t_R@1_chance']:.3f})  "
@@ -496,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"sources R@1 {ev['a2t_sources_R@1']:.3f} (chance {ev['a2t_sources_R@1_chance']:.3f})")
     print(f"modality gap |mean a - mean t| {ev['gap_norm']:.3f}  cos paired {ev['cos_paired']:.3f}  "
           f"unpaired {ev['cos_unpaired']:.3f}")
-    print(f"model: {cfg.out_dir}")
+    print(f"model: {summary['config']['out_dir']}")
     return summary
 
 

@@ -1,11 +1,18 @@
-"""Small helpers the Ray Train scripts share (plain functions, no base class).
+"""What every Ray Train script shares (plain functions and one config class, no trainer base class).
 
+Config: :class:`TrainRun`, the run options every trainer's config inherits (schedule, workers and
+their CPUs/GPUs, storage path and run name, failures, the Ray address), with per-trainer defaults
+set by :func:`train_config`.
 Inside a ``train_loop``: :func:`worker_context` (rank, world size, device, CPU thread cap),
 :func:`adamw` (weight decay on matrices only), :func:`cosine_lr` (linear warm-up then cosine to a
-floor), :func:`cpu_state_dict`, and the per-epoch checkpoint pair :func:`restore_checkpoint` /
-:func:`save_epoch_checkpoint`. A checkpoint directory holds ``model.safetensors`` (weights),
-``train_state.pt`` (optimiser state + epoch, loaded with ``weights_only=True``), ``history.json``
-and any extra JSON files the script adds.
+floor), :func:`optimizer_step`, :func:`mean_across_workers`, :func:`inject_failure` (testing),
+:func:`cpu_state_dict`, and the per-epoch checkpoint pair :func:`restore_checkpoint` /
+:func:`save_epoch_checkpoint` (or :func:`end_epoch`, which reports on every rank). A checkpoint
+directory holds ``model.safetensors`` (weights), ``train_state.pt`` (optimiser state + epoch,
+loaded with ``weights_only=True``), ``history.json`` and any extra JSON files the script adds.
+On the driver: :func:`run_storage` (where checkpoints live), :func:`fit` (the ``TorchTrainer``
+run), :func:`load_final`, :func:`write_json`. Ray itself is started by
+``jobs.config_cli.init_ray(cfg.ray_address)``.
 """
 
 from __future__ import annotations
@@ -14,34 +21,64 @@ import json
 import math
 import os
 import tempfile
-
-# The Ray Train run options every trainer shares: one help text and one bound for each, so the
-# trainers' --help and checks agree (jobs.config_cli reads the metadata).
-RUN_OPTIONS = {
-    "epochs": ("passes over the training data", {"min": 1}),
-    "weight_decay": ("AdamW weight decay", {"min": 0.0}),
-    "warmup_steps": ("linear warm-up steps", {"min": 0}),
-    "grad_clip": ("clip the gradient norm to this (0: off)", {"min": 0.0}),
-    "seed": ("initialisation and data order", {"min": 0}),
-    "num_workers": ("Ray Train workers (DDP)", {"min": 1}),
-    "use_gpu": ("train on GPUs", {}),
-    "cpus_per_worker": ("CPUs each training worker reserves (fractional shares a node)",
-                        {"gt": 0.0}),
-    "max_failures": ("worker failures Ray Train recovers from (-1: unlimited)", {"min": -1}),
-    "num_to_keep": ("checkpoints kept", {"min": 1}),
-    "inject_failure_epoch": ("testing: rank 0 raises once at the start of this epoch (-1: never)",
-                             {"min": -1}),
-    "ray_address": ("Ray cluster to join (empty: start or join a local one)", {}),
-    "max_caption_tokens": ("caption length in tokens", {"min": 1}),
-}
+from dataclasses import dataclass, field, fields
 
 
-def run_option(name: str, default):
-    """``dataclasses.field`` of a shared run option (:data:`RUN_OPTIONS`) with this default."""
-    from dataclasses import field
+def caption_tokens_field(default: int):
+    """The ``max_caption_tokens`` field of the trainers that write captions (one help, one bound)."""
+    return field(default=default, metadata={"min": 1, "help": "caption length in tokens"})
 
-    help_, rules = RUN_OPTIONS[name]
+
+def _option(default, help_: str, **rules):
+    """A config field: its default, its --help text, its bounds (``min``/``gt``, jobs.config_cli)."""
     return field(default=default, metadata={"help": help_, **rules})
+
+
+@dataclass(kw_only=True)
+class TrainRun:
+    """The Ray Train run every trainer's config holds (each trainer's config is a subclass, so
+    its flags stay flat: ``--num-workers``, ``--storage-path``, ``--ray-address``, ...): the
+    schedule, the workers and their resources, where checkpoints live, failures, the cluster.
+    A trainer sets its own defaults with :func:`train_config`."""
+
+    epochs: int = _option(10, "passes over the training data", min=1)
+    batch_size: int = _option(16, "global batch (split across workers)", min=1)
+    weight_decay: float = _option(0.01, "AdamW weight decay", min=0.0)
+    warmup_steps: int = _option(0, "linear warm-up steps", min=0)
+    grad_clip: float = _option(1.0, "clip the gradient norm to this (0: off)", min=0.0)
+    seed: int = _option(0, "initialisation and data order", min=0)
+    num_workers: int = _option(1, "Ray Train workers (DDP)", min=1)
+    use_gpu: bool = _option(False, "train on GPUs")
+    cpus_per_worker: float = _option(
+        1.0, "CPUs each training worker reserves (fractional shares a node)", gt=0.0)
+    gpus_per_worker: float = _option(
+        1.0, "GPUs each worker reserves, with --use-gpu; fractional shares a card", gt=0.0)
+    storage_path: str = _option("", "Ray Train run storage (local or s3://); default <output>-runs")
+    run_name: str = _option("train", "Ray Train run name; same name + storage path => resume")
+    max_failures: int = _option(2, "worker failures Ray Train recovers from (-1: unlimited)", min=-1)
+    num_to_keep: int = _option(2, "checkpoints kept", min=1)
+    inject_failure_epoch: int = _option(
+        -1, "testing: rank 0 raises once at the start of this epoch (-1: never)", min=-1)
+    ray_address: str = _option("", "Ray cluster to join (empty: RAY_ADDRESS, else start a local one)")
+
+
+def train_config(**defaults):
+    """Class decorator making ``cls`` (a :class:`TrainRun` subclass) a dataclass with its own
+    defaults for shared fields, e.g. ``@train_config(run_name="dali-prefix", epochs=50)``; the
+    fields keep TrainRun's help text, bounds and place."""
+    def wrap(cls):
+        shared = {f.name: f for f in fields(TrainRun)}
+        for name, value in defaults.items():
+            f = shared[name]  # KeyError: not a TrainRun field
+            cls.__annotations__[name] = f.type
+            setattr(cls, name, field(default=value, kw_only=True, metadata=f.metadata))
+        return dataclass(cls)
+    return wrap
+
+
+def run_fields(cfg: TrainRun) -> dict:
+    """The :class:`TrainRun` part of ``cfg`` as keyword arguments (to hand a run on to a trainer)."""
+    return {f.name: getattr(cfg, f.name) for f in fields(TrainRun)}
 
 
 WEIGHTS = "model.safetensors"
@@ -128,23 +165,110 @@ def save_epoch_checkpoint(metrics: dict, weights: dict, train_state: dict, histo
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
+def optimizer_step(model, opt, loss, grad_clip: float) -> None:
+    """Backward, clip the gradient norm (when > 0), step."""
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+
+
+def mean_across_workers(total: float, count: float, world: int) -> float:
+    """sum(total) / sum(count) over the Ray Train workers (all-reduce when world > 1)."""
+    import torch
+
+    t = torch.tensor([total, count], dtype=torch.float64)
+    if world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(t)
+    return float(t[0] / max(float(t[1]), 1.0))
+
+
+def inject_failure(epoch: int, when: int, rank: int, run_dir: str) -> None:
+    """Testing hook: rank 0 raises once at the start of epoch ``when`` (a marker file in the run
+    dir makes the retry pass), to exercise Ray Train's restart from the last checkpoint."""
+    from overheard import storage
+
+    if epoch != when or rank != 0:
+        return
+    marker = storage.join(run_dir, f".injected-failure-{epoch}")
+    if not storage.exists(marker):
+        storage.write_bytes_atomic(marker, b"1")
+        raise RuntimeError(f"injected failure at the start of epoch {epoch}")
+
+
+def end_epoch(model, opt, metrics: dict, history: list, rank: int, line: str) -> None:
+    """Append the epoch's metrics; rank 0 reports them with a checkpoint (weights, optimiser,
+    epoch/step, history) and prints ``line``; other ranks report without one."""
+    import ray.train
+
+    history.append(metrics)
+    if rank == 0:
+        save_epoch_checkpoint(metrics, cpu_state_dict(model), {"optimizer": opt.state_dict(),
+                              "epoch": metrics["epoch"], "step": metrics["step"]}, history)
+        print(line, flush=True)
+    else:
+        ray.train.report(metrics, checkpoint=None)
+
+
 # ----------------------------------------------------------------------------- driver side
-def fit(train_loop, loop_config: dict, cfg, resources: dict, storage_path: str, storage_filesystem=None):
-    """Run ``train_loop`` on ``cfg.num_workers`` Ray Train workers (``resources`` each) as run
-    ``cfg.run_name`` under ``storage_path`` (same name + path => resume), with ``cfg.max_failures``
-    restarts and ``cfg.num_to_keep`` checkpoints kept. Returns (result, seconds in ``fit``);
-    RuntimeError when training produced no checkpoint."""
+def loss_change(history: list[dict], label: str = "loss", fmt: str = ".4f") -> str:
+    """``"<label> <first loss> (epoch a) -> <last loss> (epoch b)"`` of a run's per-epoch history
+    (the line a trainer's ``main`` prints)."""
+    if not history:
+        return f"{label}: no epoch left to run"
+    a, b = history[0], history[-1]
+    return f"{label} {a['loss']:{fmt}} (epoch {a['epoch']}) -> {b['loss']:{fmt}} (epoch {b['epoch']})"
+
+
+def write_json(uri: str, value) -> None:
+    from overheard import storage
+
+    storage.write_bytes_atomic(uri, json.dumps(value, indent=1, sort_keys=True, default=str).encode())
+
+
+def run_storage(cfg: TrainRun, output: str, local: bool = False) -> tuple[str, object, str]:
+    """Where the run's checkpoints live: (storage_path for RunConfig, pyarrow filesystem or None,
+    run dir URI). ``cfg.storage_path``, default ``<output>-runs`` next to the output; local paths
+    are made absolute, s3:// goes through :func:`overheard.storage.arrow_fs`. ``local``: the
+    trainer also writes its own input files there with plain file I/O, so s3:// is refused."""
+    from overheard import storage
+
+    sp = cfg.storage_path or output.rstrip("/") + "-runs"
+    if local and storage.protocol_of(sp) != "file":
+        raise ValueError(f"--storage-path must be a local folder for this trainer (on a cluster: "
+                         f"one every node mounts), got {sp}")
+    if storage.protocol_of(sp) == "file":
+        sp = os.path.abspath(sp)
+        return sp, None, os.path.join(sp, cfg.run_name)
+    fs, path = storage.arrow_fs(sp)
+    return path, fs, storage.join(sp, cfg.run_name)
+
+
+def fit(train_loop, loop_config: dict, cfg: TrainRun, output: str):
+    """Run ``train_loop`` on ``cfg.num_workers`` Ray Train workers (``cfg.cpus_per_worker`` CPUs
+    each, + ``cfg.gpus_per_worker`` GPUs with ``cfg.use_gpu``) as run ``cfg.run_name`` under
+    :func:`run_storage` (same name + path => resume), with ``cfg.max_failures`` restarts and
+    ``cfg.num_to_keep`` checkpoints kept. ``loop_config`` gains ``run_dir`` (the run's folder).
+    Returns (result, seconds in ``fit``); RuntimeError when training produced no checkpoint."""
     import time
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    storage_path, fs, run_dir = run_storage(cfg, output)
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=loop_config,
+        train_loop_config=dict(loop_config, run_dir=run_dir),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=cfg.run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+        run_config=RunConfig(name=cfg.run_name, storage_path=storage_path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep)),
     )

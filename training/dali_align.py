@@ -44,21 +44,19 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 
-from jobs.config_cli import parse
-from training import av_data
-from training.common import cosine_lr, fit, run_option, worker_context
+from jobs.config_cli import init_ray, parse
+from training import av_data, dali_stage
+from training.common import (TrainRun, cosine_lr, end_epoch, fit, inject_failure, mean_across_workers,
+                             optimizer_step, train_config)
 
 
-@dataclass
-class DaliAlignConfig:
+@train_config(run_name="dali-align", epochs=10, batch_size=16)
+class DaliAlignConfig(TrainRun, dali_stage.FrozenModels):
     output: str = field(metadata={"help": "DALI checkpoint directory to write (local or s3://)"})
     data: str = field(default="", metadata={"help": "videos: folder, glob, s3:// prefix, or csv/parquet "
                                                     "manifest with a 'uri' column"})
-    init: str = field(default="", metadata={"help": "start from this DALI checkpoint"})
-    clap: str = field(default="", metadata={"help": "CLAP model (with --llava: start a new DALI model)"})
-    llava: str = field(default="", metadata={"help": "LLaVA model directory (HF format)"})
     hidden: int = field(default=0, metadata={
         "min": 0, "help": "projection MLP hidden width for a new model "
                           "(0: the vision width)"})
@@ -70,16 +68,9 @@ class DaliAlignConfig:
     frames_per_clip: int = field(default=10, metadata={
         "min": 1, "help": "first frame of each of the first N "
                           "seconds; one per clip per epoch"})
-    epochs: int = run_option("epochs", 10)
-    batch_size: int = field(default=16, metadata={
-        "min": 1, "help": "global batch (split across workers)"})
-    lr: float = field(default=1e-3, metadata={
-        "gt": 0.0, "help": "projection (and attention) learning rate"})
+    lr: float = field(default=1e-3, metadata={"gt": 0.0, "help": "projection (and attention) learning rate"})
     tower_lr: float = field(default=1e-5, metadata={
         "gt": 0.0, "help": "CLAP tower learning rate (--tune-tower)"})
-    weight_decay: float = run_option("weight_decay", 0.01)
-    warmup_steps: int = run_option("warmup_steps", 0)
-    grad_clip: float = run_option("grad_clip", 1.0)
     tune_tower: bool = field(default=False, metadata={"help": "also fine-tune the CLAP audio tower"})
     attn_heads: int = field(default=8, metadata={
         "min": 1, "help": "attentive_ot: heads (must divide the width)"})
@@ -91,19 +82,6 @@ class DaliAlignConfig:
         "gt": 0.0, "help": "OT lambda from epoch --lambda-ramp-epochs on (Appendix E: 100)"})
     lambda_ramp_epochs: int = field(default=5, metadata={
         "min": 0, "help": "epoch at which lambda reaches --lambda-end"})
-    dtype: str = field(default="float32", metadata={
-        "choices": ("float32", "bfloat16"), "help": "frozen models: float32 | bfloat16 (GPU)"})
-    seed: int = run_option("seed", 0)
-    num_workers: int = run_option("num_workers", 1)
-    use_gpu: bool = run_option("use_gpu", False)
-    cpus_per_worker: float = run_option("cpus_per_worker", 1.0)
-    max_failures: int = run_option("max_failures", 2)
-    num_to_keep: int = run_option("num_to_keep", 2)
-    storage_path: str = field(default="", metadata={"help": "Ray Train run storage (local or s3://); "
-                                                            "default <output>-runs"})
-    run_name: str = field(default="dali-align", metadata={"help": "same name + storage => resume"})
-    inject_failure_epoch: int = run_option("inject_failure_epoch", -1)
-    ray_address: str = run_option("ray_address", "")
 
 
 def _aligner(dali, cfg: DaliAlignConfig):
@@ -135,20 +113,15 @@ def _aligner(dali, cfg: DaliAlignConfig):
 
 # ----------------------------------------------------------------------------- worker loop
 def train_loop(config: dict) -> None:
-    import ray
-    import ray.train
     import ray.train.torch
     import torch
 
     from overheard.dali.losses import lambda_schedule
 
-    cfg = DaliAlignConfig(**config["cfg"])
-    rank, world, device = worker_context(cfg)
-    data = ray.get(config["data_ref"])
+    cfg, rank, world, device, data = dali_stage.worker_start(DaliAlignConfig, config)
     windows, frames, n_frames = data["windows"], data["frames"], data["n_frames"]
-    torch.manual_seed(cfg.seed)
-    dali = av_data.load_dali(cfg.init, config["clap"], config["llava"], device, cfg.dtype, cfg.seed,
-                             hidden=cfg.hidden)
+    dali = dali_stage.load_dali(cfg.init, config["clap"], config["llava"], device, cfg.dtype, cfg.seed,
+                                hidden=cfg.hidden)
     if dali.clap.window_samples != windows.shape[1]:
         raise ValueError(f"decoded windows have {windows.shape[1]} samples, CLAP takes "
                          f"{dali.clap.window_samples}")
@@ -163,14 +136,14 @@ def train_loop(config: dict) -> None:
                        "base_lr": cfg.tower_lr})
     opt = torch.optim.AdamW(groups, lr=cfg.lr)
     n = len(windows)
-    start_epoch, step, history, total = av_data.resume_state(model, opt, n, cfg, rank, world)
+    start_epoch, step, history, total = dali_stage.resume_state(model, opt, n, cfg, rank, world)
     # attentive_ot's attention gets no gradient in its uniform first epoch, and a tuned tower may
     # hold parameters its token output does not use: tell DDP not to wait for their gradients
     ddp = {"find_unused_parameters": cfg.loss == "attentive_ot" or cfg.tune_tower} if world > 1 else {}
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp or None)
 
     for epoch in range(start_epoch, cfg.epochs):
-        av_data.inject_failure(epoch, cfg.inject_failure_epoch, rank, config["run_dir"])
+        inject_failure(epoch, cfg.inject_failure_epoch, rank, config["run_dir"])
         t0 = time.time()
         model.train()
         loss_sum, lam, uniform = 0.0, 0.0, True
@@ -182,24 +155,24 @@ def train_loop(config: dict) -> None:
             if cfg.loss == "attentive_ot":
                 uniform, lam = lambda_schedule(epoch + s / len(batches), True, cfg.lambda_start,
                                                cfg.lambda_end, cfg.lambda_ramp_epochs)
-            with torch.no_grad(), av_data.autocast(device, cfg.dtype):
+            with torch.no_grad(), dali_stage.autocast(device, cfg.dtype):
                 vision = dali.llava.vision_tokens(av_data.pick_frames(frames, n_frames, idx, cfg.seed, epoch))
-            with av_data.autocast(device, cfg.dtype):
+            with dali_stage.autocast(device, cfg.dtype):
                 loss = model(torch.from_numpy(windows[idx]).to(device), vision, lam, uniform)
-            av_data.optimizer_step(model, opt, loss, cfg.grad_clip)
+            optimizer_step(model, opt, loss, cfg.grad_clip)
             step += 1
             loss_sum += float(loss.detach())
         epoch_s = time.time() - t0
         metrics = {"epoch": epoch, "step": step, "start_epoch": start_epoch, "world_size": world,
-                   "loss": av_data.mean_across_workers(loss_sum, len(batches), world),
+                   "loss": mean_across_workers(loss_sum, len(batches), world),
                    "uniform_weights": uniform, "lam": lam, "lr": cfg.lr * factor, "epoch_s": epoch_s}
-        av_data.end_epoch(model, opt, metrics, history, rank,
+        end_epoch(model, opt, metrics, history, rank,
                           f"[dali-align] epoch {epoch} step {step} {cfg.loss} {metrics['loss']:.5f} "
                           f"({epoch_s:.1f} s)")
 
     if rank == 0:  # also after a resume that had no epoch left: the output is always written
         dali.cfg.tuned_tower = dali.cfg.tuned_tower or cfg.tune_tower
-        av_data.save_stage(cfg.output, dali, {
+        dali_stage.save_stage(cfg.output, dali, {
             "stage": "align", "loss": cfg.loss, "epochs": cfg.epochs, "steps": step,
             "final_loss": history[-1]["loss"] if history else None, "clips": n,
             "lr": cfg.lr, "tune_tower": cfg.tune_tower, "data": cfg.data, "seed": cfg.seed})
@@ -216,35 +189,28 @@ def run(cfg: DaliAlignConfig) -> dict:
         raise ValueError(f"--loss must be one of {ALIGNMENT_LOSSES}, got {cfg.loss!r}")
     if not cfg.data:
         raise ValueError("give --data (videos to align on)")
-    av_data.torch_dtype(cfg.dtype)
+    dali_stage.torch_dtype(cfg.dtype)
     t_start = time.time()
-    clap, llava = av_data.frozen_paths(cfg.init, cfg.clap, cfg.llava)
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address or None, include_dashboard=False, ignore_reinit_error=True)
+    clap, llava = dali_stage.frozen_paths(cfg.init, cfg.clap, cfg.llava)
+    init_ray(cfg.ray_address)
     clips = av_data.list_clips(cfg.data)
-    data, _ = av_data.load_clips(clips, cfg.window, cfg.frames_per_clip, av_data.image_size_of(llava),
-                                 av_data.clap_window_of(clap), tag="dali-align")
+    data, _ = av_data.load_clips(clips, cfg.window, cfg.frames_per_clip, dali_stage.image_size_of(llava),
+                                 dali_stage.clap_window_of(clap), tag="dali-align")
     t_data = time.time() - t_start
-    sp, fs, run_dir = av_data.run_storage(cfg.storage_path, cfg.output, cfg.run_name)
     arrays = {k: data[k] for k in ("windows", "frames", "n_frames")}
     result, t_fit = fit(train_loop, {"cfg": dataclasses.asdict(cfg), "data_ref": ray.put(arrays),
-                                     "clap": clap, "llava": llava, "run_dir": run_dir},
-                        cfg, {"CPU": cfg.cpus_per_worker}, sp, storage_filesystem=fs)
-    return av_data.write_summary(
+                                     "clap": clap, "llava": llava}, cfg, cfg.output)
+    return dali_stage.write_summary(
         cfg, result, "align", {"data": t_data, "fit": t_fit, "total": time.time() - t_start},
         clips=len(data["uris"]), listed=data["listed"], skipped=data["skipped"])
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse(DaliAlignConfig, argv, "overheard dali-align",
-                "DALI stage 1b: align CLAP audio tokens with LLaVA's vision tokens (MMD / OT) on Ray Train.")
-    s = run(cfg)
-    h = s["history"]
-    if h:
-        print(f"{cfg.loss} {h[0]['loss']:.5f} (epoch {h[0]['epoch']}) -> {h[-1]['loss']:.5f} "
-              f"(epoch {h[-1]['epoch']}); {s['clips']} clips, {sum(s['skipped'].values())} skipped")
-    print(f"DALI checkpoint: {s['output']}")
-    return 0
+    """``overheard dali-align``: align, then print the loss change and the checkpoint."""
+    s = run(parse(DaliAlignConfig, argv, "overheard dali-align", "DALI stage 1b: align CLAP audio "
+                  "tokens with LLaVA's vision tokens (MMD / OT) on Ray Train."))
+    return dali_stage.report(s, s["config"]["loss"], f"{s['clips']} clips, "
+                             f"{sum(s['skipped'].values())} skipped", fmt=".5f")
 
 
 if __name__ == "__main__":

@@ -27,18 +27,18 @@ import dataclasses
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import numpy as np
 
-from jobs.config_cli import parse
+from jobs.config_cli import init_ray, parse
 from overheard import storage
-from training import av_data
-from training.common import fit, run_option, worker_context
+from training import av_data, dali_stage
+from training.common import TrainRun, caption_tokens_field, fit, train_config
 
 
-@dataclass
-class DaliDistillConfig:
+@train_config(run_name="dali-distill", epochs=5, batch_size=16)
+class DaliDistillConfig(TrainRun, dali_stage.Precision):
     output: str = field(metadata={"help": "DALI checkpoint directory to write (local or s3://)"})
     data: str = field(default="", metadata={"help": "videos: folder, glob, s3:// prefix, or csv/parquet "
                                                     "manifest with a 'uri' column"})
@@ -51,32 +51,11 @@ class DaliDistillConfig:
                           "one of the first N seconds"})
     max_new_tokens: int = field(default=0, metadata={
         "min": 0, "help": "pseudo-caption length (0: the model's)"})
-    caption_batch: int = field(default=16, metadata={
-        "min": 1, "help": "clips per pseudo-captioning call"})
+    caption_batch: int = field(default=16, metadata={"min": 1, "help": "clips per pseudo-captioning call"})
     caption_actors: int = field(default=1, metadata={"min": 1, "help": "pseudo-captioning actors"})
-    caption_cpus: float = field(default=1.0, metadata={
-        "gt": 0.0, "help": "CPUs per captioner actor"})
-    epochs: int = run_option("epochs", 5)
-    batch_size: int = field(default=16, metadata={
-        "min": 1, "help": "global batch (split across workers)"})
+    caption_cpus: float = field(default=1.0, metadata={"gt": 0.0, "help": "CPUs per captioner actor"})
     lr: float = field(default=2e-4, metadata={"gt": 0.0, "help": "paper: 2e-4, cosine decay"})
-    weight_decay: float = run_option("weight_decay", 0.01)
-    warmup_steps: int = run_option("warmup_steps", 0)
-    grad_clip: float = run_option("grad_clip", 1.0)
-    max_caption_tokens: int = run_option("max_caption_tokens", 40)
-    dtype: str = field(default="float32", metadata={
-        "choices": ("float32", "bfloat16"), "help": "frozen models: float32 | bfloat16 (GPU)"})
-    seed: int = run_option("seed", 0)
-    num_workers: int = run_option("num_workers", 1)
-    use_gpu: bool = run_option("use_gpu", False)
-    cpus_per_worker: float = run_option("cpus_per_worker", 1.0)
-    max_failures: int = run_option("max_failures", 2)
-    num_to_keep: int = run_option("num_to_keep", 2)
-    storage_path: str = field(default="", metadata={"help": "Ray Train run storage (local or s3://); "
-                                                            "default <output>-runs"})
-    run_name: str = field(default="dali-distill", metadata={"help": "same name + storage => resume"})
-    inject_failure_epoch: int = run_option("inject_failure_epoch", -1)
-    ray_address: str = run_option("ray_address", "")
+    max_caption_tokens: int = caption_tokens_field(40)
 
 
 # ----------------------------------------------------------------------------- pseudo-labels
@@ -167,18 +146,12 @@ def audio_tokens(dali, windows: np.ndarray, batch: int = 16):
 
 
 def train_loop(config: dict) -> None:
-    import ray
-    import ray.train
-    import ray.train.torch
     import torch
 
-    cfg = DaliDistillConfig(**config["cfg"])
-    rank, world, device = worker_context(cfg)
-    data = ray.get(config["data_ref"])
+    cfg, rank, world, device, data = dali_stage.worker_start(DaliDistillConfig, config)
     captions = data["captions"]
-    torch.manual_seed(cfg.seed)
-    dali = av_data.load_dali(cfg.init, "", "", device, cfg.dtype, cfg.seed)
-    with av_data.autocast(device, cfg.dtype):
+    dali = dali_stage.load_dali(cfg.init, "", "", device, cfg.dtype, cfg.seed)
+    with dali_stage.autocast(device, cfg.dtype):
         tokens = audio_tokens(dali, data["windows"])
     model = _distiller(dali, cfg)
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -186,11 +159,11 @@ def train_loop(config: dict) -> None:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     n = len(captions)
-    history, step = av_data.nll_epochs(model, opt, tokens, captions, cfg, rank, world, device,
-                                       config["run_dir"], "dali-distill")
+    history, step = dali_stage.nll_epochs(model, opt, tokens, captions, cfg, rank, world, device,
+                                          config["run_dir"], "dali-distill")
 
     if rank == 0:
-        av_data.save_stage(cfg.output, dali, {
+        dali_stage.save_stage(cfg.output, dali, {
             "stage": "distill", "pseudo_labels": n, "epochs": cfg.epochs, "steps": step,
             "final_loss": history[-1]["loss"] if history else None, "lr": cfg.lr,
             "data": cfg.data, "seed": cfg.seed})
@@ -203,12 +176,11 @@ def run(cfg: DaliDistillConfig) -> dict:
 
     if not (cfg.data and cfg.init):
         raise ValueError("give --data (videos) and --init (the DALI checkpoint that labels them)")
-    av_data.torch_dtype(cfg.dtype)
+    dali_stage.torch_dtype(cfg.dtype)
     t_start = time.time()
-    clap, llava = av_data.frozen_paths(cfg.init, "", "")
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address or None, include_dashboard=False, ignore_reinit_error=True)
-    size, samples = av_data.image_size_of(llava), av_data.clap_window_of(clap)
+    clap, llava = dali_stage.frozen_paths(cfg.init, "", "")
+    init_ray(cfg.ray_address)
+    size, samples = dali_stage.image_size_of(llava), dali_stage.clap_window_of(clap)
     data, ds = av_data.load_clips(av_data.list_clips(cfg.data), cfg.window, cfg.frames_per_clip, size,
                                   samples, tag="dali-distill")
     t_data = time.time() - t_start
@@ -227,12 +199,10 @@ def run(cfg: DaliDistillConfig) -> dict:
     storage.write_bytes_atomic(storage.join(cfg.output, "pseudo_labels.jsonl"), "".join(
         json.dumps({"uri": r["uri"], "caption": r["caption"], "logprob": r["logprob"]}) + "\n"
         for r in keep).encode())
-    sp, fs, run_dir = av_data.run_storage(cfg.storage_path, cfg.output, cfg.run_name)
     arrays = {"windows": data["windows"][rows], "captions": [r["caption"] for r in keep]}
-    result, t_fit = fit(train_loop, {"cfg": dataclasses.asdict(cfg), "data_ref": ray.put(arrays),
-                                     "run_dir": run_dir},
-                        cfg, {"CPU": cfg.cpus_per_worker}, sp, storage_filesystem=fs)
-    return av_data.write_summary(
+    result, t_fit = fit(train_loop, {"cfg": dataclasses.asdict(cfg), "data_ref": ray.put(arrays)},
+                        cfg, cfg.output)
+    return dali_stage.write_summary(
         cfg, result, "distill",
         {"data": t_data, "label": t_label, "fit": t_fit, "total": time.time() - t_start},
         clips=len(data["uris"]), pseudo_labels=len(keep), unlabelled=dropped,
@@ -240,16 +210,11 @@ def run(cfg: DaliDistillConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse(DaliDistillConfig, argv, "overheard dali-distill",
-                "DALI stage 2: caption clips from audio+image, then fine-tune the audio projector "
-                "on those captions from audio alone (Ray Data + Ray Train).")
-    s = run(cfg)
-    h = s["history"]
-    if h:
-        print(f"audio-only NLL {h[0]['loss']:.4f} (epoch {h[0]['epoch']}) -> {h[-1]['loss']:.4f} "
-              f"(epoch {h[-1]['epoch']}); {s['pseudo_labels']} pseudo-labels")
-    print(f"DALI checkpoint: {s['output']}")
-    return 0
+    """``overheard dali-distill``: pseudo-label, distil, then print the NLL change and the checkpoint."""
+    s = run(parse(DaliDistillConfig, argv, "overheard dali-distill", "DALI stage 2: caption clips "
+                  "from audio+image, then fine-tune the audio projector on those captions from "
+                  "audio alone (Ray Data + Ray Train)."))
+    return dali_stage.report(s, "audio-only NLL", f"{s['pseudo_labels']} pseudo-labels")
 
 
 if __name__ == "__main__":

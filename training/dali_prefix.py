@@ -30,46 +30,24 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import numpy as np
 
-from jobs.config_cli import parse
-from training import av_data
-from training.common import fit, run_option, worker_context
+from jobs.config_cli import init_ray, parse
+from training import av_data, dali_stage
+from training.common import TrainRun, caption_tokens_field, fit, train_config
 
 
-@dataclass
-class DaliPrefixConfig:
+@train_config(run_name="dali-prefix", epochs=50, batch_size=8, weight_decay=0.0)
+class DaliPrefixConfig(TrainRun, dali_stage.FrozenModels):
     output: str = field(metadata={"help": "DALI checkpoint directory to write (local or s3://)"})
     data: str = field(default="", metadata={"help": "manifest (csv/parquet) with uri (video or image) "
                                                     "and caption (what it sounds like)"})
-    init: str = field(default="", metadata={"help": "start from this DALI checkpoint"})
-    clap: str = field(default="", metadata={"help": "CLAP model (with --llava: start a new DALI model)"})
-    llava: str = field(default="", metadata={"help": "LLaVA model directory (HF format)"})
     prefix_tokens: int = field(default=16, metadata={
         "min": 1, "help": "prefix length for a new model (paper: 16)"})
-    epochs: int = run_option("epochs", 50)
-    batch_size: int = field(default=8, metadata={
-        "min": 1, "help": "global batch (split across workers)"})
     lr: float = field(default=2e-4, metadata={"gt": 0.0, "help": "paper: 2e-4, cosine decay"})
-    weight_decay: float = run_option("weight_decay", 0.0)
-    warmup_steps: int = run_option("warmup_steps", 0)
-    grad_clip: float = run_option("grad_clip", 1.0)
-    max_caption_tokens: int = run_option("max_caption_tokens", 40)
-    dtype: str = field(default="float32", metadata={
-        "choices": ("float32", "bfloat16"), "help": "frozen models: float32 | bfloat16 (GPU)"})
-    seed: int = run_option("seed", 0)
-    num_workers: int = run_option("num_workers", 1)
-    use_gpu: bool = run_option("use_gpu", False)
-    cpus_per_worker: float = run_option("cpus_per_worker", 1.0)
-    max_failures: int = run_option("max_failures", 2)
-    num_to_keep: int = run_option("num_to_keep", 2)
-    storage_path: str = field(default="", metadata={"help": "Ray Train run storage (local or s3://); "
-                                                            "default <output>-runs"})
-    run_name: str = field(default="dali-prefix", metadata={"help": "same name + storage => resume"})
-    inject_failure_epoch: int = run_option("inject_failure_epoch", -1)
-    ray_address: str = run_option("ray_address", "")
+    max_caption_tokens: int = caption_tokens_field(40)
 
 
 def _prefix_tuner(dali, cfg: DaliPrefixConfig):
@@ -104,30 +82,24 @@ def image_segments(dali, frames, batch: int = 32):
 
 # ----------------------------------------------------------------------------- worker loop
 def train_loop(config: dict) -> None:
-    import ray
-    import ray.train
-    import ray.train.torch
     import torch
 
-    cfg = DaliPrefixConfig(**config["cfg"])
-    rank, world, device = worker_context(cfg)
-    data = ray.get(config["data_ref"])
+    cfg, rank, world, device, data = dali_stage.worker_start(DaliPrefixConfig, config)
     captions = data["captions"]
-    torch.manual_seed(cfg.seed)
-    dali = av_data.load_dali(cfg.init, config["clap"], config["llava"], device, cfg.dtype, cfg.seed,
-                             prefix_tokens=cfg.prefix_tokens)
-    with av_data.autocast(device, cfg.dtype):
+    dali = dali_stage.load_dali(cfg.init, config["clap"], config["llava"], device, cfg.dtype, cfg.seed,
+                                prefix_tokens=cfg.prefix_tokens)
+    with dali_stage.autocast(device, cfg.dtype):
         # first frame of each pair; a copy: arrays from the object store are read-only
         segments = image_segments(dali, np.array(data["frames"][:, 0]))
     model = _prefix_tuner(dali, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = len(captions)
-    history, step = av_data.nll_epochs(model, opt, segments, captions, cfg, rank, world, device,
-                                       config["run_dir"], "dali-prefix")
+    history, step = dali_stage.nll_epochs(model, opt, segments, captions, cfg, rank, world, device,
+                                          config["run_dir"], "dali-prefix")
 
     if rank == 0:
         dali.cfg.use_prefix = True
-        av_data.save_stage(cfg.output, dali, {
+        dali_stage.save_stage(cfg.output, dali, {
             "stage": "prefix", "pairs": n, "epochs": cfg.epochs, "steps": step,
             "final_loss": history[-1]["loss"] if history else None, "lr": cfg.lr,
             "data": cfg.data, "seed": cfg.seed})
@@ -140,9 +112,9 @@ def run(cfg: DaliPrefixConfig) -> dict:
 
     if not cfg.data:
         raise ValueError("give --data: a manifest with uri and caption columns")
-    av_data.torch_dtype(cfg.dtype)
+    dali_stage.torch_dtype(cfg.dtype)
     t_start = time.time()
-    clap, llava = av_data.frozen_paths(cfg.init, cfg.clap, cfg.llava)
+    clap, llava = dali_stage.frozen_paths(cfg.init, cfg.clap, cfg.llava)
     pairs = av_data.list_clips(cfg.data, av_data.VIDEO_SUFFIXES + av_data.IMAGE_SUFFIXES)
     uncaptioned = sum(1 for p in pairs if not p["caption"])
     pairs = [p for p in pairs if p["caption"]]
@@ -150,33 +122,26 @@ def run(cfg: DaliPrefixConfig) -> dict:
         print(f"[dali-prefix] skipped {uncaptioned} rows without a caption", flush=True)
     if not pairs:
         raise ValueError(f"{cfg.data}: no row has a caption")
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address or None, include_dashboard=False, ignore_reinit_error=True)
-    data, _ = av_data.load_clips(pairs, 10.0, 1, av_data.image_size_of(llava), need_audio=False,
+    init_ray(cfg.ray_address)
+    data, _ = av_data.load_clips(pairs, 10.0, 1, dali_stage.image_size_of(llava), need_audio=False,
                                  tag="dali-prefix")
     if uncaptioned:
         data["skipped"]["no_caption"] = uncaptioned
     t_data = time.time() - t_start
-    sp, fs, run_dir = av_data.run_storage(cfg.storage_path, cfg.output, cfg.run_name)
     arrays = {"frames": data["frames"], "captions": data["captions"]}
     result, t_fit = fit(train_loop, {"cfg": dataclasses.asdict(cfg), "data_ref": ray.put(arrays),
-                                     "clap": clap, "llava": llava, "run_dir": run_dir},
-                        cfg, {"CPU": cfg.cpus_per_worker}, sp, storage_filesystem=fs)
-    return av_data.write_summary(
+                                     "clap": clap, "llava": llava},
+                        cfg, cfg.output)
+    return dali_stage.write_summary(
         cfg, result, "prefix", {"data": t_data, "fit": t_fit, "total": time.time() - t_start},
         pairs=len(data["uris"]), listed=data["listed"] + uncaptioned, skipped=data["skipped"])
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse(DaliPrefixConfig, argv, "overheard dali-prefix",
-                "DALI stage 1a: learn the prefix tokens from (image, sound caption) pairs on Ray Train.")
-    s = run(cfg)
-    h = s["history"]
-    if h:
-        print(f"caption NLL {h[0]['loss']:.4f} (epoch {h[0]['epoch']}) -> {h[-1]['loss']:.4f} "
-              f"(epoch {h[-1]['epoch']}); {s['pairs']} pairs")
-    print(f"DALI checkpoint: {s['output']}")
-    return 0
+    """``overheard dali-prefix``: tune the prefix, then print the NLL change and the checkpoint."""
+    s = run(parse(DaliPrefixConfig, argv, "overheard dali-prefix", "DALI stage 1a: learn the prefix "
+                  "tokens from (image, sound caption) pairs on Ray Train."))
+    return dali_stage.report(s, "caption NLL", f"{s['pairs']} pairs")
 
 
 if __name__ == "__main__":

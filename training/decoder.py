@@ -42,19 +42,20 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import numpy as np
 
-from jobs.config_cli import parse, to_json
+from jobs.config_cli import init_ray, parse, to_json
 from overheard import storage
 from overheard.textonly.gap import GAP_MODES, condition
-from training.common import (adamw, cosine_lr, cpu_state_dict, fit, load_final, restore_checkpoint,
-                             run_option, save_epoch_checkpoint, worker_context)
+from training.common import (TrainRun, adamw, caption_tokens_field, cosine_lr, cpu_state_dict, fit,
+                             inject_failure, load_final, loss_change, restore_checkpoint,
+                             save_epoch_checkpoint, train_config, worker_context)
 
 
-@dataclass
-class TrainDecoderConfig:
+@train_config(run_name="decoder", epochs=10, batch_size=64, warmup_steps=100, num_workers=2)
+class TrainDecoderConfig(TrainRun):
     output: str = field(metadata={"help": "final decoder directory (local or s3://)"})
     corpus: str = field(default="", metadata={"help": "caption corpus (file/folder/prefix, "
                                                      "comma-separated for several)"})
@@ -66,8 +67,7 @@ class TrainDecoderConfig:
     dedup: bool = field(default=False, metadata={"help": "drop repeated identical captions"})
     tokenizer: str = field(default="", metadata={"help": "tokenizer dir (tokenizer.json with "
                                                         "<s>=0 <pad>=1 </s>=2); default: train BPE"})
-    vocab_size: int = field(default=5000, metadata={
-        "min": 16, "help": "BPE vocabulary when training one"})
+    vocab_size: int = field(default=5000, metadata={"min": 16, "help": "BPE vocabulary when training one"})
     prefix_length: int = field(default=10, metadata={"min": 1, "help": "CLAP prefix tokens"})
     mapper: str = field(default="mlp", metadata={
         "choices": ("mlp", "transformer"), "help": "mlp | transformer"})
@@ -76,9 +76,8 @@ class TrainDecoderConfig:
     n_layer: int = field(default=4, metadata={"min": 1, "help": "decoder transformer layers"})
     n_head: int = field(default=4, metadata={"min": 1, "help": "decoder attention heads"})
     n_embd: int = field(default=768, metadata={"min": 1, "help": "decoder width"})
-    max_caption_tokens: int = run_option("max_caption_tokens", 30)
-    dropout: float = field(default=0.1, metadata={
-        "min": 0.0, "max": 1.0, "help": "dropout probability"})
+    max_caption_tokens: int = caption_tokens_field(30)
+    dropout: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0, "help": "dropout probability"})
     gap_mode: str = field(default="noise", metadata={
         "choices": ("none", "noise", "shift", "both"), "help": "none | noise | shift | both"})
     noise_variance: float = field(default=0.013, metadata={
@@ -87,29 +86,10 @@ class TrainDecoderConfig:
     gap_file: str = field(default="", metadata={"help": "training.gap output (.json/.safetensors)"})
     retrieval_k: int = field(default=0, metadata={
         "min": 0, "help": "neighbour captions in the prefix (0: off)"})
-    epochs: int = run_option("epochs", 10)
-    batch_size: int = field(default=64, metadata={
-        "min": 1, "help": "global batch (split across workers)"})
-    lr: float = field(default=2e-4, metadata={
-        "gt": 0.0, "help": "peak learning rate (cosine decay)"})
-    weight_decay: float = run_option("weight_decay", 0.01)
-    warmup_steps: int = run_option("warmup_steps", 100)
-    grad_clip: float = run_option("grad_clip", 1.0)
-    seed: int = run_option("seed", 0)
-    num_workers: int = run_option("num_workers", 2)
-    use_gpu: bool = run_option("use_gpu", False)
-    cpus_per_worker: float = run_option("cpus_per_worker", 1.0)
-    max_failures: int = run_option("max_failures", 2)
-    num_to_keep: int = run_option("num_to_keep", 2)
-    storage_path: str = field(default="", metadata={"help": "Ray Train run storage (local or "
-                                                           "s3://); default <output>-runs"})
-    run_name: str = field(default="decoder", metadata={"help": "same name + storage => resume"})
-    inject_failure_epoch: int = run_option("inject_failure_epoch", -1)
+    lr: float = field(default=2e-4, metadata={"gt": 0.0, "help": "peak learning rate (cosine decay)"})
     embed_actors: int = field(default=1, metadata={"min": 1, "help": "CLAP text-embedding actors"})
-    embed_batch: int = field(default=256, metadata={
-        "min": 1, "help": "captions per embedding call"})
+    embed_batch: int = field(default=256, metadata={"min": 1, "help": "captions per embedding call"})
     actor_cpus: float = field(default=0.5, metadata={"gt": 0.0, "help": "CPUs reserved per actor"})
-    ray_address: str = run_option("ray_address", "")
 
 
 def _lr_at(cfg: TrainDecoderConfig, step: int, total: int) -> float:
@@ -173,11 +153,7 @@ def train_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
 
     for epoch in range(start_epoch, cfg.epochs):
-        if epoch == cfg.inject_failure_epoch and rank == 0:
-            marker = storage.join(config["run_dir"], f".injected-failure-{epoch}")
-            if not storage.exists(marker):
-                storage.write_bytes_atomic(marker, b"1")
-                raise RuntimeError(f"injected failure at the start of epoch {epoch}")
+        inject_failure(epoch, cfg.inject_failure_epoch, rank, config["run_dir"])
         t0 = time.time()
         perm = np.random.default_rng([cfg.seed, epoch]).permutation(n)
         need = steps_per_epoch * local_bs * world
@@ -289,18 +265,6 @@ def _gap_settings(cfg: TrainDecoderConfig, dim: int) -> tuple[float, list | None
     return noise, gap, info
 
 
-def _storage(cfg: TrainDecoderConfig):
-    """(storage_path for RunConfig, pyarrow filesystem or None, run dir URI)."""
-    sp = cfg.storage_path or cfg.output.rstrip("/") + "-runs"
-    if storage.protocol_of(sp) == "file":
-        sp = os.path.abspath(sp)
-        return sp, None, os.path.join(sp, cfg.run_name)
-    from jobs.embed_captions import arrow_fs
-
-    fs, path = arrow_fs(sp)
-    return path, fs, storage.join(sp, cfg.run_name)
-
-
 def run(cfg: TrainDecoderConfig) -> dict:
     """Embed (or reuse), train (or resume), write the model directory; returns a summary."""
     import ray
@@ -312,8 +276,7 @@ def run(cfg: TrainDecoderConfig) -> dict:
     from overheard.textonly.retrieval import training_neighbours
 
     t_start = time.time()
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address or None, include_dashboard=False, ignore_reinit_error=True)
+    init_ray(cfg.ray_address)
     emb_path, _ = _resolve_embeddings(cfg)
     captions, emb, manifest = read_cache(emb_path)
     t_embed = time.time() - t_start
@@ -328,11 +291,9 @@ def run(cfg: TrainDecoderConfig) -> dict:
     if cfg.retrieval_k:
         data["neighbours"] = training_neighbours(torch.from_numpy(emb), captions,
                                                  cfg.retrieval_k).numpy()
-    sp, fs, run_dir = _storage(cfg)
     result, t_fit = fit(train_loop, {"cfg": dataclasses.asdict(cfg), "decoder": dcfg.to_dict(),
                                      "data_ref": ray.put(data), "tokenizer_files": _tokenizer_files(tok),
-                                     "noise_variance": noise, "gap": gap, "run_dir": run_dir},
-                        cfg, {"CPU": cfg.cpus_per_worker}, sp, storage_filesystem=fs)
+                                     "noise_variance": noise, "gap": gap}, cfg, cfg.output)
 
     torch.manual_seed(cfg.seed)
     model = _build_model(dcfg.to_dict(), cfg.retrieval_k)
@@ -376,10 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                 "Train the caption decoder on CLAP text embeddings of a caption corpus (Ray Train).")
     s = run(cfg)
     h = s["history"]
-    if h:
-        print(f"loss {h[0]['loss']:.4f} (epoch {h[0]['epoch']}) -> {h[-1]['loss']:.4f} "
-              f"(epoch {h[-1]['epoch']}), {h[-1]['tokens_per_s']:.0f} tokens/s in the last epoch")
-    print(f"model: {s['output']}  ({s['captions']} captions in its memory)")
+    speed = f", {h[-1]['tokens_per_s']:.0f} tokens/s in the last epoch" if h else ""
+    print(f"{loss_change(h)}{speed}\nmodel: {s['output']}  ({s['captions']} captions in its memory)")
     return 0
 
 

@@ -43,17 +43,12 @@ class GapConfig:
         "help": "CLAP model (HF ClapModel dir or LAION .pt, or a Hugging Face repo id / hf:// URI); "
                 "required"})
     pairs: str = field(default="", metadata={"help": "paired audio-caption file"})
-    audio_root: str = field(default="", metadata={
-        "help": "base for relative audio paths in --pairs"})
-    audio: str = field(default="", metadata={
-        "help": "unpaired audio files: folder / prefix / glob"})
+    audio_root: str = field(default="", metadata={"help": "base for relative audio paths in --pairs"})
+    audio: str = field(default="", metadata={"help": "unpaired audio files: folder / prefix / glob"})
     captions: str = field(default="", metadata={"help": "unpaired caption corpus"})
-    max_pairs: int = field(default=0, metadata={
-        "min": 0, "help": "use at most this many pairs (0: all)"})
-    max_files: int = field(default=200, metadata={
-        "min": 1, "help": "unpaired audio files to embed at most"})
-    max_captions: int = field(default=10000, metadata={
-        "min": 1, "help": "unpaired captions at most"})
+    max_pairs: int = field(default=0, metadata={"min": 0, "help": "use at most this many pairs (0: all)"})
+    max_files: int = field(default=200, metadata={"min": 1, "help": "unpaired audio files to embed at most"})
+    max_captions: int = field(default=10000, metadata={"min": 1, "help": "unpaired captions at most"})
     max_windows: int = field(default=6, metadata={"min": 1, "help": "windows per audio file"})
     out: str = field(default="", metadata={
         "help": "output .json (a .safetensors is written beside it); required"})
@@ -128,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         pa_ = np.stack([fe[u] for u, _ in pairs])
         pt_ = enc.embed_text([c for _, c in pairs])
     if a.audio:
-        from jobs.caption import MEDIA_SUFFIXES
+        from overheard.media import MEDIA_SUFFIXES
 
         files = [u for u, _, _ in storage.list_files(a.audio, MEDIA_SUFFIXES)][: a.max_files]
         ua = embed_audio_files(enc, files, a.max_windows)
