@@ -83,18 +83,27 @@ def measure(n_windows: int, per_source: int, batch: int) -> dict:
 
 def _uris(lo: int, hi: int, seed: int = 0) -> pa.Array:
     """Archive-like URIs (~50 B) of sources lo..hi-1, in a scrambled order (no early stop)."""
-    idx = np.random.default_rng(seed).permutation(np.arange(lo, hi))
+    return _names(np.random.default_rng(seed).permutation(np.arange(lo, hi)))
+
+
+def _names(idx: np.ndarray) -> pa.Array:
     return pa.array([f"s3://archive/part-{i // 1000:05d}/clip-{i:09d}.m4a" for i in idx],
                     pa.string())
 
 
-def write_manifest(path: str, rows: int) -> str:
-    """A Parquet manifest of ``rows`` sources: uri, version (an ETag-like 32 hex), size."""
+def write_manifest(path: str, rows: int, group: int = 1_000_000) -> str:
+    """A Parquet manifest of ``rows`` sources in a scrambled order: uri, version (an ETag-like
+    32 hex), size; written 1M rows (one row group) at a time."""
     import pyarrow.parquet as pq
 
-    uris = _uris(0, rows)
-    pq.write_table(pa.table({"uri": uris, "version": pa.array([f"{i:032x}" for i in range(rows)]),
-                             "size": pa.array(np.full(rows, 160_000, np.int64))}), path)
+    idx = np.random.default_rng(0).permutation(rows)
+    with pq.ParquetWriter(path, pa.schema([("uri", pa.string()), ("version", pa.string()),
+                                           ("size", pa.int64())])) as w:
+        for lo in range(0, rows, group):
+            part = idx[lo:lo + group]
+            w.write_table(pa.table({"uri": _names(part),
+                                    "version": pa.array([f"{i:032x}" for i in part]),
+                                    "size": pa.array(np.full(len(part), 160_000, np.int64))}))
     return path
 
 
@@ -126,10 +135,11 @@ def _plan_child(inp: str, output: str, limit: int) -> None:
     t0, c0 = time.perf_counter(), time.process_time()
     plan = plan_sources(open_listing(inp), output, os.path.join(output, "runs", "bench", "todo"),
                         limit=limit)
-    rows = plan.rows()
+    # read back as today's build() takes it (tuples) when small; a big todo list as Arrow batches
+    todo = len(plan.rows()) if plan.count <= 100_000 else sum(t.num_rows for t in plan.tables())
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     plan.remove()
-    print(json.dumps(dict(wall_s=wall, cpu_s=cpu, todo=len(rows), listed=plan.listed,
+    print(json.dumps(dict(wall_s=wall, cpu_s=cpu, todo=todo, listed=plan.listed,
                           skipped=plan.skipped_done,
                           peak_mib=_peak_rss_mib())))
 
@@ -153,8 +163,10 @@ def _child(inp: str, output: str, limit: int) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def measure_listing(manifest_rows: int, done: int, limit: int = 2000) -> list[tuple]:
-    """Rows of the (c)/(d) table: (case, result)."""
+def measure_listing(manifest_rows: int, done: int, limit: int = 2000,
+                    all_rows: int = 0) -> list[tuple]:
+    """Rows of the (c)/(d) table: (case, result); ``all_rows`` > 0 adds a manifest of that
+    many new sources without --limit (more than SPILL_ROWS: deduplicated in hash buckets)."""
     with tempfile.TemporaryDirectory() as d:
         small = write_manifest(os.path.join(d, "small.parquet"), 2000)
         big = write_manifest(os.path.join(d, "big.parquet"), manifest_rows)
@@ -167,6 +179,9 @@ def measure_listing(manifest_rows: int, done: int, limit: int = 2000) -> list[tu
         rerun = write_manifest(os.path.join(d, "rerun.parquet"), done + 2000)
         out.append((f"(d) 2k-row manifest, nothing done", _child(small, empty, 0)))
         out.append((f"(d) rerun: {done + 2000:,}-row manifest, {done:,} done", _child(rerun, full, 0)))
+        if all_rows:
+            huge = write_manifest(os.path.join(d, "all.parquet"), all_rows)
+            out.append((f"{all_rows:,}-row manifest, no --limit (all todo)", _child(huge, empty, 0)))
     return out
 
 
@@ -178,6 +193,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="a,c,d", help="parts to run: a (assembly), c, d (listing)")
     p.add_argument("--manifest-rows", type=int, default=1_000_000, help="(c): the big manifest")
     p.add_argument("--done", type=int, default=1_000_000, help="(d): captioned sources in OUTPUT")
+    p.add_argument("--all-rows", type=int, default=0,
+                   help="also plan a manifest of this many new sources without --limit")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
@@ -209,7 +226,7 @@ def main(argv=None) -> int:
 
 
 def print_listing(a) -> None:
-    rows = measure_listing(a.manifest_rows, a.done)
+    rows = measure_listing(a.manifest_rows, a.done, all_rows=a.all_rows)
     print(f"# bench/scale.py (c)/(d): listing + planning (jobs/sources.py: list, dedup, anti-join, "
           f"--limit, todo spilled to Parquet and read back), each in a fresh process; "
           f"load avg {os.getloadavg()[0]:.1f}")
@@ -218,14 +235,15 @@ def print_listing(a) -> None:
     for name, r in rows:
         print(f"| {name} | {r['listed']:,} | {r['skipped']:,} | {r['todo']:,} | {r['wall_s']:.2f} | "
               f"{r['cpu_s']:.2f} | {r['peak_mib']:.0f} |")
-    (_, c0), (_, c1), (_, d0), (_, d1) = rows
+    (_, c0), (_, c1), (_, d0), (_, d1) = rows[:4]
     print(f"\n(c) extra for the big manifest: {c1['wall_s'] - c0['wall_s']:+.2f} s wall, "
           f"{c1['cpu_s'] - c0['cpu_s']:+.2f} CPU s, {c1['peak_mib'] - c0['peak_mib']:+.0f} MiB; "
           f"(d) rerun decision: {d1['wall_s']:.2f} s wall, {d1['cpu_s']:.2f} CPU s, "
           f"peak {d1['peak_mib']:.0f} MiB ({d1['peak_mib'] - d0['peak_mib']:+.0f} MiB over the "
           f"small run)")
     print(f"reproduce: .venv/bin/python bench/scale.py --only c,d --manifest-rows "
-          f"{a.manifest_rows} --done {a.done}\n")
+          f"{a.manifest_rows} --done {a.done}" + (f" --all-rows {a.all_rows}" if a.all_rows
+                                                    else "") + "\n")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
     python -m jobs.caption s3://bucket/archive/ s3://bucket/captions/ --model s3://bucket/models/v1
 
 Stages (Ray Data, streaming; nothing materialises the whole archive):
-    sources (driver: list folders/prefixes/manifests/shards, skip done, take the output lease)
+    sources (driver, jobs/sources.py: take the output lease, list folders/prefixes/manifests/
+             shards in chunks, skip done (an Arrow anti-join), spill the todo list to Parquet)
     -> decode_sources  [CPU tasks, generator: windows]
     -> ClapCaptioner   [one autoscaling actor pool, GPU if any: CLAP embedding + caption decoding
                         + confidence; --no-fuse-models: ClapEmbedder then Captioner pools; a DALI
@@ -15,6 +16,7 @@ Output layout under OUTPUT:
     captions/part-<run>-<seq>.parquet   one row per window (schema: overheard.schema)
     failures/part-<run>-<seq>.parquet   one row per failed source or window
     runs/<run>/config.json, runs/<run>/manifest.json
+    runs/<run>/todo/part-*.parquet      the run's todo list (jobs.sources.Plan), removed at its end
 """
 
 from __future__ import annotations
