@@ -4,7 +4,8 @@
     python -m jobs.caption s3://bucket/archive/ s3://bucket/captions/ --model s3://bucket/models/v1
 
 Stages (Ray Data, streaming; nothing materialises the whole archive):
-    sources (driver: list folders/prefixes/manifests/shards, skip done, take the output lease)
+    sources (driver, jobs/sources.py: take the output lease, list folders/prefixes/manifests/
+             shards in chunks, skip done (an Arrow anti-join), spill the todo list to Parquet)
     -> decode_sources  [CPU tasks, generator: windows]
     -> ClapCaptioner   [one autoscaling actor pool, GPU if any: CLAP embedding + caption decoding
                         + confidence; --no-fuse-models: ClapEmbedder then Captioner pools; a DALI
@@ -15,6 +16,7 @@ Output layout under OUTPUT:
     captions/part-<run>-<seq>.parquet   one row per window (schema: overheard.schema)
     failures/part-<run>-<seq>.parquet   one row per failed source or window
     runs/<run>/config.json, runs/<run>/manifest.json
+    runs/<run>/todo/part-*.parquet      the run's todo list (jobs.sources.Plan), removed at its end
 """
 
 from __future__ import annotations
@@ -28,8 +30,6 @@ import uuid
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pcsv
-import pyarrow.parquet as pq
 
 import overheard
 # the options live in jobs/caption_config.py; imported here so `from jobs.caption import
@@ -39,16 +39,14 @@ from jobs.caption_config import (ASSETS, DEFAULT_MODEL, TINY_MODEL, CaptionConfi
 from jobs.config_cli import (OptionError, check, exit_bad_option, flat_dict, flatten_saved,
                              init_ray, parse, to_json)
 from jobs.lease import LeaseHeld, OutputLease
-from jobs.sink import PartWriter, SourceAssembler, done_sources, quarantine_damaged
+from jobs.sink import PartWriter, SourceAssembler, quarantine_damaged
+from jobs.sources import open_listing, plan_sources
 from overheard import layouts, storage
 from overheard.confidence import LOW
-from overheard.media import MEDIA_SUFFIXES  # also jobs.caption.MEDIA_SUFFIXES (listing)
 
 # below this a window counts as low-confidence in the summary (overheard.confidence.LOW: beyond the
 # 95th percentile of held-out in-world distances)
 LOW_CONFIDENCE = LOW
-MANIFEST_SUFFIXES = (".parquet", ".csv")
-URI_COLUMNS = ("uri", "source_uri", "path", "url", "file")
 
 
 def pin_models(cfg: CaptionConfig) -> CaptionConfig:
@@ -135,59 +133,6 @@ def validate_models(clap: str, decoder: str) -> None:
         raise ValueError(f"invalid decoder at {decoder}: {type(e).__name__}: {e}") from None
     del dec
     gc.collect()
-
-
-def list_sources(cfg: CaptionConfig) -> list[tuple[str, str]]:
-    """Sorted (uri, version) pairs from a folder/prefix/glob/file or a manifest table."""
-    return [(u, v) for u, v, *_ in list_sources_sized(cfg)]
-
-
-def list_sources_sized(cfg: CaptionConfig) -> list[tuple]:
-    """Sorted (uri, version, size in bytes) from a folder/prefix/glob/file or a manifest table
-    (size from its optional 'size' column; 0 = unknown). Sources of archive layouts (tar shard
-    members, HF Parquet rows, JSONL spans) carry a 4th element, their locator
-    (overheard.layouts)."""
-    suffixes = () if cfg.all_files else MEDIA_SUFFIXES
-    located = layouts.list_located(cfg.input, MEDIA_SUFFIXES)
-    if located is not None:
-        return located
-    fs, path = storage.get_fs(cfg.input)
-    if path.lower().endswith(MANIFEST_SUFFIXES) and fs.isfile(path):
-        with fs.open(path, "rb") as f:
-            t = pq.read_table(f) if path.lower().endswith(".parquet") else pcsv.read_csv(f)
-        col = next((c for c in URI_COLUMNS if c in t.column_names), None)
-        if col is None:
-            raise ValueError(f"manifest {cfg.input} needs one of the columns {URI_COLUMNS}")
-        if not (pa.types.is_string(t.schema.field(col).type)
-                or pa.types.is_large_string(t.schema.field(col).type)):
-            raise ValueError(f"manifest {cfg.input}: column {col!r} must hold text (URIs), "
-                             f"got {t.schema.field(col).type}")
-        uris = t.column(col).to_pylist()
-        # any type of version (an int VersionId, a timestamp) is kept as its text
-        vers = (t.column("version").to_pylist() if "version" in t.column_names
-                else [""] * len(uris))
-        sizes = (t.column("size").to_pylist() if "size" in t.column_names
-                 else [0] * len(uris))
-        # a URI listed twice is one source (the first entry wins): two entries with different
-        # versions would otherwise be decoded twice and written twice
-        first: dict[str, tuple[str, str, int]] = {}
-        for u, v, n in zip(uris, vers, sizes):
-            if u and u not in first:
-                first[u] = (u, "" if v is None else str(v), _size(n))
-        return sorted(first.values())
-    if not fs.exists(path) and not any(ch in path for ch in "*?["):
-        raise FileNotFoundError(f"input not found: {cfg.input}")
-    listed = storage.list_files(cfg.input, suffixes and suffixes + layouts.CONTAINER_SUFFIXES)
-    return layouts.expand([(u, v, n) for u, n, v in listed], suffixes or MEDIA_SUFFIXES)
-
-
-def _size(n) -> int:
-    """A manifest's size cell as bytes; 0 (unknown) for anything that is not a size."""
-    try:
-        v = int(n)
-    except (TypeError, ValueError, OverflowError):
-        return 0
-    return v if v > 0 else 0
 
 
 # Source packing for the decode stage. A Ray Data task per source costs ~0.05-0.1 CPU-s of
@@ -455,8 +400,9 @@ def run(cfg: CaptionConfig) -> dict:
     else:
         clap, decoder = _preflight("read the model", cfg.model, lambda: resolve_model(cfg))
         validate_models(clap, decoder)
-    sources = _preflight("list the input", cfg.input, lambda: list_sources_sized(cfg))
-    sources = [s for s in sources if not _inside(s[0], cfg.output)]
+    # the input is checked now (exists, readable, a manifest's columns); listed under the lease
+    sources = _preflight("list the input", cfg.input,
+                         lambda: open_listing(cfg.input, cfg.all_files, output=cfg.output))
     # one run per output: taken before reading what is done, released when this run ends
     lease = _preflight("write the output", cfg.output,
                        lambda: OutputLease(cfg.output, cfg.run_id, cfg.lease_stale).acquire())
@@ -471,19 +417,22 @@ def _run_leased(cfg, t0, dali, clap, decoder, frame_size, lease, sources) -> dic
     _preflight("write the output", cfg.output, lambda: storage.write_bytes_atomic(
         storage.join(run_dir, "config.json"), to_json(cfg).encode()))
     damaged = quarantine_damaged(cfg.output)
-    done = done_sources(cfg.output)
-    todo = [s for s in sources if s[0] not in done]
-    if cfg.limit:
-        todo = todo[: cfg.limit]
+    # listing, dedup, anti-join against OUTPUT, --limit (jobs/sources.py); todo spilled to
+    # runs/<run>/todo/ as Parquet, read back here as build()'s tuples
+    plan = _preflight("list the input", cfg.input, lambda: plan_sources(
+        sources, cfg.output, storage.join(run_dir, "todo"), limit=cfg.limit))
+    todo = plan.rows()
     manifest = dict(run_id=cfg.run_id, status="running", started_at=t0, input=cfg.input,
                     output=cfg.output, clap=clap, decoder=decoder,
                     overheard_version=overheard.__version__,
-                    sources_listed=len(sources), sources_skipped_done=sum(1 for s in sources if s[0] in done),
-                    sources_todo=len(todo), sources_captioned=0, sources_failed=0,
+                    sources_listed=plan.listed, sources_skipped_done=plan.skipped_done,
+                    sources_todo=plan.count, sources_captioned=0, sources_failed=0,
                     windows=0, window_failures=0, audio_hours=0.0, failures_by_type={},
                     model_ids=[], parts=[], windows_scored=0, windows_low_confidence=0,
                     bundled_model=os.path.realpath(decoder).startswith(os.path.realpath(DEFAULT_MODEL)))
     manifest["damaged_parts"] = damaged  # renamed .damaged-*; their sources are redone
+    if not plan.complete:
+        manifest["listing_complete"] = False  # --limit stopped listing an ordered input early
     if manifest["sources_skipped_done"]:
         manifest["settings_differ"] = settings_differ(cfg)
     manifest["mode"] = cfg.mode if dali else "audio"
@@ -493,6 +442,7 @@ def _run_leased(cfg, t0, dali, clap, decoder, frame_size, lease, sources) -> dic
     publish_manifest(cfg, manifest)
     if todo:
         _stream(cfg, todo, clap, decoder, manifest, dali, frame_size, lease)
+    plan.remove()
     manifest["status"] = manifest.get("status_final", "completed")
     manifest.pop("status_final", None)
     publish_manifest(cfg, manifest)
@@ -547,15 +497,6 @@ def publish_manifest(cfg: CaptionConfig, manifest: dict) -> None:
     storage.write_bytes_atomic(
         storage.join(cfg.output, "runs", cfg.run_id, "manifest.json"),
         json.dumps(manifest, indent=2, default=str).encode())
-
-
-def _inside(uri: str, output: str) -> bool:
-    """True when source ``uri`` lies under ``output`` (output placed inside the input: its
-    own parts, manifests and temp files must never become sources)."""
-    if storage.protocol_of(uri) != storage.protocol_of(output):
-        return False
-    u, o = storage.get_fs(uri)[1], storage.get_fs(output)[1].rstrip("/")
-    return u == o or u.startswith(o + "/")
 
 
 def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0, lease=None):

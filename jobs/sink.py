@@ -281,13 +281,20 @@ class PartWriter:
                 self.on_commit()
 
 
-def read_table_dir(uri: str, columns: list[str] | None = None) -> pa.Table | None:
-    """All parts under ``uri`` as one table (None if there are none). Temp files are skipped."""
+def part_files(uri: str) -> tuple[object, list[str]]:
+    """(filesystem, sorted paths) of the parts under ``uri`` that count as written: every
+    ``.parquet`` file but temp and hidden ones. The one place that decides which parts are
+    committed: readers and resume (``done_uris``) go through it."""
     fs, path = storage.get_fs(uri)
     if not fs.exists(path):
-        return None
-    files = sorted(p for p in fs.find(path) if p.endswith(".parquet")
-                   and not p.rsplit("/", 1)[-1].startswith("."))
+        return fs, []
+    return fs, sorted(p for p in fs.find(path) if p.endswith(".parquet")
+                      and not p.rsplit("/", 1)[-1].startswith("."))
+
+
+def read_table_dir(uri: str, columns: list[str] | None = None) -> pa.Table | None:
+    """All parts under ``uri`` as one table (None if there are none). Temp files are skipped."""
+    fs, files = part_files(uri)
     if not files:
         return None
     tables = [pq.read_table(f, columns=columns, filesystem=fs) for f in files]
@@ -311,7 +318,7 @@ def quarantine_damaged(output: str) -> list[str]:
             try:
                 with fs.open(p, "rb") as f:
                     # the footer (what a cut file loses) and the column resume reads; not the
-                    # embeddings, so this costs what done_sources costs
+                    # embeddings, so this costs what done_uris costs
                     pq.ParquetFile(f).read(columns=["source_uri"])
             except Exception:  # noqa: BLE001 - ArrowInvalid, OSError, ...: any unreadable part
                 dest = p[: -len(name)] + ".damaged-" + name
@@ -320,15 +327,20 @@ def quarantine_damaged(output: str) -> list[str]:
     return moved
 
 
-def done_sources(output: str) -> set[str]:
-    """Sources a rerun must skip: those with captions, and those whose failure is permanent.
-    Sources whose only failures are retryable (read errors, timeouts) are attempted again."""
-    done: set[str] = set()
-    caps = read_table_dir(storage.join(output, "captions"), ["source_uri"])
-    if caps is not None:
-        done.update(pc.unique(caps.column("source_uri")).to_pylist())
-    fails = read_table_dir(storage.join(output, "failures"), ["source_uri", "retryable"])
-    if fails is not None:
-        perm = fails.filter(pc.invert(fails.column("retryable")))
-        done.update(pc.unique(perm.column("source_uri")).to_pylist())
-    return done
+def done_uris(output: str) -> pa.Array:
+    """The sources a rerun skips, as one Arrow array of distinct URIs: those with captions, and
+    those whose failure is permanent. Sources whose only failures are retryable (read errors,
+    timeouts) are attempted again. Read part by part, one column (two for failures), each part
+    reduced to its distinct URIs first: memory ~ the distinct URIs, ~100 B each (bench/scale.py
+    (d): 1M done sources)."""
+    found = [pa.array([], pa.string())]
+    fs, files = part_files(storage.join(output, "captions"))
+    for f in files:
+        found.append(pc.unique(pq.read_table(f, columns=["source_uri"], filesystem=fs)
+                               .column("source_uri").combine_chunks()))
+    fs, files = part_files(storage.join(output, "failures"))
+    for f in files:
+        t = pq.read_table(f, columns=["source_uri", "retryable"], filesystem=fs)
+        perm = t.filter(pc.invert(t.column("retryable")))
+        found.append(pc.unique(perm.column("source_uri").combine_chunks()))
+    return pc.unique(pa.concat_arrays([pc.cast(a, pa.string()) for a in found]))

@@ -291,45 +291,79 @@ def read_jsonl(uri: str) -> list[tuple]:
     (seconds). Lines with a span become ``<file>#t=<offset>,<end>`` (locator kind ``span``);
     other keys of the line go into source_meta. A malformed line is one failure source
     ``<manifest uri>#line=<n>`` (permanent); identical lines collapse to one source."""
+    out: dict[str, tuple] = {}
+    for chunk in iter_jsonl(uri):
+        for s in chunk:
+            out.setdefault(s[0], s)
+    return sorted(out.values(), key=lambda s: s[0])
+
+
+# Lines of a JSONL manifest turned into sources at a time (the caption job's listing consumes a
+# 10M-line manifest in such chunks; one chunk of short lines is ~30 MB of Python objects).
+JSONL_CHUNK_LINES = 65536
+
+
+def _lines(f) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) as ``bytes.splitlines`` numbers them, read a line at a time."""
+    n = 0
+    for raw in f:
+        for line in raw.splitlines():
+            n += 1
+            yield n, line
+
+
+def iter_jsonl(uri: str, chunk_lines: int = JSONL_CHUNK_LINES) -> Iterator[list[tuple]]:
+    """:func:`read_jsonl`'s sources in file order, ``chunk_lines`` lines at a time (the file is
+    streamed, never read whole); identical lines collapse within a chunk (the caption job's
+    listing dedups across chunks, first entry winning)."""
     base = (os.path.dirname(os.path.abspath(uri)) if storage.protocol_of(uri) == "file"
             else uri.rsplit("/", 1)[0])
-    data = storage.read_bytes(uri)
     out: dict[str, tuple] = {}
-    for n, raw in enumerate(data.splitlines(), start=1):
-        line = raw.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-            if not isinstance(rec, dict):
-                raise ValueError("not a JSON object")
-            fp = rec.get("audio_filepath")
-            if not isinstance(fp, str) or not fp:
-                raise ValueError("no 'audio_filepath'")
-            off = float(rec.get("offset") or 0.0)
-            dur = rec.get("duration")
-            dur = None if dur is None else float(dur)
-            if off < 0 or (dur is not None and dur <= 0) or off != off or (dur is not None and dur != dur):
-                raise ValueError(f"bad span offset={rec.get('offset')!r} duration={dur!r}")
-        except (ValueError, TypeError) as e:
-            u = f"{uri}#line={n}"
-            out[u] = _fail(u, "", "corrupt", f"manifest line {n}: {e}")
-            continue
-        file_uri = fp if ("://" in fp or fp.startswith("/")) else storage.join(base, fp)
-        version = str(rec.get("version") or "")
-        meta = {k: v for k, v in rec.items()
-                if k not in ("audio_filepath", "offset", "duration", "version")}
-        meta = _dumps(meta) if meta else None
-        if off == 0 and dur is None:
-            out.setdefault(file_uri, (file_uri, version, int(rec.get("size") or 0),
-                                      _loc("span", file_uri, meta=meta)))
-            continue
-        end = -1.0 if dur is None else off + dur
-        sid = f"{file_uri}#t={fmt_s(off)}" + ("" if dur is None else f",{fmt_s(end)}")
-        est = int((dur if dur is not None else 600.0) * SPAN_BYTES_PER_S)
-        out.setdefault(sid, (sid, version, est,
-                             _loc("span", file_uri, start_s=off, end_s=end, meta=meta)))
-    return sorted(out.values(), key=lambda s: s[0])
+    with storage.open_input(uri) as f:
+        for n, raw in _lines(f):
+            if len(out) >= chunk_lines:
+                yield list(out.values())
+                out = {}
+            _jsonl_line(out, uri, base, n, raw)
+    if out:
+        yield list(out.values())
+
+
+def _jsonl_line(out: dict, uri: str, base: str, n: int, raw: bytes) -> None:
+    """Add line ``n`` of manifest ``uri`` to ``out`` (source id -> source)."""
+    line = raw.strip()
+    if not line:
+        return
+    try:
+        rec = json.loads(line)
+        if not isinstance(rec, dict):
+            raise ValueError("not a JSON object")
+        fp = rec.get("audio_filepath")
+        if not isinstance(fp, str) or not fp:
+            raise ValueError("no 'audio_filepath'")
+        off = float(rec.get("offset") or 0.0)
+        dur = rec.get("duration")
+        dur = None if dur is None else float(dur)
+        if off < 0 or (dur is not None and dur <= 0) or off != off or (dur is not None and dur != dur):
+            raise ValueError(f"bad span offset={rec.get('offset')!r} duration={dur!r}")
+    except (ValueError, TypeError) as e:
+        u = f"{uri}#line={n}"
+        out[u] = _fail(u, "", "corrupt", f"manifest line {n}: {e}")
+        return
+    file_uri = fp if ("://" in fp or fp.startswith("/")) else storage.join(base, fp)
+    version = str(rec.get("version") or "")
+    meta = {k: v for k, v in rec.items()
+            if k not in ("audio_filepath", "offset", "duration", "version")}
+    meta = _dumps(meta) if meta else None
+    if off == 0 and dur is None:
+        out.setdefault(file_uri, (file_uri, version, int(rec.get("size") or 0),
+                                  _loc("span", file_uri, meta=meta)))
+        return
+    end = -1.0 if dur is None else off + dur
+    sid = f"{file_uri}#t={fmt_s(off)}" + ("" if dur is None else f",{fmt_s(end)}")
+    est = int((dur if dur is not None else 600.0) * SPAN_BYTES_PER_S)
+    out.setdefault(sid, (sid, version, est,
+                         _loc("span", file_uri, start_s=off, end_s=end, meta=meta)))
 
 
 # -------------------------------------------------------------------------------- driver: listing

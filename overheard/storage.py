@@ -199,40 +199,141 @@ def exists(uri: str) -> bool:
 
 
 def list_files(uri: str, suffixes: tuple[str, ...] = ()) -> Iterator[tuple[str, int, str]]:
-    """Yield (uri, size, version) for every file under a prefix/dir, or matching a glob.
+    """Yield (uri, size, version) for every file under a prefix/dir, or matching a glob, in
+    ascending URI order (:func:`iter_file_pages`, flattened).
 
     ``version`` is the object's ETag on object stores and ``mtime:size`` locally; the caption
     table records it so a user can tell which object version a caption describes.
     """
+    for page in iter_file_pages(uri, suffixes):
+        yield from page
+
+
+# Objects per listing page. 1000 is S3's own maximum per ListObjectsV2 call; tests set it tiny
+# to exercise paging on the loopback server.
+LIST_PAGE_SIZE = 1000
+
+
+def iter_file_pages(uri: str, suffixes: tuple[str, ...] = (),
+                    page_size: int | None = None) -> Iterator[list[tuple[str, int, str]]]:
+    """Pages of (uri, size, version) for every file under a prefix/dir, or matching a glob,
+    hidden names (``.x``) and directories left out. Pages come in ascending URI order, so every
+    URI of a later page sorts after every URI of an earlier one (``--limit`` stops there).
+
+    Held in memory: one page. ``s3://`` is listed with ListObjectsV2 page by page (``page_size``
+    keys per request); local folders are walked one directory at a time in sorted order; other
+    fsspec stores are listed with ``find`` (one page)."""
+    page_size = page_size or LIST_PAGE_SIZE
     fs, path = get_fs(uri)
+    local = protocol_of(uri) == "file"
     # a folder or file literally named "take [1]" or "what?" is that path, not a pattern
     if any(ch in path for ch in "*?[") and not fs.exists(path):
-        infos = fs.glob(path, detail=True)
-        items = infos.items()
+        infos = _glob_infos(fs, path, page_size)
     elif fs.isfile(path):
-        items = [(path, fs.info(path))]
+        infos = iter([(path, fs.info(path))])
     else:
-        items = fs.find(path, detail=True, withdirs=False).items()
-    for p, info in sorted(items):
-        if info.get("type") == "directory":
-            continue
+        infos = _find_infos(fs, path, page_size)
+    page: list[tuple[str, int, str]] = []
+    for p, info in infos:
         name = posixpath.basename(p)
-        if name.startswith("."):
+        if info.get("type") == "directory" or name.startswith("."):
             continue
         if suffixes and not name.lower().endswith(suffixes):
             continue
-        if protocol_of(uri) == "file":
-            # the listing's links report the link's own mtime; the post-decode check stats
-            # the target (what was read), so both use the target's stat. A special file
-            # (FIFO, socket, device) is listed with size 0 and fails as not_a_file.
-            try:
-                st = os.stat(p)
-            except OSError:  # broken link / loop: listed, fails as read_error when opened
-                yield uri_text(p), 0, version_of(info)
-                continue
-            yield uri_text(p), (st.st_size if not special_file(st) else 0), stat_version(st)
-            continue
-        yield unstrip(fs, p), int(info.get("size") or 0), version_of(info)
+        page.append(_local_entry(p, info) if local else
+                    (unstrip(fs, p), int(info.get("size") or 0), version_of(info)))
+        if len(page) >= page_size:
+            yield page
+            page = []
+    if page:
+        yield page
+
+
+def _local_entry(p: str, info: dict) -> tuple[str, int, str]:
+    # the listing's links report the link's own mtime; the post-decode check stats the target
+    # (what was read), so both use the target's stat. A special file (FIFO, socket, device) is
+    # listed with size 0 and fails as not_a_file.
+    try:
+        st = os.stat(p)
+    except OSError:  # broken link / loop: listed, fails as read_error when opened
+        return uri_text(p), 0, version_of(info)
+    return uri_text(p), (st.st_size if not special_file(st) else 0), stat_version(st)
+
+
+def _is_s3(fs) -> bool:
+    proto = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "s3" in proto and hasattr(fs, "call_s3")
+
+
+def _find_infos(fs, path: str, page_size: int, maxdepth: int | None = None):
+    """(path, info) of everything under ``path`` in ascending path order, streamed."""
+    if _is_s3(fs):
+        yield from _s3_pages(fs, path, page_size, maxdepth == 1)
+    elif unstrip(fs, "/") == "/":  # the local file system
+        yield from _walk_sorted(fs, path, maxdepth)
+    else:  # other stores: fsspec's find holds the whole listing (one page)
+        yield from sorted(fs.find(path, maxdepth=maxdepth, detail=True,
+                                  withdirs=False).items())
+
+
+def _s3_pages(fs, path: str, page_size: int, one_level: bool = False):
+    """ListObjectsV2, ``page_size`` keys a request, continuation token to the next page: never
+    more than one page of the prefix in memory (s3fs's find collects every key first). S3
+    returns keys in ascending UTF-8 byte order."""
+    bucket, key, _ = fs.split_path(path)
+    prefix = key.rstrip("/") + "/" if key else ""
+    kw = dict(Bucket=bucket, Prefix=prefix, MaxKeys=page_size)
+    if one_level:
+        kw["Delimiter"] = "/"
+    while True:
+        r = fs.call_s3("list_objects_v2", **kw)
+        for c in r.get("Contents", []):
+            if c["Key"].endswith("/"):
+                continue  # a folder marker
+            yield f"{bucket}/{c['Key']}", dict(c, size=c.get("Size"), type="file")
+        if not r.get("IsTruncated"):
+            return
+        kw["ContinuationToken"] = r["NextContinuationToken"]
+
+
+def _walk_sorted(fs, path: str, maxdepth: int | None = None):
+    """Files under a local folder in ascending full-path order: a directory's entries sorted
+    with sub-folders keyed ``name/`` (so ``d.wav`` < ``d/x`` < ``d0.wav``, as the full paths
+    sort), one directory listed at a time (fsspec's ``ls``: links to folders are followed, as
+    ``find`` does)."""
+    try:
+        infos = fs.ls(path, detail=True)
+    except (FileNotFoundError, OSError):
+        return
+    keyed = []
+    for info in infos:
+        name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+        is_dir = info.get("type") == "directory"
+        keyed.append((name + "/" if is_dir else name, is_dir, info))
+    for _, is_dir, info in sorted(keyed, key=lambda k: k[0]):
+        if not is_dir:
+            yield info["name"], info
+        elif maxdepth is None or maxdepth > 1:
+            yield from _walk_sorted(fs, info["name"], None if maxdepth is None else maxdepth - 1)
+
+
+def _glob_infos(fs, path: str, page_size: int):
+    """fsspec's glob (root before the first wildcard, depth from the pattern, regex from
+    ``glob_translate``) over the streamed listing instead of one dict of every match."""
+    from fsspec.utils import glob_translate
+
+    idx = min(i for i in (path.find("*"), path.find("?"), path.find("["), len(path)) if i >= 0)
+    if "/" in path[:idx]:
+        cut = path[:idx].rindex("/")
+        root, depth = path[:cut + 1], path[cut + 1:].count("/") + 1
+    else:
+        root, depth = "", path[idx + 1:].count("/") + 1
+    if "**" in path:
+        depth = None
+    pattern = re.compile(glob_translate(path))
+    for p, info in _find_infos(fs, root.rstrip("/") or root, page_size, depth):
+        if pattern.match(p):
+            yield p, info
 
 
 def version_of(info: dict) -> str:
@@ -302,5 +403,6 @@ def short_hash(text: str, n: int = 16) -> str:
 
 __all__ = [
     "get_fs", "open_input", "write_bytes_atomic", "read_bytes", "exists", "list_files",
+    "iter_file_pages",
     "localize", "join", "protocol_of", "short_hash",
 ]

@@ -252,6 +252,5 @@ def test_wrong_credentials_fail_at_start_without_leaking(authed_s3, tiny_model, 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     s3fs.S3FileSystem.clear_instance_cache()
-    from jobs.caption import list_sources
-    assert [u for u, _ in list_sources(CaptionConfig(input="s3://creds/in/", output=""))] == [
-        "s3://creds/in/a.wav"]
+    from jobs.sources import list_sources
+    assert list_sources("s3://creds/in/")["source_uri"].to_pylist() == ["s3://creds/in/a.wav"]

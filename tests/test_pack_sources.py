@@ -1,11 +1,13 @@
-"""How the caption job deals sources into decode tasks (jobs.caption.pack_sources)."""
+"""How the caption job deals sources into decode tasks (jobs.caption.pack_sources), and the sizes
+the listing (jobs.sources) gives them."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.caption import BLOCK_BYTES, CaptionConfig, list_sources_sized, pack_sources
+from jobs.caption import BLOCK_BYTES, pack_sources
+from jobs.sources import list_sources
 
 MB = 1 << 20
 
@@ -47,10 +49,13 @@ def test_block_limits_and_the_block_cap():
 def test_listing_carries_sizes(tmp_path):
     (tmp_path / "a.wav").write_bytes(b"x" * 1234)
     (tmp_path / "b.mp3").write_bytes(b"y" * 10)
-    got = list_sources_sized(CaptionConfig(input=str(tmp_path), output=""))
-    assert [(u.rsplit("/", 1)[-1], n) for u, _, n in got] == [("a.wav", 1234), ("b.mp3", 10)]
+    got = list_sources(str(tmp_path))
+    assert [(u.rsplit("/", 1)[-1], n) for u, n in zip(got["source_uri"].to_pylist(),
+                                                       got["size"].to_pylist())] == [
+        ("a.wav", 1234), ("b.mp3", 10)]
     # a manifest may give sizes; without the column they are unknown (0)
     m = tmp_path / "m.parquet"
     pq.write_table(pa.table({"uri": ["s3://x/1.wav", "s3://x/2.wav"], "size": [5, None]}), m)
-    got = list_sources_sized(CaptionConfig(input=str(m), output=""))
-    assert got == [("s3://x/1.wav", "", 5), ("s3://x/2.wav", "", 0)]
+    got = list_sources(str(m)).select(["source_uri", "source_version", "size"]).to_pylist()
+    assert got == [{"source_uri": "s3://x/1.wav", "source_version": "", "size": 5},
+                   {"source_uri": "s3://x/2.wav", "source_version": "", "size": 0}]

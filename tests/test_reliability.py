@@ -419,7 +419,7 @@ print(fail[0]['error_type'] if fail else 'none', fail and fail[0]['error_type'] 
 def test_damaged_part_is_quarantined_and_its_sources_redone(tmp_path):
     """A part cut short (full disk) used to crash every later run at start; now it is renamed
     .damaged-*, readers skip it, and its sources count as not done."""
-    from jobs.sink import done_sources, quarantine_damaged, read_table_dir
+    from jobs.sink import done_uris, quarantine_damaged, read_table_dir
     caps = tmp_path / "captions"
     caps.mkdir()
     pq.write_table(pa.table({"source_uri": ["a", "b"]}), caps / "part-1.parquet")
@@ -428,6 +428,6 @@ def test_damaged_part_is_quarantined_and_its_sources_redone(tmp_path):
     (caps / "part-2.parquet").write_bytes(data[: len(data) // 2])
     moved = quarantine_damaged(str(tmp_path))
     assert moved == [str(caps / ".damaged-part-2.parquet")]
-    assert done_sources(str(tmp_path)) == {"a", "b"}
+    assert sorted(done_uris(str(tmp_path)).to_pylist()) == ["a", "b"]
     assert read_table_dir(str(caps)).num_rows == 2
 

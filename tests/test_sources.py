@@ -1,0 +1,250 @@
+"""Listing and planning in chunks (jobs/sources.py, issue 19 item 4): manifest folders of parts,
+S3 prefixes listed page by page, dedup across chunks and spill buckets, the anti-join against
+what OUTPUT holds, --limit. No Ray: these are the driver's metadata paths."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import sources
+from jobs.sink import done_uris
+from overheard import storage
+from overheard.schema import FAILURE_SCHEMA
+
+
+def _plan(inp, out, **kw):
+    return sources.plan_sources(sources.open_listing(inp, page_size=kw.pop("page_size", None)),
+                                str(out), os.path.join(str(out), "todo"), **kw)
+
+
+def _todo(plan) -> list[tuple]:
+    return [(u, v) for u, v, *_ in plan.rows()]
+
+
+def test_manifest_folder_of_parquet_csv_and_jsonl_parts(tmp_path, monkeypatch):
+    """A folder whose files are all manifest parts is read part by part, in listing order; a
+    URI named by two parts is one source, the first part's entry winning; JSONL paths are
+    relative to their part's folder."""
+    monkeypatch.setattr(sources, "CHUNK_ROWS", 2)  # several batches per part
+    parts = tmp_path / "manifest"
+    parts.mkdir()
+    pq.write_table(pa.table({"uri": ["s3://b/a.wav", "s3://b/c.wav", "s3://b/a.wav", None, ""],
+                             "version": ["v1", "v1", "dup", "x", "y"]}), parts / "part-0.parquet")
+    (parts / "part-1.csv").write_text("uri,version,size\ns3://b/c.wav,later,9\ns3://b/d.wav,v2,x\n"
+                                      "s3://b/e.wav,v2,12\n")
+    (parts / "part-2.jsonl").write_text(
+        json.dumps({"audio_filepath": "rel/f.flac", "offset": 1, "duration": 2}) + "\n"
+        "not json\n" + json.dumps({"audio_filepath": "s3://b/a.wav", "version": "jl"}) + "\n")
+    listing = sources.open_listing(str(parts))
+    assert listing.kind == "parts"
+    t = sources.list_sources(str(parts))
+    got = list(zip(*(t[c].to_pylist() for c in ("source_uri", "source_version", "size"))))
+    f = str(parts / "rel" / "f.flac")
+    assert got == sorted([("s3://b/a.wav", "v1", 0), ("s3://b/c.wav", "v1", 0),
+                          ("s3://b/d.wav", "v2", 0), ("s3://b/e.wav", "v2", 12),
+                          (f"{parts}/part-2.jsonl#line=2", "", 0),
+                          (f + "#t=1,3", "", 32_000)])
+    loc = dict(zip(t["source_uri"].to_pylist(), t["locator"].to_pylist()))
+    assert loc[f + "#t=1,3"]["kind"] == "span" and loc["s3://b/a.wav"] is None
+    assert loc[f"{parts}/part-2.jsonl#line=2"]["error_type"] == "corrupt"
+    # OUTPUT inside the folder: its parts (they have a source_uri column) are not manifest parts
+    out = parts / "out"
+    _parts(out, captions=["s3://b/zz.wav"])
+    p = sources.plan_sources(sources.open_listing(str(parts), output=str(out)), str(out),
+                             str(out / "runs" / "r" / "todo"))
+    assert [u for u, _ in _todo(p)] == [u for u in t["source_uri"].to_pylist()]
+    assert p.listed == 9  # entries: 3 Parquet rows with a URI, 3 CSV rows, 3 JSONL lines
+    # a folder holding media as well is a media folder: its Parquet URI tables are not sources
+    (parts / "z.wav").write_bytes(b"RIFF")
+    assert sources.open_listing(str(parts)).kind == "files"
+    assert sources.list_sources(str(parts))["source_uri"].to_pylist() == [str(parts / "z.wav")]
+
+
+def test_manifest_part_without_text_uri_column_is_refused_at_open(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    pq.write_table(pa.table({"uri": [1, 2]}), d / "part-0.parquet")
+    with pytest.raises(ValueError, match="must hold text"):
+        sources.open_listing(str(d))
+    (d / "part-0.parquet").unlink()
+    (d / "part-0.csv").write_text("name\nx.wav\n")
+    with pytest.raises(ValueError, match="needs one of the columns"):
+        sources.open_listing(str(d))
+
+
+def test_dedup_across_chunks_and_spill_buckets_keeps_the_first_entry(tmp_path, monkeypatch):
+    """2,000 entries of 600 URIs in a scrambled order, read 64 rows at a time: held in memory
+    and spilled to hash buckets, both give each URI once with its first entry's version."""
+    n = 2000
+    uris = [f"s3://b/k{(i * 7919) % 600:04d}.wav" for i in range(n)]
+    man = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"uri": uris, "version": [f"e{i}" for i in range(n)]}), man)
+    first = {}
+    for i, u in enumerate(uris):
+        first.setdefault(u, f"e{i}")
+    monkeypatch.setattr(sources, "CHUNK_ROWS", 64)
+    held = _plan(str(man), tmp_path / "o1")
+    assert _todo(held) == sorted(first.items())  # in memory: sorted by URI
+    assert (held.count, held.listed, held.skipped_done) == (600, n, 0)
+    monkeypatch.setattr(sources, "SPILL_ROWS", 100)
+    monkeypatch.setattr(sources, "BUCKETS", 8)
+    monkeypatch.setattr(sources, "TODO_PART_ROWS", 128)
+    spilled = _plan(str(man), tmp_path / "o2")
+    assert sorted(_todo(spilled)) == sorted(first.items())
+    assert spilled.count == 600 and len(spilled.parts) == 5  # 600 rows in parts of 128
+    again = _plan(str(man), tmp_path / "o3")
+    assert _todo(again) == _todo(spilled)  # deterministic order: bucket, then URI
+    b = sources._bucket_ids(pa.array([u for u, _ in _todo(spilled)]), 8)
+    assert list(b) == sorted(b) and len(set(b)) == 8  # bucket order; every bucket used
+
+
+def _parts(out, captions=(), failures=()):
+    os.makedirs(out / "captions", exist_ok=True)
+    os.makedirs(out / "failures", exist_ok=True)
+    pq.write_table(pa.table({"source_uri": list(captions)}), out / "captions" / "part-r-0.parquet")
+    n = len(failures)
+    pq.write_table(pa.table({
+        "source_uri": [u for u, _ in failures], "source_version": [""] * n,
+        "stage": ["read"] * n, "error_type": ["read_error" if r else "corrupt" for _, r in failures],
+        "message": ["m"] * n, "retryable": [r for _, r in failures],
+        "windows_kept": pa.array([0] * n, pa.int32()), "run_id": ["r"] * n},
+        schema=FAILURE_SCHEMA), out / "failures" / "part-r-0.parquet")
+    # a temp file (a part being written) never counts
+    pq.write_table(pa.table({"source_uri": ["s3://b/e.wav"]}), out / "captions" / ".tmp-x.parquet")
+
+
+def test_anti_join_rules_captions_and_permanent_failures_are_done(tmp_path):
+    """Done: caption rows, or a permanent failure (even beside a retryable one). Redone: only
+    retryable failures. Nothing else is done, however the URI is spelt elsewhere."""
+    out = tmp_path / "out"
+    _parts(out, captions=["s3://b/a.wav", "s3://b/a.wav"],
+           failures=[("s3://b/b.wav", True), ("s3://b/c.wav", False), ("s3://b/d.wav", True),
+                     ("s3://b/d.wav", False)])
+    assert done_uris(str(out)).to_pylist() == ["s3://b/a.wav", "s3://b/c.wav", "s3://b/d.wav"]
+    man = tmp_path / "m.csv"
+    man.write_text("uri\n" + "\n".join(f"s3://b/{c}.wav" for c in "edcba") + "\ns3://b/c.wav\n")
+    p = _plan(str(man), out)
+    assert [u for u, _ in _todo(p)] == ["s3://b/b.wav", "s3://b/e.wav"]
+    # entries counted: c listed twice is skipped twice
+    assert (p.listed, p.skipped_done, p.count) == (6, 4, 2)
+    assert done_uris(str(tmp_path / "nothing")).to_pylist() == []
+
+
+def test_limit_takes_the_first_sources_by_uri_from_any_order(tmp_path, monkeypatch):
+    """--limit N: the first N todo sources by URI, exact whatever the manifest's order and
+    chunking (a running top-N), duplicates resolved to their first entry."""
+    monkeypatch.setattr(sources, "CHUNK_ROWS", 50)
+    uris = [f"s3://b/{(i * 37) % 400:03d}.wav" for i in range(800)]  # each URI twice
+    man = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"uri": uris, "version": [str(i) for i in range(800)]}), man)
+    out = tmp_path / "out"
+    _parts(out, captions=["s3://b/000.wav", "s3://b/002.wav"])
+    p = _plan(str(man), out, limit=5)
+    want = [f"s3://b/{k:03d}.wav" for k in (1, 3, 4, 5, 6)]
+    assert [u for u, _ in _todo(p)] == want
+    first = {}
+    for i, u in enumerate(uris):
+        first.setdefault(u, str(i))
+    assert [v for _, v in _todo(p)] == [first[u] for u in want]
+    assert p.complete and p.listed == 800  # a manifest is read to its end
+
+
+def test_limit_stops_listing_an_ordered_folder_early(tmp_path, monkeypatch):
+    d = tmp_path / "in"
+    for sub in ("a", "b", "c"):
+        (d / sub).mkdir(parents=True)
+        for i in range(10):
+            (d / sub / f"{i:02d}.wav").write_bytes(b"x")
+    pages = []
+    real = storage.iter_file_pages
+
+    def counting(*a, **kw):
+        for page in real(*a, **kw):
+            pages.append(len(page))
+            yield page
+    monkeypatch.setattr(storage, "iter_file_pages", counting)
+    listing = sources.open_listing(str(d), page_size=4)
+    pages.clear()  # open_listing's look at the first page (a media folder or manifest parts?)
+    p = sources.plan_sources(listing, "", str(tmp_path / "todo"), limit=3,
+                             done=pa.array([], pa.string()))
+    assert [u.rsplit("/", 2)[-2:] for u, _ in _todo(p)] == [["a", "00.wav"], ["a", "01.wav"],
+                                                             ["a", "02.wav"]]
+    # 30 files in pages of 4: the first page holds the 3, the second (read ahead) bounds them
+    assert not p.complete and len(pages) == 2 and p.listed == 4
+    full = _plan(str(d), tmp_path / "out2", limit=30, page_size=4)
+    assert full.complete and full.count == 30
+
+
+def test_output_inside_input_is_not_listed(tmp_path):
+    d = tmp_path / "in"
+    (d / "out" / "captions").mkdir(parents=True)
+    (d / "a.wav").write_bytes(b"x")
+    (d / "out" / "captions" / "x.wav").write_bytes(b"x")
+    (d / "outdoor.wav").write_bytes(b"x")  # contains the output's name, is not inside it
+    p = _plan(str(d), d / "out")
+    assert sorted(os.path.basename(u) for u, _ in _todo(p)) == ["a.wav", "outdoor.wav"]
+    p.remove()
+    assert not os.path.exists(p.path)
+
+
+def test_s3_prefix_and_glob_are_listed_page_by_page(s3_server, s3_bucket, monkeypatch):
+    """The loopback S3 server with pages of 3 keys: every ListObjectsV2 call asks for at most 3,
+    the listing equals s3fs's own find, and --limit stops after the pages it needs."""
+    fs = s3_server.fs()
+    base = f"{s3_bucket}/paged"
+    keys = [f"x/{i:02d}.wav" for i in range(14)] + ["x/sub/z.flac", "x/.hidden.wav",
+                                                    "x/notes.txt", "y/00.wav"]
+    for k in keys:
+        fs.pipe(f"{base}/{k}", b"RIFF" + k.encode())
+    calls = []
+    import s3fs
+    real = s3fs.S3FileSystem.call_s3
+
+    def counting(self, method, *a, **kw):
+        if method == "list_objects_v2":
+            calls.append(kw.get("MaxKeys"))
+        return real(self, method, *a, **kw)
+    monkeypatch.setattr(s3fs.S3FileSystem, "call_s3", counting)
+    got = sources.list_sources(f"s3://{base}/x/")
+    want = sorted(f"s3://{p}" for p in fs.find(f"{base}/x/") if p.endswith((".wav", ".flac"))
+                  and "/." not in p)
+    assert got["source_uri"].to_pylist() == want and len(want) == 15
+    assert all(v and ":" not in v for v in got["source_version"].to_pylist())  # ETags
+    calls.clear()
+    pages = list(storage.iter_file_pages(f"s3://{base}/x/", (".wav", ".flac"), page_size=3))
+    assert calls and set(calls) == {3} and len(calls) >= 6  # 17 keys in pages of 3
+    assert [u for p in pages for u, _, _ in p] == want
+    calls.clear()
+    g = [u for p in storage.iter_file_pages(f"s3://{base}/*/0*.wav", page_size=3) for u, _, _ in p]
+    assert g == sorted(f"s3://{p}" for p in fs.glob(f"{base}/*/0*.wav"))
+    calls.clear()
+    listing = sources.open_listing(f"s3://{base}/x/", page_size=3)
+    calls.clear()
+    p = sources.plan_sources(listing, "", "memory://overheard-test-todo/todo", limit=2,
+                             done=pa.array([], pa.string()))
+    assert [u for u, _ in _todo(p)] == want[:2] and not p.complete
+    # the pages holding them (.hidden.wav takes a slot of the first) and the one read ahead,
+    # not all 6+ of the prefix
+    assert len(calls) == 3
+    p.remove()
+
+
+def test_jsonl_in_chunks_matches_reading_it_whole(tmp_path):
+    from overheard import layouts
+    m = tmp_path / "m.jsonl"
+    lines = [json.dumps({"audio_filepath": f"a{i % 7}.wav", "offset": i % 3, "duration": 1})
+             for i in range(40)] + ["{bad", ""]
+    m.write_text("\r\n".join(lines) + "\n")
+    chunks = list(layouts.iter_jsonl(str(m), chunk_lines=5))
+    assert len(chunks) > 3 and all(len(c) <= 5 for c in chunks)
+    merged = {}
+    for c in chunks:
+        for s in c:
+            merged.setdefault(s[0], s)
+    assert sorted(merged.values(), key=lambda s: s[0]) == layouts.read_jsonl(str(m))
+    assert f"{m}#line=41" in merged  # line numbers as bytes.splitlines counts them
