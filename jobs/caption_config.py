@@ -140,8 +140,8 @@ class ScoringConfig:
                 "w_clap*CLAP audio-text cosine + w_aud*log P(audible) (slower; overheard.guidance)"})
     guidance_weights: str = field(default="0.2,1,0.015", metadata={
         "help": "guidance: w_lm,w_clap,w_aud (the seed's lambda_0,lambda_1,lambda_2)"})
-    guidance_candidates: int = field(default=5, metadata={
-        "min": 1, "max": 1000, "help": "guidance: candidate next tokens per beam per step"})
+    guidance_candidates: int = field(default=5, metadata={"min": 1, "max": 1000, "help": (
+        "guidance: candidate next tokens per beam per step")})
     guidance_mode: str = field(default="beam", metadata={
         "choices": ("beam", "topk"),
         "help": "guidance: beam (num_beams beams x candidates) | topk (one caption, candidates "

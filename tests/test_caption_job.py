@@ -269,6 +269,10 @@ def test_model_pools_in_the_plan(ray_local, tiny_model, fuse):
         assert len(names) == 1 and "ClapCaptioner" in names[0], names
         kw = op_last.fn_constructor_kwargs
         assert kw["encoder_batch"] == 8 and kw["clap_kwargs"]["device"] == "cuda"
+        # each actor gets the option groups it reads, whole (a new option needs no plumbing)
+        cap = kw["captioner_kwargs"]
+        assert (cap["decoding"], cap["scoring"]) == (cfg.decoding, cfg.scoring)
+        assert kw["clap_kwargs"]["resources"] == cfg.resources
         assert op_last.compute.max_size == 3 and op_last.ray_remote_args["num_gpus"] == 0.5
     else:
         assert [n.split("(")[-1].rstrip(")") for n in names] == ["Captioner", "ClapEmbedder"], names
