@@ -34,8 +34,8 @@ import pyarrow.parquet as pq
 
 from jobs.config_cli import init_ray, parse
 from overheard import storage
-from overheard.storage import arrow_fs
 from overheard.corpus import fingerprint, read_captions
+from overheard.storage import arrow_fs
 
 FORMAT = "overheard.caption_embeddings"
 MANIFEST = "manifest.json"
