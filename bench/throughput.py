@@ -134,8 +134,10 @@ def models_batched(files: list[Path], model: str, n_windows: int, overrides: dic
 
     cfg = dataclasses.replace(CaptionConfig(input="-", output="-", model=model), **overrides)
     tables, n = [], 0
-    per_file = max(1, n_windows // max(len(files), 1))
-    for p in files:
+    for j, p in enumerate(sorted(files, key=lambda p: p.stat().st_size)):
+        # the budget left, shared by the files left: every clip gives its window, the long
+        # files share the rest (their windows are most of an archive's)
+        per_file = max(1, (n_windows - n) // (len(files) - j))
         src = pa.table({"source_uri": [str(p)], "source_version": [""]})
         k = 0
         for t in decode_sources(src, window_s=cfg.window):

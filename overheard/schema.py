@@ -1,4 +1,6 @@
-"""Output schemas of the caption job: caption table, failures table (explicit, versioned).
+"""Schemas of the caption job: the window row that travels from decode to sink (with helpers to
+build rows, add a stage's columns and mark failures), the caption table, the failures table
+(explicit, versioned).
 
 The caption table has one row per audio window. ``SCHEMA_VERSION`` is stored in every Parquet
 file's metadata; readers check it before trusting column meanings.
