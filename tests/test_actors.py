@@ -109,6 +109,10 @@ def test_fused_actor_equals_the_two_stages(tiny_model, tmp_path):
     np.testing.assert_allclose(np.asarray(fused.column("audio_embedding").to_pylist()),
                                np.asarray(two.column("audio_embedding").to_pylist()), atol=1e-6)
     assert fused.column("error_type").to_pylist()[-1] == "corrupt"
+    # the two ids travel as their own columns; model_id is only their join, for the table
+    clap_id, dec_id = fused.column("clap_id").to_pylist(), fused.column("decoder_id").to_pylist()
+    assert clap_id[0] == actor.embedder.encoder.model_id and dec_id[0] == actor.captioner.model_id
+    assert fused.column("model_id").to_pylist() == [f"{c}+{d}" for c, d in zip(clap_id, dec_id)]
     assert all(fused.column("caption").to_pylist()[:4]) and fused.column("caption")[4].as_py() == ""
 
 
