@@ -1,6 +1,6 @@
 """Model stage 2: caption each window from its CLAP audio embedding (GPU actor; CPU fallback).
 
-Columns in:  output of ``actors.clap_embedder`` (``audio_embedding``, ``model_id``, window columns)
+Columns in:  output of ``actors.clap_embedder`` (``audio_embedding``, ``clap_id``, the window row)
 Columns out: the same plus
     caption: str       "" on failure rows
     logprob: float32   mean token log-probability of the chosen caption (NaN on failure rows)
@@ -10,7 +10,9 @@ Columns out: the same plus
     confidence: float32  [0, 1], how likely a caption is about this audio (``overheard.confidence``:
                        the embedding's distance to the model's training audio; the caption-memory
                        cosine when the decoder dir has no audio_stats.safetensors); null on failure rows
-and ``model_id`` becomes "<clap id>+<decoder id>".
+    decoder_id: str    the decoder's id
+    model_id: str      "<clap_id>+<decoder_id>" (the caption table's id, kept for compatibility;
+                       readers use the two columns)
 With ``scoring.guidance`` (or ``scoring.score_captions``) also
     clap_similarity: float32  cosine(CLAP audio embedding, CLAP text embedding of the caption)
     audibility: float32       P(audible | caption) from the audibility classifier, in [0, 1]
@@ -38,9 +40,10 @@ from actors.device import limit_threads, pick_device
 from overheard import confidence as conf
 from overheard import storage
 from overheard import textonly
-from overheard.decoder import load_decoder
+from overheard.decoder import decoder_model_id, load_decoder
 from overheard.textonly import STRATEGIES
 from overheard.textonly import memory as mem
+from overheard.schema import add_columns
 
 
 class Captioner:
@@ -68,7 +71,8 @@ class Captioner:
             raise ValueError(f"{decoder_path} was trained with retrieval k={self.k}: "
                              + ("use --strategy retrieval" if self.k else
                                 "retrieval decoding needs a decoder trained with --retrieval-k"))
-        self.model_id = getattr(self.model, "model_id", None) or storage.short_hash(local)
+        # from the files' content, not their path: the same decoder has one id on every machine
+        self.model_id = decoder_model_id(decoder_path, local)
         self.strategy, self.search = strategy, search
         self.num_beams, self.temperature = num_beams, temperature
         self.memory = None
@@ -162,14 +166,12 @@ class Captioner:
                 captions[i], logprobs[i] = out[j][0], out[j][1]
                 if self.scorers is not None:
                     sims[i], auds[i] = scores[0][j], np.exp(scores[1][j])
-        mids = [f"{m}+{self.model_id}" for m in batch.column("model_id").to_pylist()]
-        out_tbl = batch.drop_columns(["model_id"])
-        out_tbl = (out_tbl.append_column("caption", pa.array(captions, pa.string()))
-                .append_column("logprob", pa.array(logprobs, pa.float32()))
-                .append_column("decoding", pa.array(decodings, pa.string()))
-                .append_column("confidence", pa.array(confs, pa.float32(), mask=np.isnan(confs)))
-                .append_column("model_id", pa.array(mids, pa.string())))
-        if self.scorers is not None:  # NaN (failure rows, no classifier) -> null
-            for name, vals in (("clap_similarity", sims), ("audibility", auds)):
-                out_tbl = out_tbl.append_column(name, pa.array(vals, pa.float32(), mask=np.isnan(vals)))
-        return out_tbl
+        mids = [f"{m}+{self.model_id}" for m in batch.column("clap_id").to_pylist()]
+        # scores: NaN (failure rows, no classifier) -> null; absent when not computed
+        scored = (dict(clap_similarity=sims, audibility=auds) if self.scorers is not None
+                  else {})
+        # logprob stays NaN (not null) where nothing was decoded, as the table always had it
+        return add_columns(batch, caption=captions, logprob=pa.array(logprobs, pa.float32()),
+                           decoding=decodings,
+                           confidence=confs, decoder_id=[self.model_id] * n, model_id=mids,
+                           **scored)

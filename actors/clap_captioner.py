@@ -1,8 +1,8 @@
 """Both model stages in one actor: CLAP audio embedding, then the caption decoder.
 
-Columns in:  the window columns of ``actors.windows`` (``samples`` = float32 PCM bytes).
+Columns in:  the window row of ``overheard.schema`` with ``samples`` (the real float32 samples).
 Columns out: what ``actors.captioner.Captioner`` returns (the embedder's columns + caption,
-             logprob, decoding, model_id "<clap id>+<decoder id>"; clap_similarity and
+             logprob, decoding, decoder_id, model_id "<clap_id>+<decoder_id>"; clap_similarity and
              audibility with guidance or scoring). Failure rows pass through both stages as
              they do between two actors.
 

@@ -1,10 +1,11 @@
 """Model stage 1: CLAP audio embedding of each window (GPU actor; CPU where there is none).
 
-Columns in:  the window columns of ``actors.windows`` (``samples`` = float32 PCM bytes).
+Columns in:  the window row of ``overheard.schema`` with ``samples`` (the window's real float32
+             samples, ``valid_samples`` of them) and ``pad_mode``.
 Columns out: the same minus ``samples``, plus
     audio_embedding: fixed_size_list<float32>[D]  L2-normalised CLAP audio embedding
                      (zeros on failure rows)
-    model_id: str    the CLAP weights' id
+    clap_id: str     the CLAP weights' id
     level_dbfs: float32  RMS level of the window's real samples (null on failure rows); the
                      captioner's confidence gates silence with it (overheard.confidence)
 A batch that raises is retried row by row, so one bad window becomes one failure row
@@ -17,33 +18,29 @@ import numpy as np
 import pyarrow as pa
 
 from actors.device import limit_threads, pick_device, pick_dtype
-from actors.windows import samples_matrix
 from overheard.clap import ClapEncoder
 from overheard.confidence import level_dbfs
+from overheard.media import model_input
+from overheard.schema import Failures, add_columns, window_samples
 
 
-def fit_to_model(x: np.ndarray, valid: int, n: int) -> np.ndarray:
-    """Make one window exactly ``n`` samples for the model.
-
-    Shorter windows repeat their real audio then zero-pad (LAION-CLAP's "repeatpad"); longer
-    windows (e.g. --window 30 on a 10-s model) are returned as several model-length chunks,
-    whose embeddings the caller averages. Deterministic: no random crop anywhere.
-    """
-    if len(x) == n:
-        return x[None]
-    if len(x) < n:
-        valid = max(1, min(valid, len(x)))
-        reps = n // valid
-        out = np.zeros(n, dtype=np.float32)
-        out[: reps * valid] = np.tile(x[:valid], reps)
-        return out[None]
-    chunks = [x[i:i + n] for i in range(0, valid, n)] or [x[:n]]
-    # each chunk as CLAP would see that audio alone: a partial last chunk (the 20-25 s of a 25-s
-    # clip in a --whole-clip 30 window) is repeat-padded from its own real samples, not left
-    # with the window's padding (zeros after 25 s: the window repeats only whole copies)
-    return np.stack([fit_to_model(c[:max(1, min(len(c), valid - i * n))],
-                                  min(len(c), valid - i * n), n)[0]
-                     for i, c in enumerate(chunks)])
+def embed_windows(encoder, windows: list[np.ndarray], window_n: int,
+                  pad_modes: list[str]) -> np.ndarray:
+    """(len(windows), D) embeddings of windows given by their real samples: each padded (or
+    split into model-length chunks, whose embeddings are averaged and re-normalised) by
+    ``overheard.media.model_input``; one encoder call for the whole batch."""
+    n = encoder.window_samples
+    parts = [model_input(x, window_n, n, pm) for x, pm in zip(windows, pad_modes)]
+    counts = [len(p) for p in parts]
+    emb = encoder.embed_audio(np.concatenate(parts))
+    if all(c == 1 for c in counts):
+        return emb
+    out, k = [], 0
+    for c in counts:  # mean over a long window's chunks, re-normalised
+        m = emb[k:k + c].mean(0)
+        out.append(m / max(np.linalg.norm(m), 1e-12))
+        k += c
+    return np.stack(out).astype(np.float32)
 
 
 class ClapEmbedder:
@@ -58,61 +55,32 @@ class ClapEmbedder:
         self.sr = self.encoder.sampling_rate
         self.window_samples = int(round(window_s * self.sr))
 
-    def _embed(self, samples, rows: list[int], valid: list[int]) -> np.ndarray:
-        x = samples_matrix(samples, rows, self.window_samples)
-        n = self.encoder.window_samples
-        parts = [fit_to_model(x[i], valid[i], n) for i in range(len(x))]
-        counts = [len(p) for p in parts]
-        emb = self.encoder.embed_audio(np.concatenate(parts))
-        if all(c == 1 for c in counts):
-            return emb
-        out, k = [], 0
-        for c in counts:  # mean over a long window's chunks, re-normalised
-            m = emb[k:k + c].mean(0)
-            out.append(m / max(np.linalg.norm(m), 1e-12))
-            k += c
-        return np.stack(out).astype(np.float32)
-
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
-        dim = self.encoder.embedding_dim
-        emb = np.zeros((n, dim), dtype=np.float32)
+        emb = np.zeros((n, self.encoder.embedding_dim), dtype=np.float32)
         level = np.full(n, np.nan, np.float32)
-        err_type = batch.column("error_type").to_pylist()
-        err_msg = batch.column("error_message").to_pylist()
-        stage = batch.column("stage").to_pylist()
-        ok = [i for i in range(n) if not err_type[i]]
+        fail = Failures(batch)
+        ok = fail.ok
         if ok:
-            samples = batch.column("samples")
-            start = batch.column("start_s").to_numpy()
-            end = batch.column("end_s").to_numpy()
-            valid = [int(round((end[i] - start[i]) * self.sr)) for i in range(n)]
-            for i in ok:  # the real samples only, not the window's zero padding
-                try:
-                    x = samples_matrix(samples, [i], self.window_samples)[0]
-                    level[i] = level_dbfs(x[: max(1, valid[i])])
-                except Exception:  # a malformed window: the embedding below reports it
-                    pass
+            pads = batch.column("pad_mode").to_pylist()
+            x = window_samples(batch.column("samples"), ok)
+            for j, i in enumerate(ok):  # the real samples only, not any padding
+                if x[j].size:
+                    level[i] = level_dbfs(x[j])
             try:
-                emb[ok] = self._embed(samples, ok, [valid[i] for i in ok])
+                emb[ok] = embed_windows(self.encoder, x, self.window_samples,
+                                        [pads[i] for i in ok])
             except Exception:
-                for i in ok:  # isolate the bad window(s)
+                for j, i in enumerate(ok):  # isolate the bad window(s)
                     try:
-                        emb[i] = self._embed(samples, [i], [valid[i]])[0]
+                        emb[i] = embed_windows(self.encoder, [x[j]], self.window_samples,
+                                               [pads[i]])[0]
                     except Exception as e:
-                        err_type[i], stage[i] = "model_error", "embed"
-                        err_msg[i] = f"CLAP encoder failed: {type(e).__name__}: {e}"[:2000]
-            bad = ~np.isfinite(emb).all(axis=1)
-            for i in np.flatnonzero(bad):
-                if not err_type[i]:
-                    err_type[i], stage[i] = "model_error", "embed"
-                    err_msg[i] = "CLAP encoder produced a non-finite embedding"
+                        fail.mark(i, "model_error", "embed",
+                                  f"CLAP encoder failed: {type(e).__name__}: {e}")
+            for i in np.flatnonzero(~np.isfinite(emb).all(axis=1)):
+                fail.mark(int(i), "model_error", "embed",
+                          "CLAP encoder produced a non-finite embedding")
                 emb[i] = 0.0
-        out = batch.drop_columns(["samples", "error_type", "error_message", "stage"])
-        out = out.append_column("error_type", pa.array(err_type, pa.string()))
-        out = out.append_column("error_message", pa.array(err_msg, pa.string()))
-        out = out.append_column("stage", pa.array(stage, pa.string()))
-        out = out.append_column("audio_embedding", pa.FixedSizeListArray.from_arrays(
-            pa.array(emb.reshape(-1), pa.float32()), dim))
-        out = out.append_column("model_id", pa.array([self.encoder.model_id] * n, pa.string()))
-        return out.append_column("level_dbfs", pa.array(level, pa.float32(), mask=np.isnan(level)))
+        return add_columns(batch, drop=["samples"], **fail.columns(), audio_embedding=emb,
+                           clap_id=[self.encoder.model_id] * n, level_dbfs=level)

@@ -3,15 +3,17 @@ window's aligned audio tokens, or its audio tokens plus the video frame at the w
 One actor does the whole model work (CLAP tower + LLaVA): passing 64 x 1024 audio tokens per window
 between two actor pools would move 256 KB per window through the object store for nothing.
 
-Columns in:  the window columns of ``actors.windows`` (``samples`` = float32 PCM bytes), plus in
-             ``audio+image`` mode ``frame``: large_binary, uint8 RGB S x S x 3 (S = the LLaVA
-             image size) or b"" when the source has no usable video at that time.
-Columns out: the window columns minus ``samples``/``frame``, plus
+Columns in:  the window row of ``overheard.schema`` with ``samples`` (the real float32 samples),
+             plus in ``audio+image`` mode ``frame``: large_binary, uint8 RGB S x S x 3 (S = the
+             LLaVA image size) or b"" when the source has no usable video at that time.
+Columns out: the window row minus ``samples``/``frame``, plus
     audio_embedding: fixed_size_list<float32>[D]  CLAP embedding (same pass as the audio tokens)
     caption: str, logprob: float32 (mean token log-probability; NaN on failure rows)
     decoding: str  "dali-audio/greedy" or "dali-audio+image/greedy" (``/t0.2`` when sampling):
                    per row, so an audio-only file in an AV archive says it was captioned from audio
-    model_id: str
+    has_frame: bool  the caption saw the window's video frame
+    clap_id: str   the DALI model's CLAP tower's id (the embedding's space)
+    decoder_id, model_id: str  the DALI model's id
 Rows of one mode are generated together; a batch that raises is retried row by row, so one bad
 window becomes one ``model_error`` row.
 """
@@ -23,10 +25,10 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 
-from actors.clap_embedder import fit_to_model
 from actors.device import limit_threads, pick_device, pick_dtype
-from actors.windows import samples_matrix
 from overheard.dali.model import DaliModel
+from overheard.media import model_input
+from overheard.schema import Failures, add_columns, window_samples
 
 
 def row_seed(uri: str, window_index: int) -> int:
@@ -62,24 +64,21 @@ class DaliCaptioner:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
-        err = batch.column("error_type").to_pylist()
-        msg = batch.column("error_message").to_pylist()
-        stage = batch.column("stage").to_pylist()
-        ok = [i for i in range(n) if not err[i]]
+        fail = Failures(batch)
+        ok = fail.ok
         dim = self.model.clap.embedding_dim
         emb = np.zeros((n, dim), np.float32)
         captions, logprobs = [""] * n, np.full(n, np.nan, np.float32)
         with_frame = [False] * n
         if ok:
-            start, end = batch.column("start_s").to_numpy(), batch.column("end_s").to_numpy()
             uris, widx = batch.column("source_uri").to_pylist(), batch.column("window_index").to_pylist()
+            pads = batch.column("pad_mode").to_pylist()
             frames = (batch.column("frame").to_pylist() if self.mode == "audio+image"
                       and "frame" in batch.column_names else [b""] * n)
             need = self.size * self.size * 3
-            x = samples_matrix(batch.column("samples"), ok, self.window_samples)
             m = self.model.clap.window_samples
-            x = np.stack([fit_to_model(x[j], int(round((end[i] - start[i]) * self.sr)), m)[0]
-                          for j, i in enumerate(ok)])  # window <= CLAP's 10 s (checked by the job)
+            x = np.stack([model_input(r, self.window_samples, m, pads[i])[0]  # window <= CLAP's 10 s
+                          for r, i in zip(window_samples(batch.column("samples"), ok), ok)])
             pos = {i: j for j, i in enumerate(ok)}
             for has in (False, True):  # one generate() per layout: rows of equal length, no padding
                 rows = [i for i in ok if (len(frames[i] or b"") == need) == has]
@@ -99,22 +98,16 @@ class DaliCaptioner:
                             r1, e1 = self._run(xs[k:k + 1], None if fr is None else fr[k:k + 1], seeds[k:k + 1])
                             results.append((i, r1[0], e1[0]))
                         except Exception as ex:
-                            err[i], stage[i] = "model_error", "caption"
-                            msg[i] = f"DALI captioner failed: {type(ex).__name__}: {ex}"[:2000]
+                            fail.mark(i, "model_error", "caption",
+                                      f"DALI captioner failed: {type(ex).__name__}: {ex}")
                 for i, (cap, lp), e in results:
                     captions[i], logprobs[i], emb[i], with_frame[i] = cap, lp, e, has
-        drop = [c for c in ("samples", "frame", "error_type", "error_message", "stage", "model_id")
-                if c in batch.column_names]
-        out = batch.drop_columns(drop)
-        return (out.append_column("error_type", pa.array(err, pa.string()))
-                .append_column("error_message", pa.array(msg, pa.string()))
-                .append_column("stage", pa.array(stage, pa.string()))
-                .append_column("audio_embedding", pa.FixedSizeListArray.from_arrays(
-                    pa.array(emb.reshape(-1), pa.float32()), dim))
-                .append_column("caption", pa.array(captions, pa.string()))
-                .append_column("logprob", pa.array(logprobs, pa.float32()))
-                .append_column("decoding", pa.array([self.labels[w] for w in with_frame], pa.string()))
-                .append_column("model_id", pa.array([self.model_id] * n, pa.string())))
+        return add_columns(
+            batch, drop=["samples", "frame"], **fail.columns(), audio_embedding=emb,
+            caption=captions, logprob=pa.array(logprobs, pa.float32()),
+            decoding=[self.labels[w] for w in with_frame], has_frame=with_frame,
+            clap_id=[self.model.clap.model_id] * n, decoder_id=[self.model_id] * n,
+            model_id=[self.model_id] * n)
 
 
 __all__ = ["DaliCaptioner", "row_seed"]

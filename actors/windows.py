@@ -2,19 +2,19 @@
 
 Columns in (one row per source, batch_size=1):
     source_uri: str, source_version: str
-Columns out (one row per window, plus one failure row for a source that fails):
-    source_uri, source_version: str
-    window_index: int32        -1 on a failure row
-    start_s, end_s: float64    real audio extent of the window (end_s <= start_s + window_s)
-    samples: large_binary      float32 mono PCM at the CLAP rate, exactly window_samples long
-    n_windows: int32           on the source's last window: how many windows it has; else -1
-    error_type, error_message, stage: str   ("" unless a failure row)
-    windows_kept: int32        on a failure row: windows emitted before the fault
+Columns out (one row per window, plus one failure row for a source that fails): the window row
+of ``overheard.schema`` (``WINDOW_FIELDS``: source_uri, source_version, window_index (-1 on a
+failure row), start_s, end_s, valid_samples, pad_mode, n_windows (on the source's last window),
+error_type/error_message/stage ("" unless a failure row), windows_kept, source_meta, has_frame)
+plus
+    samples: large_binary      the window's real samples only (valid_samples float32, mono, CLAP
+                               rate): no padding crosses the object store; models pad once
 With ``frame_size`` > 0 (the caption job's ``audio+image`` mode) each window row also carries
     frame: large_binary        uint8 RGB frame_size x frame_size x 3 at the window's midpoint, or
                                b"" when the source has no usable video there (the window is then
-                               captioned from audio alone; the job never fails a source for it)
-In ``audio`` mode the column is absent and no video is decoded at all.
+                               captioned from audio alone; the job never fails a source for it);
+                               ``has_frame`` says which
+In ``audio`` mode the column is absent (has_frame False) and no video is decoded at all.
 Archive layouts (overheard.layouts): the input may also carry ``locator`` (struct, see there): a
 tar member, a span of a file, or a group (a .tar.gz shard, a Parquet row group) that expands
 into one source per member; every window row then carries ``source_meta`` (JSON string or null).
@@ -33,35 +33,12 @@ import pyarrow as pa
 from overheard import storage
 from overheard.layouts import Located, iter_sources
 from overheard.media import MediaError, decode_windows
+from overheard.schema import failure_row, window_row as _window_row, window_table
 
-WINDOW_COLUMNS = (
-    "source_uri", "source_version", "window_index", "start_s", "end_s", "samples",
-    "n_windows", "error_type", "error_message", "stage", "windows_kept",
-)
-
-# Windows per yielded table: 8 x 10 s x 48 kHz x 4 B = 15 MB, well under Ray Data's 128 MiB
-# block target, so a 2-hour source streams out in ~90 small pieces instead of one 1.4 GB block.
+# Windows per yielded table: 8 x 10 s x 48 kHz x 4 B = 15 MB (at most 15 windows, 29 MB, when
+# short sources precede a long one), well under Ray Data's 128 MiB block target, so a 2-hour
+# source streams out in ~90 small pieces instead of one 1.4 GB block.
 WINDOWS_PER_YIELD = 8
-
-
-def _table(rows: list[dict]) -> pa.Table:
-    cols = {
-        "source_uri": pa.array([r["source_uri"] for r in rows], pa.string()),
-        "source_version": pa.array([r["source_version"] for r in rows], pa.string()),
-        "window_index": pa.array([r["window_index"] for r in rows], pa.int32()),
-        "start_s": pa.array([r["start_s"] for r in rows], pa.float64()),
-        "end_s": pa.array([r["end_s"] for r in rows], pa.float64()),
-        "samples": pa.array([r["samples"] for r in rows], pa.large_binary()),
-        "n_windows": pa.array([r["n_windows"] for r in rows], pa.int32()),
-        "error_type": pa.array([r["error_type"] for r in rows], pa.string()),
-        "error_message": pa.array([r["error_message"] for r in rows], pa.string()),
-        "stage": pa.array([r["stage"] for r in rows], pa.string()),
-        "windows_kept": pa.array([r["windows_kept"] for r in rows], pa.int32()),
-    }
-    cols["source_meta"] = pa.array([r.get("source_meta") for r in rows], pa.string())
-    if rows and "frame" in rows[0]:
-        cols["frame"] = pa.array([r["frame"] for r in rows], pa.large_binary())
-    return pa.table(cols)
 
 
 class _Frames:
@@ -148,13 +125,6 @@ class IOGuard:
         self.close()
 
 
-def failure_row(uri: str, version: str, stage: str, error_type: str, message: str,
-                windows_kept: int = 0) -> dict:
-    return dict(source_uri=uri, source_version=version, window_index=-1, start_s=0.0, end_s=0.0,
-                samples=b"", n_windows=-1, error_type=error_type, error_message=message[:2000],
-                stage=stage, windows_kept=windows_kept)
-
-
 def source_windows(uri: str, version: str, *, window_s: float, hop_s: float | None,
                    min_window_s: float, pad_mode: str, max_duration_s: float | None,
                    timeout_s: float | None, located: Located | None = None) -> Iterator[dict]:
@@ -163,11 +133,8 @@ def source_windows(uri: str, version: str, *, window_s: float, hop_s: float | No
     archive layout (tar member, span, Parquet row; overheard.layouts), else ``uri`` is opened."""
     vuri = located.version_uri if located is not None else uri
     def window_row(w, n_windows=-1):
-        return dict(source_uri=uri, source_version=version, window_index=w.index,
-                    start_s=float(w.start_s), end_s=float(w.end_s),
-                    samples=np.ascontiguousarray(w.samples, dtype=np.float32).tobytes(),
-                    n_windows=n_windows, error_type="", error_message="", stage="",
-                    windows_kept=0)
+        return _window_row(uri, version, w.index, w.start_s, w.end_s, w.samples, pad_mode,
+                           n_windows)
 
     started = time.monotonic()  # the decode deadline covers opening too
     refused = refuse_source(uri)
@@ -197,7 +164,7 @@ def source_windows(uri: str, version: str, *, window_s: float, hop_s: float | No
     try:
         with f:
             for w in decode_windows(f, window_s=window_s, hop_s=hop_s, min_window_s=min_window_s,
-                                    pad_mode=pad_mode, max_duration_s=max_duration_s,
+                                    max_duration_s=max_duration_s,
                                     timeout_s=timeout_s,
                                     **({} if located is None else dict(start_s=located.start_s,
                                                                        end_s=located.end_s))):
@@ -291,16 +258,21 @@ def decode_sources(batch: pa.Table, *, window_s: float = 10.0, hop_s: float | No
                    max_duration_s: float | None = None,
                    timeout_s: float | None = None, frame_size: int = 0) -> Iterator[pa.Table]:
     """Ray Data generator UDF (batch_format="pyarrow"): sources in, window tables out,
-    ``WINDOWS_PER_YIELD`` windows at a time so memory stays flat for hour-long files.
-    ``frame_size`` > 0 adds each window's midpoint frame (see the module docstring)."""
+    ``WINDOWS_PER_YIELD`` windows at a time so memory stays flat for hour-long files; short
+    sources of one input batch share a table (whole sources only: a source is split only when
+    it alone has ``WINDOWS_PER_YIELD`` windows), so 60 packed 10-s clips are a few blocks for
+    Ray Data to move, not 60. ``frame_size`` > 0 adds each window's midpoint frame (see the
+    module docstring)."""
+    pending: list[dict] = []  # whole sources (or full groups of a long one) not yet yielded
     for uri, version, located in _sources(batch):
         rows: list[dict] = []
         frames = _Frames(uri, frame_size, timeout_s) if frame_size > 0 else None
 
-        def out(rows):
+        def settle():  # this source's rows so far -> pending, with their frames
             if frames is not None:
                 frames.attach(rows)
-            return _table(rows)
+            pending.extend(rows)
+            rows.clear()
 
         try:
             for row in source_windows(uri, version or "", window_s=window_s, hop_s=hop_s,
@@ -310,13 +282,18 @@ def decode_sources(batch: pa.Table, *, window_s: float = 10.0, hop_s: float | No
                 row["source_meta"] = located.meta if located is not None else None
                 rows.append(row)
                 if len(rows) >= WINDOWS_PER_YIELD:
-                    yield out(rows)
-                    rows = []
-            if rows:
-                yield out(rows)
+                    settle()
+                    yield window_table(pending)
+                    pending.clear()
+            settle()
         finally:
             if frames is not None:
                 frames.close()
+        if len(pending) >= WINDOWS_PER_YIELD:
+            yield window_table(pending)
+            pending.clear()
+    if pending:
+        yield window_table(pending)
 
 
 def _sources(batch: pa.Table) -> Iterator[tuple[str, str, Located | None]]:
@@ -331,30 +308,6 @@ def _sources(batch: pa.Table) -> Iterator[tuple[str, str, Located | None]]:
             yield member_uri, version, located
 
 
-def samples_matrix(column, rows: list[int], n: int) -> np.ndarray:
-    """Rows ``rows`` of a ``samples`` column (Arrow large_binary, each ``n`` float32 samples) as
-    a (len(rows), n) float32 array: one copy, straight from the Arrow buffers. Why: going through
-    ``to_pylist()`` copied every 1.9-MB window twice more (to bytes, then into the matrix)."""
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    out = np.empty((len(rows), n), dtype=np.float32)
-    starts = np.cumsum([0] + [len(c) for c in chunks])
-    for j, r in enumerate(rows):
-        k = int(np.searchsorted(starts, r, side="right")) - 1
-        c, i = chunks[k], r - int(starts[k])
-        if pa.types.is_large_binary(c.type) or pa.types.is_binary(c.type):
-            # binary (int32 offsets) is what Ray Data makes of numpy-format bytes columns
-            width = np.int64 if pa.types.is_large_binary(c.type) else np.int32
-            offsets = np.frombuffer(c.buffers()[1], dtype=width,
-                                    count=len(c) + 1 + c.offset)[c.offset:]
-            lo, hi = int(offsets[i]), int(offsets[i + 1])
-            data = c.buffers()[2]
-        else:  # any other bytes-like column
-            data = c[i].as_py()
-            lo, hi = 0, len(data)
-        if hi - lo != 4 * n:
-            raise ValueError(f"window {r} holds {(hi - lo) // 4} samples, expected {n}")
-        out[j] = np.frombuffer(data, dtype=np.float32, count=n, offset=lo)
-    return out
+_table = window_table  # the name tests/test_faults.py imports
 
-
-__all__ = ["decode_sources", "source_windows", "failure_row", "samples_matrix", "WINDOW_COLUMNS"]
+__all__ = ["decode_sources", "source_windows", "failure_row"]

@@ -302,3 +302,28 @@ def link_subset(files: list[Path], name: str) -> Path:
         if not (d / p.name).exists():
             os.link(p, d / p.name)
     return d
+
+
+def window_batch(n: int, *, samples: int = 480000, frame: int = 0, embedding_dim: int = 0,
+                 seed: int = 0):
+    """A synthetic batch of window rows (overheard.schema's contract) for benches that time one
+    actor: ``samples`` > 0 adds 10 s of noise per window (the decode stage's output), ``frame`` an
+    S x S RGB frame, ``embedding_dim`` a unit embedding + ``clap_id`` (the embed stage's)."""
+    from overheard.schema import add_columns, window_row, window_table
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        x = (rng.standard_normal(samples) * 0.1).astype(np.float32)
+        r = window_row(f"bench://{i}", "", 0, 0.0, samples / 48000, x, "repeatpad", n_windows=1)
+        if not samples:
+            r.pop("samples")
+        if frame:
+            r["frame"] = rng.integers(0, 256, frame * frame * 3, dtype=np.uint8).tobytes()
+        rows.append(r)
+    t = window_table(rows)
+    if embedding_dim:
+        e = rng.standard_normal((n, embedding_dim)).astype(np.float32)
+        e /= np.linalg.norm(e, axis=1, keepdims=True)
+        t = add_columns(t, audio_embedding=e, clap_id=["bench"] * n)
+    return t

@@ -36,19 +36,8 @@ if ROOT not in sys.path:
 
 
 def make_batch(n: int, frame: int, seed: int = 0) -> pa.Table:
-    rng = np.random.default_rng(seed)
-    samples = [(rng.standard_normal(480000) * 0.1).astype(np.float32).tobytes() for _ in range(n)]
-    cols = {
-        "source_uri": [f"bench://{i}" for i in range(n)], "source_version": [""] * n,
-        "window_index": pa.array([0] * n, pa.int32()), "start_s": [0.0] * n, "end_s": [10.0] * n,
-        "samples": pa.array(samples, pa.large_binary()), "n_windows": pa.array([1] * n, pa.int32()),
-        "error_type": [""] * n, "error_message": [""] * n, "stage": [""] * n,
-        "windows_kept": pa.array([0] * n, pa.int32()),
-    }
-    if frame:
-        cols["frame"] = pa.array([rng.integers(0, 256, frame * frame * 3, dtype=np.uint8).tobytes()
-                                  for _ in range(n)], pa.large_binary())
-    return pa.table(cols)
+    from _benchlib import window_batch
+    return window_batch(n, frame=frame, seed=seed)
 
 
 def tiny_model(directory: str) -> str:

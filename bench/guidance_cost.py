@@ -35,16 +35,8 @@ if ROOT not in sys.path:
 
 
 def make_batch(n: int, dim: int, seed: int = 0) -> pa.Table:
-    rng = np.random.default_rng(seed)
-    e = rng.standard_normal((n, dim)).astype(np.float32)
-    e /= np.linalg.norm(e, axis=1, keepdims=True)
-    return pa.table({
-        "source_uri": pa.array([f"bench://{i}" for i in range(n)]),
-        "window_index": pa.array(np.zeros(n, np.int32)),
-        "error_type": pa.array([None] * n, pa.string()),
-        "audio_embedding": pa.FixedSizeListArray.from_arrays(pa.array(e.reshape(-1)), dim),
-        "model_id": pa.array(["clap"] * n),
-    })
+    from _benchlib import window_batch
+    return window_batch(n, samples=0, embedding_dim=dim, seed=seed)
 
 
 CONFIGS = [

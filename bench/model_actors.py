@@ -70,17 +70,9 @@ def build_models(names: list[str]) -> dict[str, str]:
 
 
 def embedded_batch(n: int, dim: int, seed: int = 0):
-    """A Captioner input batch: window columns + audio_embedding + model_id."""
-    import pyarrow as pa
-
-    from dali_actor import make_batch
-
-    t = make_batch(n, 0, seed).drop_columns(["samples"])
-    rng = np.random.default_rng(seed)
-    e = rng.standard_normal((n, dim)).astype(np.float32)
-    e /= np.linalg.norm(e, axis=1, keepdims=True)
-    t = t.append_column("audio_embedding", pa.FixedSizeListArray.from_arrays(pa.array(e.reshape(-1)), dim))
-    return t.append_column("model_id", pa.array(["bench"] * n))
+    """A Captioner input batch: window rows + audio_embedding + clap_id."""
+    from _benchlib import window_batch
+    return window_batch(n, samples=0, embedding_dim=dim, seed=seed)
 
 
 def count_flops(fn) -> float:

@@ -12,6 +12,11 @@ the same cores:
                         default), same models, one process, torch's default threads;
   (c) overheard e2e   - jobs.caption.run on local Ray (ray.init(num_cpus=cores)), defaults unless
                         ``--set field=value`` overrides a CaptionConfig field.
+  (m) models batched  - the job's model actor (actors.clap_captioner.ClapCaptioner, its default
+                        batches and 1 torch thread) called in this process on decoded window rows
+                        of the archive (--model-windows of them), no Ray: the models' own CPU cost.
+
+Issue 19's framework-CPU check: e2e CPU s per window <= 1.25 x ((a) + (m)) CPU s per window.
 
 Per row: windows/s, real-time factor (audio s per wall s), CPU utilisation (CPU seconds of this process
 tree -- driver, pool processes, Ray's GCS/raylet/workers -- sampled from /proc every 0.5 s, / wall / cores),
@@ -115,6 +120,53 @@ def naive_loop(files: list[Path], clap_path: str, decoder_path: str, num_beams: 
     return dict(windows=n, audio_s=audio, wall=wall, sampler=s)
 
 
+# ---------------------------------------------------------------------------------- (m) models
+
+def models_batched(files: list[Path], model: str, n_windows: int, overrides: dict) -> dict:
+    """The fused model actor on ``n_windows`` decoded window rows (the decode stage's own output,
+    taken from the files in turn so clips and long files both appear), in the job's batches;
+    CPU seconds of this process (all threads) while it runs. Loading is not timed."""
+    import pyarrow as pa
+
+    from actors.clap_captioner import ClapCaptioner
+    from actors.windows import decode_sources
+    from jobs.caption import CaptionConfig
+
+    cfg = dataclasses.replace(CaptionConfig(input="-", output="-", model=model), **overrides)
+    tables, n = [], 0
+    for j, p in enumerate(sorted(files, key=lambda p: p.stat().st_size)):
+        # the budget left, shared by the files left: every clip gives its window, the long
+        # files share the rest (their windows are most of an archive's)
+        per_file = max(1, (n_windows - n) // (len(files) - j))
+        src = pa.table({"source_uri": [str(p)], "source_version": [""]})
+        k = 0
+        for t in decode_sources(src, window_s=cfg.window):
+            tables.append(t.slice(0, per_file - k))
+            k += tables[-1].num_rows
+            if k >= per_file:
+                break
+        n += k
+        if n >= n_windows:
+            break
+    rows = pa.concat_tables(tables).slice(0, n_windows)
+    actor = ClapCaptioner(
+        dict(clap_path=os.path.join(model, "clap"), window_s=cfg.window, device="cpu",
+             torch_threads=cfg.torch_threads),
+        dict(decoder_path=os.path.join(model, "decoder"), search=cfg.search,
+             num_beams=cfg.num_beams, device="cpu", torch_threads=cfg.torch_threads),
+        encoder_batch=cfg.encoder_batch)
+    actor(rows.slice(0, 2))  # warm-up
+    s = B.ProcSampler().start()
+    c0, t = time.process_time(), time.perf_counter()
+    for i in range(0, rows.num_rows, cfg.captioner_batch):
+        actor(rows.slice(i, cfg.captioner_batch))
+    wall, cpu = time.perf_counter() - t, time.process_time() - c0
+    s.stop()
+    return dict(windows=rows.num_rows, audio_s=float(sum(
+        e - b for b, e in zip(rows.column("start_s").to_pylist(), rows.column("end_s").to_pylist()))),
+        wall=wall, sampler=s, cpu_run=cpu)
+
+
 # ---------------------------------------------------------------------------------- (c) e2e
 
 def e2e(files_dir: Path, cores: int, overrides: dict, model: str) -> dict:
@@ -132,16 +184,23 @@ def e2e(files_dir: Path, cores: int, overrides: dict, model: str) -> dict:
                             show=0)
         cfg = dataclasses.replace(cfg, **overrides)
         cpu_before = s.sample()["cpu"]
+        base = {p: r["cpu"] for p, r in s.procs.items()}
         t = time.perf_counter()
         m = run(cfg)
         wall = time.perf_counter() - t
         cpu_after = s.sample()["cpu"]
         s.stop()
+        # where the CPU went: each process's CPU during run(), by the roles it held
+        by_role: dict[str, float] = {}
+        for p, r in s.procs.items():
+            roles = sorted(r["roles"] - {"other ray worker"}) or ["other ray worker"]
+            key = " + ".join(roles)
+            by_role[key] = by_role.get(key, 0.0) + r["cpu"] - base.get(p, 0.0)
     finally:
         ray.shutdown()
         shutil.rmtree(out, ignore_errors=True)
     return dict(windows=m["windows"], audio_s=m["audio_hours"] * 3600, wall=wall, sampler=s,
-                init_s=init_s, manifest=m, cpu_run=cpu_after - cpu_before)
+                init_s=init_s, manifest=m, cpu_run=cpu_after - cpu_before, cpu_by_role=by_role)
 
 
 def _median_run(files_dir: Path, args, overrides: dict) -> dict:
@@ -176,7 +235,9 @@ def main(argv=None) -> int:
     ap.add_argument("--long-s", type=float, default=600.0, help="length of each long file (s)")
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--model", default=str(ROOT / "overheard" / "assets" / "tiny-random-model"))
-    ap.add_argument("--only", default="abc", help="which rows: subset of 'abc'")
+    ap.add_argument("--only", default="abcm", help="which rows: subset of 'abcm'")
+    ap.add_argument("--model-windows", type=int, default=128,
+                    help="(m): decoded windows the model actor is timed on")
     ap.add_argument("--naive-files", type=int, default=0,
                     help="run the naive loop on a deterministic subset of this many files "
                          "(0 = all); its windows/s is what is compared")
@@ -226,6 +287,10 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.naive_threads)
         la = B.load_now()
         rows["b"] = dict(naive_loop(nf, clap, dec), load=(la, B.load_now()))
+    if "m" in args.only:
+        la = B.load_now()
+        rows["m"] = dict(models_batched(files, args.model, args.model_windows, overrides),
+                         load=(la, B.load_now()))
     if "c" in args.only and args.marginal:
         # the same kinds of file, half as many: the difference to the full run is the steady
         # state, free of the fixed start-up (Ray workers importing torch, models loading)
@@ -244,7 +309,8 @@ def main(argv=None) -> int:
                   f"1 window at a time" + (f", {rows['b']['windows']} windows of a {args.naive_files}-file "
                                            "subset)" if args.naive_files and "b" in rows else ")"),
              "h": "(c') overheard e2e on half the files (for the steady state)",
-             "c": f"(c) overheard e2e, local Ray num_cpus={args.cores}"}
+             "c": f"(c) overheard e2e, local Ray num_cpus={args.cores}",
+             "m": "(m) models batched (the fused model actor in one process, no Ray)"}
     print("| run | windows | wall s | windows/s | real-time factor | CPU util (tree CPU s / wall / cores) "
           "| CPU s per window | peak RSS, whole tree | largest process | load avg (start->end) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
@@ -265,6 +331,9 @@ def main(argv=None) -> int:
               f"model validation in the driver, listing, actor start-up and writing Parquet. Manifest: "
               f"{c['manifest']['windows']} windows, wall_s {c['manifest']['wall_s']}, "
               f"status {c['manifest']['status']}, failures {c['manifest']['failures_by_type'] or 'none'}.")
+        print("e2e CPU s during run() by process role: " + ", ".join(
+            f"{role} {v:.1f}" for role, v in sorted(c["cpu_by_role"].items(), key=lambda kv: -kv[1])
+            if v >= 0.05))
         print("e2e peak RSS by role (largest single process while in that role): " + ", ".join(
             f"{role} {B.mib(v)}" for role, v in sorted(c["sampler"].peak_by_role().items())))
         if args.repeat > 1:
@@ -297,6 +366,12 @@ def main(argv=None) -> int:
             print(f"Ratio by CPU cost, decode ceiling / e2e (CPU s per window): {cpw['a'] / cpw['c']:.2f}")
         if "b" in cpw:
             print(f"Ratio by CPU cost, naive / e2e (CPU s per window): {cpw['b'] / cpw['c']:.2f}")
+        if "a" in cpw and "m" in cpw:
+            floor = cpw["a"] + cpw["m"]
+            print(f"Framework CPU check (issue 19): e2e {cpw['c']:.4f} CPU s/window vs decode "
+                  f"{cpw['a']:.4f} + models batched {cpw['m']:.4f} = {floor:.4f}: ratio "
+                  f"{cpw['c'] / floor:.2f} (target <= 1.25); framework share "
+                  f"{cpw['c'] - floor:.4f} CPU s/window.")
     print(f"\nTotal benchmark time {time.perf_counter() - t0:.0f} s; load average at end "
           f"{B.load_now():.1f}.")
     return 0

@@ -177,7 +177,7 @@ def pack_sources(sources: list[tuple[str, str, int]], block_bytes: int = BLOCK_B
 def effective_windows(cfg: CaptionConfig) -> CaptionConfig:
     """--whole-clip S is --window S --hop S: a source up to S s gives one window whose valid
     length is the source's (decode_windows: a clip shorter than the window is one window), and
-    the CLAP actor averages that window's model-length chunks (actors/clap_embedder.fit_to_model),
+    the CLAP actor averages that window's model-length chunks (overheard.media.model_input),
     so a 25-s Clotho clip is embedded as the normalised mean of its 0-10, 10-20, 20-25 s chunks."""
     if cfg.whole_clip > 0:
         return dataclasses.replace(cfg, window=cfg.whole_clip, hop=cfg.whole_clip)
@@ -573,8 +573,8 @@ def _count(manifest: dict, r) -> None:
     manifest["windows"] += r.windows
     if r.captions is not None and manifest["mode"] == "audio+image":
         # counted on released (deduplicated) rows, so a resent window is not counted twice
-        manifest["windows_with_frames"] += int(pc.sum(pc.cast(pc.match_substring(
-            r.captions.column("decoding"), "+image"), pa.int64())).as_py() or 0)
+        manifest["windows_with_frames"] += int(pc.sum(pc.cast(
+            r.captions.column("has_frame"), pa.int64())).as_py() or 0)
     if r.captions is not None and "confidence" in r.captions.column_names:
         c = r.captions.column("confidence").drop_null().to_numpy(zero_copy_only=False)
         manifest["windows_scored"] += len(c)

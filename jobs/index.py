@@ -132,8 +132,9 @@ PARTS_SCHEMA = pa.schema([
 
 def to_index_rows(batch: pa.Table) -> pa.Table:
     """Columns in: the caption table's (+ ``path`` of the part; ``confidence`` optional); out: the
-    index table's (``index_schema``): adds ``key``, ``clap_id`` (model_id before '+'), ``part``,
-    a null ``confidence`` where the part has none."""
+    index table's (``index_schema``): adds ``key``, ``clap_id`` (the part's own column; parts
+    written before it existed: model_id before '+'), ``part``, a null ``confidence`` where the
+    part has none."""
     uris = batch.column("source_uri").to_pylist()
     widx = batch.column("window_index").to_pylist()
     mids = batch.column("model_id").to_pylist()
@@ -142,7 +143,8 @@ def to_index_rows(batch: pa.Table) -> pa.Table:
     for f in CAPTION_COLUMNS[:-1]:
         cols[f] = (batch.column(f) if f in batch.column_names
                    else pa.nulls(batch.num_rows, OPTIONAL_COLUMNS[f]))
-    cols["clap_id"] = pa.array([m.split("+", 1)[0] for m in mids], pa.string())
+    cols["clap_id"] = (batch.column("clap_id") if "clap_id" in batch.column_names
+                       else pa.array([m.split("+", 1)[0] for m in mids], pa.string()))
     cols["part"] = batch.column("path").cast(pa.string())
     emb = batch.column("audio_embedding")
     dim = emb.type.list_size
@@ -158,7 +160,7 @@ def read_part(part: str, batch_size: int):
     fs, path = storage.get_fs(part)
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
-        cols = [c for c in CAPTION_COLUMNS if c in pf.schema_arrow.names]
+        cols = [c for c in CAPTION_COLUMNS + ["clap_id"] if c in pf.schema_arrow.names]
         for rb in pf.iter_batches(batch_size=batch_size, columns=cols):
             t = pa.Table.from_batches([rb])
             yield t.append_column("path", pa.array([part] * t.num_rows, pa.string()))

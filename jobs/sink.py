@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from overheard import storage
-from overheard.schema import FAILURE_SCHEMA, RETRYABLE, caption_schema
+from overheard.schema import FAILURE_SCHEMA, RETRYABLE, caption_rows, caption_schema
 
 
 _SEQ = "__arrival"  # arrival order of rows in the assembler's buffer (first copy of a row wins)
@@ -238,17 +238,7 @@ class PartWriter:
             self.flush()
 
     def _to_schema(self, t: pa.Table) -> pa.Table:
-        n = t.num_rows
-        cols = {}
-        for f in self.schema:
-            if f.name == "run_id":
-                cols[f.name] = pa.repeat(pa.scalar(self.run_id, f.type), n)
-            elif f.name in t.column_names:
-                c = t.column(f.name)
-                cols[f.name] = c if c.type == f.type else c.cast(f.type)
-            else:  # scores a stage did not compute (e.g. audibility without guidance)
-                cols[f.name] = pa.nulls(n, f.type)
-        return pa.table(cols, schema=self.schema)
+        return caption_rows(t, self.schema, self.run_id)
 
     def flush(self) -> None:
         self.last_flush = time.monotonic()

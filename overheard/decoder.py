@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from overheard.checkpoint import (check_config_sizes, read_config_json, read_weights, safetensors_weights,
-                                  save_weights)
+from overheard.checkpoint import (check_config_sizes, model_id, read_config_json, read_weights,
+                                  safetensors_weights, save_weights)
 from overheard.topk import beam_topk
 
 FORMAT = "overheard.caption_decoder"
@@ -488,6 +488,19 @@ def retrieval_k(extra: dict) -> int:
     if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_RETRIEVAL_K:
         raise ValueError(f"extra.retrieval.k must be an integer in [0, {MAX_RETRIEVAL_K}], got {k!r}")
     return k
+
+
+# what a decoder's captions depend on: its weights, its tokenizer and, for nearest / projection /
+# retrieval decoding, its caption memory
+ID_FILES = (WEIGHTS_NAME, "tokenizer.json", "memory.safetensors", "memory_captions.jsonl")
+
+
+def decoder_model_id(uri: str, local: str) -> str:
+    """The decoder's id in caption tables (``decoder_id``): ``checkpoint.model_id`` over the
+    files in ``ID_FILES`` that ``local`` (the localised copy of ``uri``) holds, so the same
+    decoder gives the same id wherever it is stored."""
+    files = [os.path.join(local, f) for f in ID_FILES if os.path.isfile(os.path.join(local, f))]
+    return model_id(uri, files, "decoder")
 
 
 def load_decoder(directory: str | os.PathLike, device: str | torch.device = "cpu"

@@ -5,8 +5,9 @@ Three layers, each usable alone:
 * :func:`iter_audio` streams the first audio stream of a file (path or seekable file object) through
   FFmpeg (PyAV) and libswresample, yielding float32 chunks of about ``chunk_s`` seconds. It never holds
   the whole file: a 3-hour file decodes in constant memory.
-* :func:`iter_windows` cuts any chunk stream into fixed-length windows (with their real start/end
-  seconds) and pads the last one.
+* :func:`iter_windows` cuts any chunk stream into windows of at most ``window_s`` (with their real
+  start/end seconds); a window holds its real samples only. :func:`model_input` pads (or splits) a
+  window to a model's input length, once, where the model runs.
 * :func:`decode_windows` composes the two and adds the per-file limits (duration, time).
 
 Every failure surfaces as :class:`MediaError` whose ``error_type`` is one of
@@ -73,8 +74,9 @@ class MediaError(Exception):
 @dataclass
 class Window:
     """One analysis window. ``start_s``/``end_s``: real audio extent in seconds (``end_s`` is
-    ``min(start_s + window_s, duration)``); ``samples``: float32, exactly ``round(window_s * sr)`` long,
-    padded past ``end_s`` according to ``pad_mode``."""
+    ``min(start_s + window_s, duration)``); ``samples``: its real float32 samples, at most
+    ``round(window_s * sr)`` (fewer only for a source's last window). Not padded: the model side
+    pads with :func:`model_input`, so the real length travels with the window."""
 
     index: int
     start_s: float
@@ -482,9 +484,11 @@ def iter_audio(src, sr: int = TARGET_SR, chunk_s: float = 10.0,
 
 # -------------------------------------------------------------------------------------------- windows
 
-def _pad(real: np.ndarray, n: int, pad_mode: str) -> np.ndarray:
+def pad(real: np.ndarray, n: int, pad_mode: str = "repeatpad") -> np.ndarray:
     """``real`` (len <= n) padded to n samples. repeatpad: tile ``floor(n / len)`` whole copies, then
     zeros (LAION-CLAP's ``repeatpad``); zeros: zeros after the audio."""
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
     if real.size == n:
         return real.astype(np.float32, copy=True)
     out = np.zeros(n, dtype=np.float32)
@@ -496,25 +500,47 @@ def _pad(real: np.ndarray, n: int, pad_mode: str) -> np.ndarray:
     return out
 
 
+def model_input(real: np.ndarray, window_n: int, model_n: int,
+                pad_mode: str = "repeatpad") -> np.ndarray:
+    """A window's real samples as model inputs: a (k, model_n) float32 array, the one place a
+    window is padded. ``window_n``: the window length in samples the job cut (``real`` holds at
+    most that many); ``model_n``: the model's input length (480000 = 10 s for LAION-CLAP).
+
+    * window == model length: ``real`` padded by ``pad_mode`` (a source's last, short window).
+    * shorter windows (``--window 5`` on a 10-s model): the real audio repeat-padded to the
+      model's length (LAION-CLAP's "repeatpad"), whatever ``pad_mode``.
+    * longer windows (``--window 30``/``--whole-clip``): split into model-length chunks of real
+      audio, a partial last chunk repeat-padded from its own samples; the caller averages their
+      embeddings (a 25-s clip: 0-10, 10-20, 20-25 s).
+    Deterministic: no random crop anywhere."""
+    real = np.asarray(real, dtype=np.float32).reshape(-1)
+    if real.size == 0:
+        raise ValueError("a window needs at least one real sample")
+    if window_n == model_n:
+        return pad(real, model_n, pad_mode)[None]
+    if real.size <= model_n:
+        return pad(real, model_n, "repeatpad")[None]
+    return np.stack([pad(real[i:i + model_n], model_n, "repeatpad")
+                     for i in range(0, real.size, model_n)])
+
+
 def iter_windows(chunks: Iterable[np.ndarray], sr: int, window_s: float = 10.0, hop_s: float | None = None,
-                 min_window_s: float = 0.5, pad_mode: str = "repeatpad") -> Iterator[Window]:
+                 min_window_s: float = 0.5) -> Iterator[Window]:
     """Cut a stream of 1-D float32 chunks (at ``sr`` Hz) into windows starting at 0, hop, 2*hop, ...
 
     ``hop_s`` defaults to ``window_s`` (no overlap); ``hop_s < window_s`` overlaps, ``> window_s`` skips.
     Full windows are yielded as soon as their samples arrive. At the end, the first window not yet
-    yielded that starts inside the audio is yielded (padded) if it holds >= ``min_window_s`` of audio,
+    yielded that starts inside the audio is yielded (shorter) if it holds >= ``min_window_s`` of audio,
     or if no window was yielded at all (a clip shorter than ``min_window_s`` still gets one window).
     Windows are not emitted once a yielded window reached the end of the audio (with overlap, later
     windows would only repeat its tail).
 
-    Padding: ``"repeatpad"`` repeats the real audio whole ``floor(window/len)`` times then zero-fills
-    (LAION-CLAP), ``"zeros"`` zero-fills. Deterministic. Buffers at most window + one chunk samples.
+    Windows hold real samples only (see :func:`model_input` for padding). Deterministic. Buffers at
+    most window + one chunk samples.
 
     If ``chunks`` raises MediaError, the error propagates with ``windows_kept`` = windows yielded; for
     ``truncated`` the audio before the fault is windowed first (same end-of-stream rules).
     """
-    if pad_mode not in PAD_MODES:
-        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
     win_n = int(round(window_s * sr))
     hop_n = win_n if hop_s is None else int(round(hop_s * sr))
     min_n = int(round(min_window_s * sr))
@@ -529,7 +555,7 @@ def iter_windows(chunks: Iterable[np.ndarray], sr: int, window_s: float = 10.0, 
 
     def make(real: np.ndarray, start: int) -> Window:
         return Window(index=k, start_s=start / sr, end_s=(start + real.size) / sr,
-                      samples=_pad(real, win_n, pad_mode))
+                      samples=real.astype(np.float32, copy=True))
 
     def tail() -> Iterator[Window]:
         nonlocal k
@@ -568,8 +594,7 @@ def iter_windows(chunks: Iterable[np.ndarray], sr: int, window_s: float = 10.0, 
 
 
 def decode_windows(src, sr: int = TARGET_SR, window_s: float = 10.0, hop_s: float | None = None,
-                   min_window_s: float = 0.5, pad_mode: str = "repeatpad",
-                   max_duration_s: float | None = None, timeout_s: float | None = None,
+                   min_window_s: float = 0.5, max_duration_s: float | None = None, timeout_s: float | None = None,
                    start_s: float = 0.0, end_s: float | None = None) -> Iterator[Window]:
     """Decode ``src`` (path or seekable file object) into windows: ``iter_windows(iter_audio(src))``.
 
@@ -586,7 +611,7 @@ def decode_windows(src, sr: int = TARGET_SR, window_s: float = 10.0, hop_s: floa
     chunk_s = min(window_s, 10.0) if window_s > 0 else 10.0
     n = 0
     for w in iter_windows(_iter_audio(src, sr, chunk_s, deadline, max_duration_s, start_s, end_s),
-                          sr, window_s=window_s, hop_s=hop_s, min_window_s=min_window_s, pad_mode=pad_mode):
+                          sr, window_s=window_s, hop_s=hop_s, min_window_s=min_window_s):
         n += 1
         if start_s:
             w.start_s, w.end_s = w.start_s + start_s, w.end_s + start_s

@@ -12,39 +12,37 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from actors.clap_embedder import ClapEmbedder  # noqa: E402
-from actors.windows import decode_sources, samples_matrix  # noqa: E402
+from actors.windows import decode_sources  # noqa: E402
 from overheard.clap import ClapEncoder  # noqa: E402
+from overheard.schema import window_samples  # noqa: E402
 from tests import media_factory as mf  # noqa: E402
 
 
-def _windows(rng, k: int, n: int) -> list[np.ndarray]:
-    return [rng.standard_normal(n).astype(np.float32) for _ in range(k)]
-
-
-def test_samples_matrix_reads_chunked_and_sliced_columns():
+def test_window_samples_reads_chunked_and_sliced_columns():
     rng = np.random.default_rng(0)
-    w = _windows(rng, 7, 1000)
+    # windows of different real lengths: a column carries no padding (issue 19)
+    w = [rng.standard_normal(n).astype(np.float32) for n in (1000, 1000, 7, 1000, 250, 1, 1000)]
     arr = pa.array([x.tobytes() for x in w], pa.large_binary())
     chunked = pa.chunked_array([arr.slice(0, 3), arr.slice(3, 1), arr.slice(4)])
     small = pa.array([x.tobytes() for x in w], pa.binary())  # Ray Data's numpy -> Arrow bytes
     for col in (arr, chunked, pa.chunked_array([arr]), small, small.slice(0)):
-        got = samples_matrix(col, [6, 0, 3, 4], 1000)
-        assert got.dtype == np.float32 and got.flags.writeable and got.flags.c_contiguous
-        np.testing.assert_array_equal(got, np.stack([w[6], w[0], w[3], w[4]]))
+        got = window_samples(col, [6, 0, 2, 4, 5])
+        assert all(g.dtype == np.float32 for g in got)
+        for g, k in zip(got, [6, 0, 2, 4, 5]):
+            np.testing.assert_array_equal(g, w[k])
     # a slice of a slice: Arrow offsets no longer start at 0
-    sl = arr.slice(2, 4).slice(1, 2)
-    np.testing.assert_array_equal(samples_matrix(sl, [1, 0], 1000), np.stack([w[4], w[3]]))
-    np.testing.assert_array_equal(samples_matrix(small.slice(2, 4).slice(1, 2), [1, 0], 1000),
-                                  np.stack([w[4], w[3]]))
-    assert samples_matrix(arr, [], 1000).shape == (0, 1000)
+    for col in (arr.slice(2, 4).slice(1, 2), small.slice(2, 4).slice(1, 2)):
+        a, b = window_samples(col, [1, 0])
+        np.testing.assert_array_equal(a, w[4])
+        np.testing.assert_array_equal(b, w[3])
+    assert window_samples(arr, []) == []
 
 
-def test_samples_matrix_refuses_a_window_of_the_wrong_length():
-    arr = pa.array([np.zeros(1000, np.float32).tobytes(), np.zeros(999, np.float32).tobytes()],
-                   pa.large_binary())
-    assert samples_matrix(arr, [0], 1000).shape == (1, 1000)
-    with pytest.raises(ValueError, match="window 1 holds 999 samples, expected 1000"):
-        samples_matrix(arr, [1], 1000)
+def test_window_samples_refuses_bytes_that_are_not_float32():
+    arr = pa.array([np.zeros(10, np.float32).tobytes(), b"abc"], pa.large_binary())
+    assert window_samples(arr, [0])[0].shape == (10,)
+    with pytest.raises(ValueError, match="window 1: 3 bytes"):
+        window_samples(arr, [1])
 
 
 def test_clap_embedder_on_decoded_windows_equals_the_encoder(tiny_model, tmp_path):
@@ -61,15 +59,19 @@ def test_clap_embedder_on_decoded_windows_equals_the_encoder(tiny_model, tmp_pat
     clap = os.path.join(tiny_model, "clap")
     out = ClapEmbedder(clap)(batch)
     enc = ClapEncoder(clap)
+    # each window carries its real samples and their count (the 25-s source's last window:
+    # 5 s = 240000 samples; the 4-s source: 192000), no padding
+    assert batch.column("valid_samples").to_pylist() == [480000, 480000, 240000, 192000]
+    assert [len(b) for b in batch.column("samples").to_pylist()] == [
+        4 * v for v in batch.column("valid_samples").to_pylist()]
     ref = []
     for t in tables:
         for row in t.to_pylist():
             x = np.frombuffer(row["samples"], np.float32)
-            valid = int(round((row["end_s"] - row["start_s"]) * enc.sampling_rate))
-            # repeatpad, as the embedder does for a window shorter than the model's 10 s
-            y = np.zeros_like(x)
-            reps = x.size // valid
-            y[: reps * valid] = np.tile(x[:valid], reps)
+            # repeatpad to the model's 10 s, written out here rather than by the code under test
+            y = np.zeros(enc.window_samples, np.float32)
+            reps = y.size // x.size
+            y[: reps * x.size] = np.tile(x, reps)
             ref.append(enc.embed_audio(y[None])[0])
     got = np.asarray(out.column("audio_embedding").to_pylist(), np.float32)
     assert out.column("error_type").to_pylist() == [""] * 4
@@ -109,4 +111,25 @@ def test_fused_actor_equals_the_two_stages(tiny_model, tmp_path):
     np.testing.assert_allclose(np.asarray(fused.column("audio_embedding").to_pylist()),
                                np.asarray(two.column("audio_embedding").to_pylist()), atol=1e-6)
     assert fused.column("error_type").to_pylist()[-1] == "corrupt"
+    # the two ids travel as their own columns; model_id is only their join, for the table
+    clap_id, dec_id = fused.column("clap_id").to_pylist(), fused.column("decoder_id").to_pylist()
+    assert clap_id[0] == actor.embedder.encoder.model_id and dec_id[0] == actor.captioner.model_id
+    assert fused.column("model_id").to_pylist() == [f"{c}+{d}" for c, d in zip(clap_id, dec_id)]
     assert all(fused.column("caption").to_pylist()[:4]) and fused.column("caption")[4].as_py() == ""
+
+
+def test_short_sources_share_a_table_and_long_ones_stream(tmp_path):
+    """decode_sources: whole short sources of one input batch go out together (fewer blocks for
+    Ray Data to move), a source is cut only when it alone fills WINDOWS_PER_YIELD windows; every
+    row still carries its real length (window 1-s: 48000 samples)."""
+    from actors.windows import WINDOWS_PER_YIELD
+    paths = [mf.make_tone(tmp_path / f"s{i}.wav", seconds=2.5, sr=8000) for i in range(3)]
+    paths.append(mf.make_tone(tmp_path / "long.wav", seconds=WINDOWS_PER_YIELD + 2.5, sr=8000))
+    src = pa.table({"source_uri": [str(p) for p in paths], "source_version": [""] * 4})
+    tables = list(decode_sources(src, window_s=1.0))
+    # 3 short sources x 3 windows = 9 >= 8: one table of them, then the long one: 8 + 3 windows
+    assert [t.num_rows for t in tables] == [9, WINDOWS_PER_YIELD, 3]
+    assert set(tables[0].column("source_uri").to_pylist()) == {str(p) for p in paths[:3]}
+    assert tables[1].column("window_index").to_pylist() == list(range(WINDOWS_PER_YIELD))
+    valid = pa.concat_tables(tables).column("valid_samples").to_pylist()
+    assert valid == [48000, 48000, 24000] * 3 + [48000] * (WINDOWS_PER_YIELD + 2) + [24000]

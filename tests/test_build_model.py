@@ -111,11 +111,11 @@ def test_build_model_end_to_end_then_caption_whole_clips(tiny_model, eval_set, r
     # the whole-clip embedding is CLAP's normalised mean over the clip's 10-s chunks
     # (0-10, 10-20, 20-25 s repeat-padded), not its first window
     from overheard.clap import ClapEncoder
-    from overheard.media import decode_windows
+    from overheard.media import decode_windows, model_input
     enc = ClapEncoder(os.path.join(out, "clap"))
     b = t.filter(pc.ends_with(t.column("source_uri"), "long_b.flac"))
     got = np.asarray(b.column("audio_embedding").to_pylist()[0], dtype=np.float32)
-    chunks = np.stack([w.samples for w in decode_windows(
+    chunks = np.stack([model_input(w.samples, 480000, 480000)[0] for w in decode_windows(
         os.path.join(eval_set["audio"], "long_b.flac"), window_s=10.0)])
     assert len(chunks) == 3
     per = enc.embed_audio(chunks)

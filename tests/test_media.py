@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import media_factory as mf  # noqa: E402
 
 from overheard import media  # noqa: E402
-from overheard.media import MediaError, Window, decode_windows, iter_audio, iter_windows  # noqa: E402
+from overheard.media import (MediaError, Window, decode_windows, iter_audio, iter_windows,  # noqa: E402
+                             model_input)
 from overheard.schema import ERROR_TYPES  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not mf.have_tools(), reason="needs ffmpeg, sox and espeak-ng on PATH")
@@ -235,14 +236,34 @@ def test_windows_exact_multiple():
     assert all(w.samples.dtype == np.float32 and w.samples.shape == (10,) for w in ws)
 
 
-def test_windows_last_partial_repeatpad_and_zeros():
+def test_windows_last_partial_keeps_its_real_samples_and_pads_model_side():
     # 23 samples at sr 10, window 10: [1..10], [11..20], then 3 real samples (0.3 s)
     ws = list(iter_windows(ramp(23, 4), sr=10, window_s=1.0, min_window_s=0.3))
     assert spans(ws) == [(0, 0.0, 1.0), (1, 1.0, 2.0), (2, 2.0, 2.3)]
+    # the window holds what is real; its length is its valid sample count (issue 14)
+    np.testing.assert_array_equal(ws[2].samples, [21, 22, 23])
     # repeatpad: floor(10/3) = 3 whole copies, then zeros (LAION-CLAP)
-    np.testing.assert_array_equal(ws[2].samples, [21, 22, 23, 21, 22, 23, 21, 22, 23, 0])
-    wz = list(iter_windows(ramp(23, 4), sr=10, window_s=1.0, min_window_s=0.3, pad_mode="zeros"))
-    np.testing.assert_array_equal(wz[2].samples, [21, 22, 23, 0, 0, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(model_input(ws[2].samples, 10, 10)[0],
+                                  [21, 22, 23, 21, 22, 23, 21, 22, 23, 0])
+    np.testing.assert_array_equal(model_input(ws[2].samples, 10, 10, "zeros")[0],
+                                  [21, 22, 23, 0, 0, 0, 0, 0, 0, 0])
+
+
+def test_model_input_shorter_and_longer_windows():
+    # a 5-sample window on a 10-sample model: repeat-padded whatever pad_mode (LAION-CLAP)
+    np.testing.assert_array_equal(model_input(np.arange(1, 4, dtype=np.float32), 5, 10, "zeros"),
+                                  [[1, 2, 3, 1, 2, 3, 1, 2, 3, 0]])
+    # a 25-sample window on a 10-sample model: chunks 1-10, 11-20, 21-25 (+ repeat of 21-25)
+    got = model_input(np.arange(1, 26, dtype=np.float32), 30, 10)
+    np.testing.assert_array_equal(got, [np.arange(1, 11), np.arange(11, 21),
+                                        [21, 22, 23, 24, 25, 21, 22, 23, 24, 25]])
+    # a full window passes through as is (a copy: the caller's buffer is read-only Arrow memory)
+    x = np.arange(10, dtype=np.float32)
+    y = model_input(x, 10, 10)
+    np.testing.assert_array_equal(y, x[None])
+    assert not np.shares_memory(x, y)
+    with pytest.raises(ValueError):
+        model_input(np.zeros(0, np.float32), 10, 10)
 
 
 def test_windows_partial_below_min_is_dropped():
@@ -253,9 +274,10 @@ def test_windows_partial_below_min_is_dropped():
 def test_short_clip_gives_one_window():
     ws = list(iter_windows(ramp(2, 5), sr=10, window_s=1.0, min_window_s=0.5))
     assert spans(ws) == [(0, 0.0, 0.2)]
-    np.testing.assert_array_equal(ws[0].samples, [1, 2] * 5)
-    ws = list(iter_windows(ramp(3, 5), sr=10, window_s=1.0, pad_mode="zeros"))
-    np.testing.assert_array_equal(ws[0].samples, [1, 2, 3, 0, 0, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(model_input(ws[0].samples, 10, 10)[0], [1, 2] * 5)
+    ws = list(iter_windows(ramp(3, 5), sr=10, window_s=1.0))
+    np.testing.assert_array_equal(model_input(ws[0].samples, 10, 10, "zeros")[0],
+                                  [1, 2, 3, 0, 0, 0, 0, 0, 0, 0])
     assert list(iter_windows([], sr=10, window_s=1.0)) == []
     assert list(iter_windows([np.zeros(0, np.float32)], sr=10, window_s=1.0)) == []
 
@@ -266,7 +288,9 @@ def test_windows_overlap():
     ws = list(iter_windows(ramp(23, 3), sr=10, window_s=1.0, hop_s=0.5))
     assert spans(ws) == [(0, 0.0, 1.0), (1, 0.5, 1.5), (2, 1.0, 2.0), (3, 1.5, 2.3)]
     np.testing.assert_array_equal(ws[1].samples, np.arange(6, 16))
-    np.testing.assert_array_equal(ws[3].samples, [16, 17, 18, 19, 20, 21, 22, 23, 0, 0])  # floor(10/8)=1 copy
+    np.testing.assert_array_equal(ws[3].samples, [16, 17, 18, 19, 20, 21, 22, 23])
+    np.testing.assert_array_equal(model_input(ws[3].samples, 10, 10)[0],
+                                  [16, 17, 18, 19, 20, 21, 22, 23, 0, 0])  # floor(10/8)=1 copy
     # exact multiple with overlap: 20 samples -> starts 0, 5, 10; window 10..20 ends at the end
     assert spans(list(iter_windows(ramp(20, 6), sr=10, window_s=1.0, hop_s=0.5))) == [
         (0, 0.0, 1.0), (1, 0.5, 1.5), (2, 1.0, 2.0)]
@@ -326,7 +350,7 @@ def test_windows_flush_tail_on_truncation():
 
 def test_windows_bad_arguments():
     with pytest.raises(ValueError):
-        list(iter_windows(ramp(10, 10), sr=10, pad_mode="reflect"))
+        pad(np.ones(3, np.float32), 10, pad_mode="reflect")
     with pytest.raises(ValueError):
         list(iter_windows(ramp(10, 10), sr=10, window_s=0.0))
 
@@ -335,13 +359,16 @@ def test_decode_windows_real_file(tmp_path):
     path = mf.make_tone(tmp_path / "t.flac", seconds=25.3, sr=44100, channels=2)
     ws = list(decode_windows(str(path), window_s=10.0))
     assert [(w.index, w.start_s, w.end_s) for w in ws] == [(0, 0.0, 10.0), (1, 10.0, 20.0), (2, 20.0, 25.3)]
-    assert all(w.samples.shape == (480000,) and w.samples.dtype == np.float32 for w in ws)
+    assert [w.samples.shape for w in ws] == [(480000,), (480000,), (int(5.3 * SR),)]
+    assert all(w.samples.dtype == np.float32 for w in ws)
     ref = ffmpeg_decode(path)
     np.testing.assert_array_equal(np.concatenate([ws[0].samples, ws[1].samples]), ref[:960000])
     real = ref[960000:]
     assert real.size == int(5.3 * SR)
-    np.testing.assert_array_equal(ws[2].samples[:real.size], real)
-    np.testing.assert_array_equal(ws[2].samples[real.size:], 0)  # floor(10/5.3) = 1 copy, then zeros
+    np.testing.assert_array_equal(ws[2].samples, real)
+    x = model_input(ws[2].samples, 480000, 480000)[0]
+    np.testing.assert_array_equal(x[:real.size], real)
+    np.testing.assert_array_equal(x[real.size:], 0)  # floor(10/5.3) = 1 copy, then zeros
 
 
 # ----------------------------------------------------------------------------------- (c) bad inputs

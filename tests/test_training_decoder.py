@@ -123,7 +123,7 @@ def test_retrieval_decoder_roundtrip_and_captioner(tiny_model, tmp_path):
     assert m.eval().generate(x) == m2.generate(x)
     emb = pa.FixedSizeListArray.from_arrays(pa.array(e[:2].numpy().reshape(-1)), 8)
     batch = pa.table({"audio_embedding": emb, "error_type": pa.array(["", ""]),
-                      "model_id": pa.array(["clap", "clap"])})
+                      "clap_id": pa.array(["clap", "clap"])})
     out = Captioner(str(d), DecodingConfig(strategy="retrieval", search="greedy"),
                     device="cpu")(batch)
     assert out["decoding"].to_pylist() == ["retrieval/greedy"] * 2

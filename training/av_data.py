@@ -78,19 +78,16 @@ def _read_manifest(uri: str) -> list[dict]:
 
 # ----------------------------------------------------------------------------------- decoding
 def _first_window(f, window_s: float, model_samples: int) -> np.ndarray:
-    from actors.clap_embedder import fit_to_model
-    from overheard.media import decode_windows
+    from overheard.media import decode_windows, model_input
 
-    windows = decode_windows(f, sr=SAMPLE_RATE, window_s=window_s, pad_mode="repeatpad",
-                             timeout_s=120.0)
+    windows = decode_windows(f, sr=SAMPLE_RATE, window_s=window_s, timeout_s=120.0)
     try:
         w = next(windows)
     finally:
         windows.close()  # only the first window: the rest of a long file is never decoded
-    valid = int(round((w.end_s - w.start_s) * SAMPLE_RATE))
     # A 3-s clip in a 10-s CLAP window: repeat the real audio 3 times, then zeros (LAION-CLAP's
     # "repeatpad", as the caption job feeds CLAP), so training sees what inference sees.
-    return fit_to_model(w.samples, valid, model_samples)[0]
+    return model_input(w.samples, int(round(window_s * SAMPLE_RATE)), model_samples)[0]
 
 
 def _frame_times(f, frames_per_clip: int) -> list[float]:

@@ -67,7 +67,8 @@ def window_columns(batch: dict, image_size: int, model_samples: int) -> dict:
                  bytes, n_frames x S x S x 3), ``n_frames`` (see ``av_data.decode_clips``).
     Columns out: ``clip`` (= index), ``source_uri``, ``window_index`` (0), ``start_s`` (0),
                  ``end_s`` (model_samples / 48000: the window is already padded to CLAP's length, so
-                 the captioner pads nothing), ``samples`` (= audio), ``frame`` (the middle frame,
+                 the captioner pads nothing), ``samples`` (= audio), ``valid_samples`` /
+                 ``pad_mode`` (the window row's), ``frame`` (the middle frame,
                  S x S x 3 bytes), ``error_type`` / ``error_message`` / ``stage`` ("").
     """
     size = image_size * image_size * 3
@@ -76,6 +77,8 @@ def window_columns(batch: dict, image_size: int, model_samples: int) -> dict:
     return {"clip": batch["index"], "source_uri": batch["uri"], "window_index": np.zeros(n, np.int64),
             "start_s": np.zeros(n), "end_s": np.full(n, model_samples / av_data.SAMPLE_RATE),
             "samples": batch["audio"], "frame": np.asarray(mid, object),
+            "valid_samples": np.full(n, model_samples, np.int32),
+            "pad_mode": np.asarray(["repeatpad"] * n, object),
             "error_type": np.asarray([""] * n, object), "error_message": np.asarray([""] * n, object),
             "stage": np.asarray([""] * n, object)}
 

@@ -90,16 +90,15 @@ def read_pairs(uri: str, audio_root: str = "") -> list[tuple[str, str]]:
 
 def embed_audio_files(encoder, uris: list[str], max_windows: int = 6) -> np.ndarray:
     """(N, D) file embeddings: re-normalised mean over the first ``max_windows`` windows."""
-    from overheard.media import decode_windows
+    from overheard.media import decode_windows, model_input
 
-    window_s = encoder.window_samples / encoder.sampling_rate
+    n = encoder.window_samples
     out = []
     for u in uris:
         wins = []
         with storage.open_input(u) as f:
-            for w in decode_windows(f, sr=encoder.sampling_rate, window_s=window_s,
-                                    pad_mode="repeatpad"):
-                wins.append(w.samples)
+            for w in decode_windows(f, sr=encoder.sampling_rate, window_s=n / encoder.sampling_rate):
+                wins.append(model_input(w.samples, n, n)[0])
                 if len(wins) >= max_windows:
                     break
         e = encoder.embed_audio(np.stack(wins)).mean(0)
