@@ -18,7 +18,7 @@ import media_factory as mf  # noqa: E402
 
 from overheard import media  # noqa: E402
 from overheard.media import (MediaError, Window, decode_windows, iter_audio, iter_windows,  # noqa: E402
-                             model_input)
+                             model_input, pad)
 from overheard.schema import ERROR_TYPES  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not mf.have_tools(), reason="needs ffmpeg, sox and espeak-ng on PATH")
