@@ -51,16 +51,29 @@ def part_name(run_id: str, block: int, attempt: str) -> str:
     return f"part-{run_id}-b{block:06d}-{attempt}.parquet"
 
 
-def decode_sources_in_blocks(batch: pa.Table, **kwargs):
+def decode_sources_in_blocks(batch: pa.Table, *, part: dict | None = None, **kwargs):
     """``actors.windows.decode_sources`` over one decode block (input columns + ``block``: int64,
     the same on every row), every output row tagged with that ``block``. The caption job runs it
-    with block shaping off, so all of a task's tables leave as ONE block."""
+    with block shaping off, so all of a task's tables leave as ONE block. With ``part``
+    (``write_part``'s keyword arguments), a block that decoded to failure rows only (missing,
+    corrupt, refused sources) is written here and only its metadata row leaves: failure rows do
+    not visit the model actors (each hop costs a task and an object-store round trip per block;
+    ``in_blocks`` and ``write_part`` pass metadata rows through)."""
     from actors.windows import decode_sources
 
-    block = batch.column("block")[0] if batch.num_rows else pa.scalar(-1, pa.int64())
-    for t in decode_sources(batch.drop_columns(["block"]), **kwargs):
-        yield t.append_column("block", pa.repeat(pa.scalar(block.as_py(), pa.int64()),
-                                                 t.num_rows))
+    block = batch.column("block")[0].as_py() if batch.num_rows else -1
+    tables = [t.append_column("block", pa.repeat(pa.scalar(block, pa.int64()), t.num_rows))
+              for t in decode_sources(batch.drop_columns(["block"]), **kwargs)]
+    if part is not None and tables and not any(
+            pc.any(pc.greater_equal(t.column("window_index"), 0)).as_py() for t in tables):
+        yield write_part(pa.concat_tables(tables, promote_options="default"), **part)
+        return
+    yield from tables
+
+
+def is_meta(block: pa.Table) -> bool:
+    """True for a part's metadata row (already written), which later stages pass through."""
+    return "part" in block.column_names
 
 
 def in_blocks(cls, batch: int):
@@ -70,6 +83,8 @@ def in_blocks(cls, batch: int):
     Same class name (Ray's actor and plan names stay ``ClapCaptioner`` etc.)."""
 
     def __call__(self, block: pa.Table) -> pa.Table:
+        if is_meta(block):  # a part the decode task wrote itself (failure rows only)
+            return block
         if block.num_rows <= batch:
             return cls.__call__(self, block)
         outs = [cls.__call__(self, block.slice(i, batch)) for i in range(0, block.num_rows, batch)]
@@ -285,5 +300,5 @@ def _write_block(rows: pa.Table, block: int, output: str, run_id: str, attempt: 
     return meta
 
 
-__all__ = ["write_part", "release", "check_complete", "in_blocks", "decode_sources_in_blocks", "part_name",
+__all__ = ["write_part", "release", "check_complete", "in_blocks", "decode_sources_in_blocks", "is_meta", "part_name",
            "PART_RE", "META_SCHEMA", "Released"]

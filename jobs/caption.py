@@ -554,7 +554,7 @@ def build(cfg: CaptionConfig, sources, clap: str, decoder: str, dali: str = "",
 
     from actors.captioner import Captioner
     from actors.clap_embedder import ClapEmbedder
-    from actors.part_writer import decode_sources_in_blocks, in_blocks
+    from actors.part_writer import in_blocks
 
     ctx = ray.data.DataContext.get_current()
     # the driver prints its own files/windows progress; Ray Data's bars are for cluster runs
@@ -586,8 +586,9 @@ def build(cfg: CaptionConfig, sources, clap: str, decoder: str, dali: str = "",
         sources = sources_table(sources)
     ds = ray.data.from_arrow(decode_blocks(sources, cfg.pack_sources))
     ds = ds.map_batches(
-        decode_sources_in_blocks, batch_size=None, batch_format="pyarrow",
-        fn_kwargs=dict(window_s=cfg.window, hop_s=cfg.hop or None, min_window_s=cfg.min_window,
+        decode_sources_here, batch_size=None, batch_format="pyarrow",
+        fn_kwargs=dict(part=dict(output=cfg.output, run_id=cfg.run_id, attempt=attempt),
+                       window_s=cfg.window, hop_s=cfg.hop or None, min_window_s=cfg.min_window,
                        pad_mode=cfg.pad_mode, max_duration_s=cfg.max_duration or None,
                        timeout_s=cfg.decode_timeout or None,
                        frame_size=frame_size if cfg.mode == "audio+image" else 0),
@@ -603,7 +604,7 @@ def build(cfg: CaptionConfig, sources, clap: str, decoder: str, dali: str = "",
     )
     if dali:
         from actors.dali_captioner import DaliCaptioner
-        ds = ds.map_batches(
+        ds = _gpus(ds.map_batches(
             in_blocks(DaliCaptioner, cfg.captioner_batch), batch_size=None,
             batch_format="pyarrow",
             fn_constructor_kwargs=dict(model_path=dali, mode=cfg.mode,
@@ -612,8 +613,8 @@ def build(cfg: CaptionConfig, sources, clap: str, decoder: str, dali: str = "",
                                        device=device, dtype=cfg.dtype,
                                        torch_threads=cfg.torch_threads),
             compute=pool(cfg.captioner_actors, gpus),
-            num_cpus=cfg.actor_cpus, num_gpus=gpus,
-        )
+            num_cpus=cfg.actor_cpus,
+        ), gpus)
         return _writer(cfg, ds.drop_columns(["audio_embedding"]) if not cfg.embeddings else ds,
                        attempt)
     clap_kwargs = dict(clap_path=clap, window_s=cfg.window, device=device, dtype=cfg.dtype,
@@ -627,30 +628,41 @@ def build(cfg: CaptionConfig, sources, clap: str, decoder: str, dali: str = "",
         score_captions=cfg.score_captions, min_confidence=cfg.min_confidence)
     if cfg.fuse_models:
         from actors.clap_captioner import ClapCaptioner
-        ds = ds.map_batches(
+        ds = _gpus(ds.map_batches(
             in_blocks(ClapCaptioner, cfg.captioner_batch), batch_size=None,
             batch_format="pyarrow",
             fn_constructor_kwargs=dict(clap_kwargs=clap_kwargs, captioner_kwargs=captioner_kwargs,
                                        encoder_batch=cfg.encoder_batch),
             compute=pool(cfg.captioner_actors, gpus_fused),
-            num_cpus=cfg.actor_cpus, num_gpus=gpus_fused,
-        )
+            num_cpus=cfg.actor_cpus,
+        ), gpus_fused)
     else:
-        ds = ds.map_batches(
+        ds = _gpus(ds.map_batches(
             in_blocks(ClapEmbedder, cfg.encoder_batch), batch_size=None, batch_format="pyarrow",
             fn_constructor_kwargs=clap_kwargs,
             compute=pool(cfg.encoder_actors, gpus),
-            num_cpus=cfg.actor_cpus, num_gpus=gpus,
-        )
-        ds = ds.map_batches(
+            num_cpus=cfg.actor_cpus,
+        ), gpus)
+        ds = _gpus(ds.map_batches(
             in_blocks(Captioner, cfg.captioner_batch), batch_size=None, batch_format="pyarrow",
             fn_constructor_kwargs=captioner_kwargs,
             compute=pool(cfg.captioner_actors, gpus),
-            num_cpus=cfg.actor_cpus, num_gpus=gpus,
-        )
+            num_cpus=cfg.actor_cpus,
+        ), gpus)
     if not cfg.embeddings:
         ds = ds.drop_columns(["audio_embedding"])
     return _writer(cfg, ds, attempt)
+
+
+def _gpus(ds, gpus: float):
+    """Ask for ``gpus`` per actor of the stage just added. Set on the operator after
+    ``map_batches``, which refuses ``num_gpus`` with ``batch_size=None`` (Ray 2.60: "You must
+    provide batch_size ... when requesting GPUs"); whole blocks are the point here (the actor
+    batches inside, ``in_blocks``), and an integer batch size lets Ray Data slice a block across
+    two actor calls (its bundler cuts bundles to the batch size), splitting sources."""
+    if gpus > 0:
+        ds._logical_plan.dag.ray_remote_args["num_gpus"] = gpus
+    return ds
 
 
 def _writer(cfg: CaptionConfig, ds, attempt: str):
@@ -665,16 +677,30 @@ def _writer(cfg: CaptionConfig, ds, attempt: str):
                           num_cpus=WRITER_CPUS, **extra)
 
 
-def write_part_here(batch: pa.Table, **kwargs) -> pa.Table:
-    """``actors.part_writer.write_part`` plus the Ray node that wrote the part (``node_id``):
-    the proof that output is written where the work is."""
+def _on_node(meta: pa.Table) -> pa.Table:
+    """A part's metadata row plus the Ray node that wrote the part (``node_id``): the proof that
+    output is written where the work is."""
+    if "node_id" in meta.column_names:
+        return meta
     import ray
 
-    from actors.part_writer import write_part
-
-    meta = write_part(batch, **kwargs)
     node = ray.get_runtime_context().get_node_id()
     return meta.append_column("node_id", pa.array([node] * meta.num_rows, pa.string()))
+
+
+def write_part_here(batch: pa.Table, **kwargs) -> pa.Table:
+    """``actors.part_writer.write_part`` + ``node_id``."""
+    from actors.part_writer import write_part
+
+    return _on_node(write_part(batch, **kwargs))
+
+
+def decode_sources_here(batch: pa.Table, **kwargs):
+    """``actors.part_writer.decode_sources_in_blocks`` + ``node_id`` on a part it wrote."""
+    from actors.part_writer import decode_sources_in_blocks, is_meta
+
+    for t in decode_sources_in_blocks(batch, **kwargs):
+        yield _on_node(t) if is_meta(t) else t
 
 
 def run(cfg: CaptionConfig) -> dict:
@@ -826,7 +852,8 @@ def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0, lease=Non
         if not pending:
             return
         files = [f for m in pending for f in m["files"]]
-        commit(cfg.output, cfg.run_id, attempt, state["seq"], files, [m["block"] for m in pending])
+        commit(cfg.output, cfg.run_id, attempt, state["seq"], files,
+               [m["block"] for m in pending], sum(m["sources"] for m in pending))
         state["seq"] += 1
         state["last"] = time.monotonic()
         for m in pending:

@@ -27,13 +27,14 @@ COMMITS = "_commits"
 
 
 def commit(output: str, run_id: str, attempt: str, seq: int, files: list[str],
-           blocks: list[int]) -> str:
+           blocks: list[int], sources: int = 0) -> str:
     """Make ``files`` (paths under OUTPUT, e.g. ``captions/part-...``) count: one commit-log
-    record, written atomically (a local rename / one S3 PUT). Returns its URI."""
+    record, written atomically (a local rename / one S3 PUT). ``blocks`` and ``sources`` (how
+    many the parts hold) are recorded for reading the run's progress back. Returns its URI."""
     uri = storage.join(output, COMMITS, f"{run_id}-{attempt}-{seq:06d}.json")
     storage.write_bytes_atomic(uri, json.dumps(dict(
         run_id=run_id, attempt=attempt, seq=seq, committed_at=time.time(), blocks=blocks,
-        files=files)).encode())
+        sources=sources, files=files)).encode())
     return uri
 
 
@@ -52,26 +53,36 @@ def committed_files(output: str) -> set[str]:
     return out
 
 
-def part_files(uri: str, committed: set[str] | None = None) -> list[str]:
-    """The Parquet files under a table folder (``OUTPUT/captions`` or ``OUTPUT/failures``) that
-    count, sorted, as paths of ``uri``'s filesystem: not hidden (temp files, ``.damaged-*``),
-    and, for parts of the commit protocol, listed in OUTPUT's commit log."""
+def counts(table_dir: str):
+    """A predicate on the file names/URIs under a table folder (``OUTPUT/captions`` or
+    ``OUTPUT/failures``): True for a Parquet file that counts: not hidden (temp files,
+    ``.damaged-*``) and, for parts of the commit protocol, listed in OUTPUT's commit log. Readers
+    that list parts themselves (index, export, serve, timeline, evaluate) filter with it."""
+    table = table_dir.rstrip("/").rsplit("/", 1)[-1]
+    output = table_dir.rstrip("/").rsplit("/", 1)[0] if "/" in table_dir.rstrip("/") else "."
+    committed: set[str] | None = None
+
+    def ok(uri: str) -> bool:
+        nonlocal committed
+        name = uri.rstrip("/").rsplit("/", 1)[-1]
+        if not name.endswith(".parquet") or name.startswith("."):
+            return False
+        if PART_RE.match(name):
+            if committed is None:
+                committed = committed_files(output)
+            return f"{table}/{name}" in committed
+        return True
+    return ok
+
+
+def part_files(uri: str) -> list[str]:
+    """The Parquet files under a table folder that count (``counts``), sorted, as paths of
+    ``uri``'s filesystem. The one place that decides which parts are committed."""
     fs, path = storage.get_fs(uri)
     if not fs.exists(path):
         return []
-    table = path.rstrip("/").rsplit("/", 1)[-1]
-    files = []
-    for p in sorted(fs.find(path)):
-        name = p.rsplit("/", 1)[-1]
-        if not name.endswith(".parquet") or name.startswith("."):
-            continue
-        if PART_RE.match(name):
-            if committed is None:
-                committed = committed_files(uri.rstrip("/").rsplit("/", 1)[0])
-            if f"{table}/{name}" not in committed:
-                continue
-        files.append(p)
-    return files
+    ok = counts(uri)
+    return [p for p in sorted(fs.find(path)) if ok(p)]
 
 
 def remove_uncommitted(output: str, attempt: str | None = None) -> list[str]:
