@@ -53,27 +53,32 @@ def part_name(run_id: str, block: int, attempt: str) -> str:
 
 def decode_sources_in_blocks(batch: pa.Table, *, part: dict | None = None, **kwargs):
     """``actors.windows.decode_sources`` over one decode block (input columns + ``block``: int64,
-    the same on every row), every output row tagged with that ``block``. The caption job runs it
-    with block shaping off, so all of a task's tables leave as ONE block. With ``part``
-    (``write_part``'s keyword arguments), a block that decoded to failure rows only (missing,
-    corrupt, refused sources) is written here and only its metadata row leaves: failure rows do
-    not visit the model actors (each hop costs a task and an object-store round trip per block;
-    ``in_blocks`` and ``write_part`` pass metadata rows through)."""
+    the same on every row), every output row tagged with that ``block`` and ``part_meta`` (null).
+    The caption job runs it with block shaping off, so a task's tables leave as ONE block. With
+    ``part`` (``write_part``'s keyword arguments), a block that decoded to failure rows only
+    (missing, corrupt, refused sources) is written here, and what leaves is one carrier row: the
+    block's first failure row with ``part_meta`` = the part's metadata (JSON), which the model
+    actors pass through like any failure row and ``write_part`` turns back into a metadata row.
+    So a block of failures costs no model work and no second write; a carrier (not a separate
+    metadata table) because Ray Data joins the outputs of one task into one block, and tables of
+    different columns would lose all but the common ones."""
     from actors.windows import decode_sources
 
     block = batch.column("block")[0].as_py() if batch.num_rows else -1
-    tables = [t.append_column("block", pa.repeat(pa.scalar(block, pa.int64()), t.num_rows))
-              for t in decode_sources(batch.drop_columns(["block"]), **kwargs)]
+    tables = [_tag(t, block) for t in decode_sources(batch.drop_columns(["block"]), **kwargs)]
     if part is not None and tables and not any(
             pc.any(pc.greater_equal(t.column("window_index"), 0)).as_py() for t in tables):
-        yield write_part(pa.concat_tables(tables, promote_options="default"), **part)
+        rows = pa.concat_tables(tables, promote_options="default")
+        meta = _write_block(rows.drop_columns(["block", "part_meta"]), block, **part)
+        yield rows.slice(0, 1).set_column(rows.column_names.index("part_meta"), "part_meta",
+                                          pa.array([json.dumps(meta)], pa.string()))
         return
     yield from tables
 
 
-def is_meta(block: pa.Table) -> bool:
-    """True for a part's metadata row (already written), which later stages pass through."""
-    return "part" in block.column_names
+def _tag(t: pa.Table, block: int) -> pa.Table:
+    return t.append_column("block", pa.repeat(pa.scalar(block, pa.int64()), t.num_rows)
+                           ).append_column("part_meta", pa.nulls(t.num_rows, pa.string()))
 
 
 def in_blocks(cls, batch: int):
@@ -83,8 +88,6 @@ def in_blocks(cls, batch: int):
     Same class name (Ray's actor and plan names stay ``ClapCaptioner`` etc.)."""
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        if is_meta(block):  # a part the decode task wrote itself (failure rows only)
-            return block
         if block.num_rows <= batch:
             return cls.__call__(self, block)
         outs = [cls.__call__(self, block.slice(i, batch)) for i in range(0, block.num_rows, batch)]
@@ -242,15 +245,25 @@ def _count_true(mask) -> int:
     return int(pc.sum(pc.cast(mask, pa.int64())).as_py() or 0)
 
 
-def write_part(batch: pa.Table, *, output: str, run_id: str, attempt: str) -> pa.Table:
+def write_part(batch: pa.Table, *, output: str, run_id: str, attempt: str,
+               node: str = "") -> pa.Table:
     """Ray Data map_batches UDF (batch_size=None, pyarrow): one decode block's rows in, its part
     written under OUTPUT, one metadata row out (see the module docstring). Captions first, then
     failures: a writer killed between them leaves files the retry rewrites under the same names,
-    and nothing is read before the driver commits the part."""
-    blocks = pc.unique(batch.column("block")).to_pylist()
-    metas = [_write_block((batch if len(blocks) == 1 else batch.filter(pc.equal(
-        batch.column("block"), b))).drop_columns(["block"]), int(b), output, run_id, attempt)
-        for b in blocks]
+    and nothing is read before the driver commits the part. Rows may come from several blocks (a
+    task's outputs are joined); each block is written on its own. A carrier row (``part_meta``
+    set: a part its decode task wrote) becomes that part's metadata row. ``node``: the writer's
+    Ray node id, recorded."""
+    if "part_meta" not in batch.column_names:
+        batch = batch.append_column("part_meta", pa.nulls(batch.num_rows, pa.string()))
+    carried = batch.column("part_meta").is_valid()
+    metas = [json.loads(m) for m in batch.column("part_meta").filter(carried).to_pylist()]
+    rows = batch.filter(pc.invert(carried)) if metas else batch
+    blocks = pc.unique(rows.column("block")).to_pylist()
+    for b in blocks:
+        one = rows if len(blocks) == 1 else rows.filter(pc.equal(rows.column("block"), b))
+        metas.append(_write_block(one.drop_columns(["block", "part_meta"]), int(b), output,
+                                  run_id, attempt, node))
     return pa.Table.from_pylist(metas, schema=META_SCHEMA)
 
 
@@ -260,11 +273,12 @@ META_SCHEMA = pa.schema([
     ("windows", pa.int64()), ("window_failures", pa.int64()), ("windows_scored", pa.int64()),
     ("windows_low_confidence", pa.int64()), ("windows_with_frames", pa.int64()),
     ("audio_s", pa.float64()), ("failures_by_type", pa.string()), ("model_ids", pa.string()),
-    ("writer", pa.string()),
+    ("writer", pa.string()), ("node_id", pa.string()),
 ])
 
 
-def _write_block(rows: pa.Table, block: int, output: str, run_id: str, attempt: str) -> dict:
+def _write_block(rows: pa.Table, block: int, output: str, run_id: str, attempt: str,
+                 node: str = "") -> dict:
     check_complete(rows)
     r = release(rows)
     name = part_name(run_id, block, attempt)
@@ -275,7 +289,7 @@ def _write_block(rows: pa.Table, block: int, output: str, run_id: str, attempt: 
                 model_ids=json.dumps(sorted(m for m in pc.unique(rows.column("model_id"))
                                             .to_pylist() if m) if "model_id" in rows.column_names
                                      else []),
-                writer=f"{socket.gethostname()}:{os.getpid()}")
+                writer=f"{socket.gethostname()}:{os.getpid()}", node_id=node)
     if r.captions is not None:
         caps = r.captions
         meta["windows_with_frames"] = _count_true(pc.match_substring(
@@ -300,5 +314,5 @@ def _write_block(rows: pa.Table, block: int, output: str, run_id: str, attempt: 
     return meta
 
 
-__all__ = ["write_part", "release", "check_complete", "in_blocks", "decode_sources_in_blocks", "is_meta", "part_name",
+__all__ = ["write_part", "release", "check_complete", "in_blocks", "decode_sources_in_blocks", "part_name",
            "PART_RE", "META_SCHEMA", "Released"]

@@ -677,30 +677,26 @@ def _writer(cfg: CaptionConfig, ds, attempt: str):
                           num_cpus=WRITER_CPUS, **extra)
 
 
-def _on_node(meta: pa.Table) -> pa.Table:
-    """A part's metadata row plus the Ray node that wrote the part (``node_id``): the proof that
-    output is written where the work is."""
-    if "node_id" in meta.column_names:
-        return meta
+def _node() -> str:
     import ray
 
-    node = ray.get_runtime_context().get_node_id()
-    return meta.append_column("node_id", pa.array([node] * meta.num_rows, pa.string()))
+    return ray.get_runtime_context().get_node_id()
 
 
 def write_part_here(batch: pa.Table, **kwargs) -> pa.Table:
-    """``actors.part_writer.write_part`` + ``node_id``."""
+    """``actors.part_writer.write_part``, recording the Ray node that wrote the part: the proof
+    that output is written where the work is."""
     from actors.part_writer import write_part
 
-    return _on_node(write_part(batch, **kwargs))
+    return write_part(batch, node=_node(), **kwargs)
 
 
-def decode_sources_here(batch: pa.Table, **kwargs):
-    """``actors.part_writer.decode_sources_in_blocks`` + ``node_id`` on a part it wrote."""
-    from actors.part_writer import decode_sources_in_blocks, is_meta
+def decode_sources_here(batch: pa.Table, *, part: dict, **kwargs):
+    """``actors.part_writer.decode_sources_in_blocks``, recording the node (a failure-only block
+    is written by its decode task)."""
+    from actors.part_writer import decode_sources_in_blocks
 
-    for t in decode_sources_in_blocks(batch, **kwargs):
-        yield _on_node(t) if is_meta(t) else t
+    yield from decode_sources_in_blocks(batch, part=dict(part, node=_node()), **kwargs)
 
 
 def run(cfg: CaptionConfig) -> dict:
