@@ -91,17 +91,22 @@ def remove_uncommitted(output: str, attempt: str | None = None) -> list[str]:
     lease (no other run is writing). Returns the removed URIs."""
     committed = committed_files(output)
     removed = []
+    for sub, fs, p, name in _table_files(output):
+        if (PART_RE.match(name) and f"{sub}/{name}" not in committed
+                and (attempt is None or name.endswith(f"-{attempt}.parquet"))):
+            fs.rm(p)
+            removed.append(storage.unstrip(fs, p))
+    return removed
+
+
+def _table_files(output: str):
+    """(table, fs, path, name) of every file under OUTPUT/captions and OUTPUT/failures."""
     for sub in ("captions", "failures"):
         fs, path = storage.get_fs(storage.join(output, sub))
         if not fs.exists(path):
             continue
         for p in sorted(fs.find(path)):
-            name = p.rsplit("/", 1)[-1]
-            if (PART_RE.match(name) and f"{sub}/{name}" not in committed
-                    and (attempt is None or name.endswith(f"-{attempt}.parquet"))):
-                fs.rm(p)
-                removed.append(storage.unstrip(fs, p))
-    return removed
+            yield sub, fs, p, p.rsplit("/", 1)[-1]
 
 
 def read_table_dir(uri: str, columns: list[str] | None = None) -> pa.Table | None:
@@ -120,23 +125,18 @@ def quarantine_damaged(output: str) -> list[str]:
     nor readers trip over it; its sources are then redone (once: the damaged part is no longer
     read). Called by the caption job under its output lease. Returns the quarantined URIs."""
     moved = []
-    for sub in ("captions", "failures"):
-        fs, path = storage.get_fs(storage.join(output, sub))
-        if not fs.exists(path):
+    for _, fs, p, name in _table_files(output):
+        if not name.endswith(".parquet") or name.startswith("."):
             continue
-        for p in sorted(fs.find(path)):
-            name = p.rsplit("/", 1)[-1]
-            if not name.endswith(".parquet") or name.startswith("."):
-                continue
-            try:
-                with fs.open(p, "rb") as f:
-                    # the footer (what a cut file loses) and the column resume reads; not the
-                    # embeddings, so this costs what done_sources costs
-                    pq.ParquetFile(f).read(columns=["source_uri"])
-            except Exception:  # noqa: BLE001 - ArrowInvalid, OSError, ...: any unreadable part
-                dest = p[: -len(name)] + ".damaged-" + name
-                fs.mv(p, dest)
-                moved.append(storage.unstrip(fs, dest))
+        try:
+            with fs.open(p, "rb") as f:
+                # the footer (what a cut file loses) and the column resume reads; not the
+                # embeddings, so this costs what done_sources costs
+                pq.ParquetFile(f).read(columns=["source_uri"])
+        except Exception:  # noqa: BLE001 - ArrowInvalid, OSError, ...: any unreadable part
+            dest = p[: -len(name)] + ".damaged-" + name
+            fs.mv(p, dest)
+            moved.append(storage.unstrip(fs, dest))
     return moved
 
 

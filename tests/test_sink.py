@@ -10,6 +10,7 @@ captions, failure rows and counts must agree exactly.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -214,3 +215,25 @@ def test_only_committed_parts_count(tmp_path):
     assert (out / "captions" / c).exists()
     remove_uncommitted(str(out))
     assert sorted(os.listdir(out / "captions")) == sorted([a, "part-old-00000.parquet"])
+
+
+def test_failure_only_block_is_written_by_its_decode_task(tmp_path):
+    """Missing files decode to failure rows only: the decode task writes their part and sends
+    one carrier row, which the part writer turns into that part's metadata (no second write)."""
+    import pyarrow.parquet as pq
+
+    from actors.part_writer import decode_sources_in_blocks, write_part
+
+    out = str(tmp_path / "out")
+    part = dict(output=out, run_id="r", attempt="0123abcd")
+    block = pa.table({"source_uri": [str(tmp_path / f"gone{i}.wav") for i in range(5)],
+                      "source_version": [""] * 5, "block": pa.array([7] * 5, pa.int64())})
+    [carrier] = list(decode_sources_in_blocks(block, part=part))
+    assert carrier.num_rows == 1 and carrier["part_meta"][0].as_py()
+    [meta] = write_part(carrier, **part).to_pylist()
+    assert meta["block"] == 7 and meta["sources"] == meta["failed"] == 5 and meta["windows"] == 0
+    assert meta["files"] == ["failures/part-r-b000007-0123abcd.parquet"]
+    assert json.loads(meta["failures_by_type"]) == {"read_error": 5}
+    fails = pq.read_table(os.path.join(out, meta["files"][0]))
+    assert sorted(fails["source_uri"].to_pylist()) == sorted(block["source_uri"].to_pylist())
+    assert not os.path.exists(os.path.join(out, "captions"))
