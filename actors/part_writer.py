@@ -13,12 +13,13 @@ committing it) is never read and its sources are redone by the next run.
 
 Columns in (``write_part``): the model actors' output (``actors.captioner``: window columns +
 audio_embedding (optional), caption, logprob, decoding, confidence, model_id, ...) plus
-    block: int64   the decode block the rows came from (``decode_sources_in_blocks``)
-Columns out: ONE row per part (metadata only; the rows stay in the part):
+    block: int64       the decode block the rows came from (``decode_sources_in_blocks``)
+    part_meta: str     null; on a carrier row, the metadata of a part its decode task wrote
+Columns out: ONE row per part (metadata only; the rows stay in the part), ``META_SCHEMA``:
     part: str (file name), block: int64, files: list<str> (paths under OUTPUT), sources,
     captioned, failed, windows, window_failures, windows_scored, windows_low_confidence,
     windows_with_frames: int64, audio_s: float64, failures_by_type: str (JSON {type: n}),
-    model_ids: str (JSON list), writer: str (host:pid)
+    model_ids: str (JSON list), writer: str (host:pid), node_id: str (Ray node, or "")
 No Ray import: the caption job schedules these (``jobs/caption.py``).
 """
 
