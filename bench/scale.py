@@ -9,7 +9,7 @@
     unknown size and ends as one read_error row): what is left of the job when decoding costs
     nothing: listing, packing, scheduling, the actor hop, writing, committing. First output (s from
     the start of run()), sources/s after it, the driver's peak RSS. A local Ray with 2 CPUs, the
-    tiny random model.
+    tiny random model; the job's --unknown-size-sources 32 (default) and 128.
 
     .venv/bin/python bench/scale.py [--windows 200000] [--per-source 1,8] [--missing 20000]
 
@@ -79,7 +79,7 @@ def measure(n_windows: int, per_source: int, sources_per_block: int = 32) -> dic
     return dict(windows=written, cpu_s=cpu, wall_s=wall, parts=len(metas))
 
 
-def missing_run(n: int, cpus: int = 2) -> dict:
+def missing_run(n: int, unknown: int = 32, cpus: int = 2) -> dict:
     """(b): the caption job over a manifest of ``n`` files that do not exist."""
     import json
     import resource
@@ -97,7 +97,7 @@ def missing_run(n: int, cpus: int = 2) -> dict:
             rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             out = os.path.join(d, "out")
             m = run(CaptionConfig(input=man, output=out, model=TINY_MODEL, progress=False,
-                                  show=0, run_id="scale"))
+                                  show=0, run_id="scale", unknown_size_sources=unknown))
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         finally:
             ray.shutdown()
@@ -122,6 +122,8 @@ def main(argv=None) -> int:
     p.add_argument("--per-source", default="1,8")
     p.add_argument("--sources-per-block", type=int, default=32)
     p.add_argument("--missing", type=int, default=20_000)
+    p.add_argument("--unknown-size-sources", default="32,128",
+                   help="(b): the job's --unknown-size-sources values to run")
     a = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if a.windows:
@@ -144,16 +146,17 @@ def main(argv=None) -> int:
     if a.missing:
         print(f"\n# bench/scale.py (b): caption job, manifest of {a.missing} missing files (no "
               f"sizes), local Ray 2 CPUs, tiny model; load avg {os.getloadavg()[0]:.1f}")
-        r = missing_run(a.missing)
-        print("| sources | status | failure rows | first output s | sources/s after it | wall s | "
-              "commits | parts | driver peak RSS MiB |")
-        print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-        print(f"| {r['sources']} | {r['status']} | {r['failed']} | {r['first_output_s']:.1f} | "
-              f"{r['sources_per_s']:,.0f} | {r['wall_s']:.1f} | {r['commits']} | {r['parts']} | "
-              f"{r['rss_mib']:.0f} |")
+        print("| sources | --unknown-size-sources | status | failure rows | first output s | "
+              "sources/s after it | wall s | commits | parts | driver peak RSS MiB |")
+        print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+        for k in (int(x) for x in a.unknown_size_sources.split(",")):
+            r = missing_run(a.missing, k)
+            print(f"| {r['sources']} | {k} | {r['status']} | {r['failed']} | "
+                  f"{r['first_output_s']:.1f} | {r['sources_per_s']:,.0f} | {r['wall_s']:.1f} | "
+                  f"{r['commits']} | {r['parts']} | {r['rss_mib']:.0f} |")
     print(f"\nreproduce: RAY_TMPDIR=/tmp/ray-scale .venv/bin/python bench/scale.py --windows "
           f"{a.windows} --per-source {a.per_source} --sources-per-block {a.sources_per_block} "
-          f"--missing {a.missing}")
+          f"--missing {a.missing} --unknown-size-sources {a.unknown_size_sources}")
     return 0
 
 

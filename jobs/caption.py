@@ -196,6 +196,13 @@ class CaptionConfig:
         "help": "name of this run (parts, runs/<run>/); '' = a timestamp + random suffix"})
     progress: bool = field(default=True, metadata={
         "help": "the files/windows progress bar on stderr"})
+    unknown_size_sources: int = field(default=32, metadata={  # = BLOCK_SOURCES
+        "min": 1,
+        "help": "sources of unknown size (a manifest without a 'size' column) per decode block: "
+                "a block is decoded by one task and its windows are held until its part is "
+                "written, so keep it small when such sources may be long; larger blocks cost "
+                "less framework per source (20k missing files on 2 shared cores: 390-587 sources/s "
+                "at 32, 589-972 at 128; bench/scale.py)"})
 
     def validate(self) -> None:
         """Cross-field rules (config_cli.check runs the per-field ones first)."""
@@ -370,14 +377,16 @@ MAX_BLOCKS = 10_000
 
 def pack_sources(sources: list[tuple[str, str, int]], block_bytes: int = BLOCK_BYTES,
                  block_sources: int = BLOCK_SOURCES, max_blocks: int = MAX_BLOCKS,
-                 ) -> list[list[tuple[str, str]]]:
+                 unknown_sources: int | None = None) -> list[list[tuple[str, str]]]:
     """(uri, version, size) -> blocks of (uri, version), largest block first. Every source is
-    in exactly one block; sizes <= 0 (unknown) share blocks of ``block_sources``, dealt first."""
+    in exactly one block; sizes <= 0 (unknown) share blocks of ``unknown_sources`` (default
+    ``block_sources``), dealt first."""
     unknown = sorted((u, v) for u, v, n in sources if n <= 0)
+    per = unknown_sources or block_sources
     big = [(u, v) for u, v, n in sorted(sources, key=lambda s: (-s[2], s[0])) if n >= block_bytes]
     small = sorted(((u, v, n) for u, v, n in sources if 0 < n < block_bytes),
                    key=lambda s: (-s[2], s[0]))
-    blocks = [unknown[i:i + block_sources] for i in range(0, len(unknown), block_sources)]
+    blocks = [unknown[i:i + per] for i in range(0, len(unknown), per)]
     blocks += [[s] for s in big]
     cur: list[tuple[str, str]] = []
     used = 0
@@ -412,7 +421,8 @@ def windowing_text(cfg: CaptionConfig) -> str:
     return f"{cfg.window:g}-s windows, hop {cfg.hop or cfg.window:g} s"
 
 
-def _layout_blocks(sources: list[tuple], pack: bool) -> list[pa.Table]:
+def _layout_blocks(sources: list[tuple], pack: bool,
+                   unknown_sources: int | None = None) -> list[pa.Table]:
     """Decode-input blocks when archive layouts are present: the sources of one group (a .tar.gz
     shard: one stream; a Parquet row group: one read) become one row and one block of their own;
     the rest (loose files, tar members, spans) are packed like loose files. Each row carries its
@@ -425,7 +435,8 @@ def _layout_blocks(sources: list[tuple], pack: bool) -> list[pa.Table]:
         (groups.setdefault(key, []) if key else single).append(s)
     locs = {s[0]: (s[3] if len(s) == 4 else None) for s in single}
     sized = [(u, v, n) for u, v, n, *_ in single]
-    blocks = pack_sources(sized) if pack else [[(u, v)] for u, v, _ in sized]
+    blocks = (pack_sources(sized, unknown_sources=unknown_sources) if pack
+              else [[(u, v)] for u, v, _ in sized])
     # groups first: a whole shard / row group is the largest unit, and large blocks start first
     # (see pack_sources) so they do not form the run's tail
     rows = [[layouts.group_row(sorted(g, key=_container_order))] for _, g in sorted(groups.items())]
@@ -524,7 +535,8 @@ def sources_table(sources: list[tuple]) -> pa.Table:
                             layouts.LOCATOR_TYPE)}, schema=SOURCE_TYPE)
 
 
-def decode_blocks(sources: pa.Table | list, pack: bool = True) -> list[pa.Table]:
+def decode_blocks(sources: pa.Table | list, pack: bool = True,
+                  unknown_sources: int | None = None) -> list[pa.Table]:
     """Sources (Arrow rows as ``sources_table``, one table or several) -> the decode stage's
     input blocks, numbered: each block's rows carry ``block`` (int64, its index), which names its
     part (actors/part_writer.py)."""
@@ -538,7 +550,7 @@ def decode_blocks(sources: pa.Table | list, pack: bool = True) -> list[pa.Table]
             for u, v, n, loc in zip(sources.column("source_uri").to_pylist(),
                                     sources.column("source_version").to_pylist(), sizes, locs)]
     return [b.append_column("block", pa.repeat(pa.scalar(i, pa.int64()), b.num_rows))
-            for i, b in enumerate(_layout_blocks(rows, pack))]
+            for i, b in enumerate(_layout_blocks(rows, pack, unknown_sources))]
 
 
 def build(cfg: CaptionConfig, sources, clap: str, decoder: str, dali: str = "",
@@ -584,7 +596,7 @@ def build(cfg: CaptionConfig, sources, clap: str, decoder: str, dali: str = "",
     cfg = effective_windows(cfg)
     if isinstance(sources, list) and (not sources or isinstance(sources[0], tuple)):
         sources = sources_table(sources)
-    ds = ray.data.from_arrow(decode_blocks(sources, cfg.pack_sources))
+    ds = ray.data.from_arrow(decode_blocks(sources, cfg.pack_sources, cfg.unknown_size_sources))
     ds = ds.map_batches(
         decode_sources_here, batch_size=None, batch_format="pyarrow",
         fn_kwargs=dict(part=dict(output=cfg.output, run_id=cfg.run_id, attempt=attempt),
