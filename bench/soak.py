@@ -11,7 +11,8 @@ loaded machine): RSS after warm-up (median of that span's samples from 25% to 35
 (median of its last 10%), the slope of a least-squares line through its samples after 25% (MiB/min),
 the same for RssAnon (private memory, excludes object-store pages), then verdict lines: PASS when
 end - after-warm-up <= max(64 MiB, 10%). Raw samples go to ``--samples`` (JSON).
-The driver batches rows for ``flush_interval`` (60 s) before writing a part, so its RSS is a saw-tooth.
+Parts are written by Ray workers; the driver holds only per-part metadata (it used to batch rows
+for ``flush_interval``, 60 s, before writing a part, and its RSS was a saw-tooth).
 
 Reproduce:
     cd /work/main && .venv/bin/python bench/soak.py                  # 2000 files, ~3-6 min idle

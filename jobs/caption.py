@@ -5,16 +5,22 @@
 
 Stages (Ray Data, streaming; nothing materialises the whole archive):
     sources (driver, jobs/sources.py: take the output lease, list folders/prefixes/manifests/
-             shards in chunks, skip done (an Arrow anti-join), spill the todo list to Parquet)
-    -> decode_sources  [CPU tasks, generator: windows]
+             shards in chunks, skip done (an Arrow anti-join), spill the todo list to Parquet;
+             then pack sources into numbered decode blocks)
+    -> decode_sources  [CPU tasks: a block's windows, leaving as ONE block]
     -> ClapCaptioner   [one autoscaling actor pool, GPU if any: CLAP embedding + caption decoding
-                        + confidence; --no-fuse-models: ClapEmbedder then Captioner pools; a DALI
-                        model: DaliCaptioner]
-    -> driver: SourceAssembler + PartWriter (atomic Parquet parts, failures; the run manifest is
-       republished at every committed part)
+                        + confidence, whole blocks in micro-batches; --no-fuse-models: ClapEmbedder
+                        then Captioner pools; a DALI model: DaliCaptioner]
+    -> write_part      [CPU tasks: the block's captions + failures as one atomic Parquet part;
+                        returns one metadata row]
+    -> driver: per-part metadata only: commits parts to OUTPUT/_commits (jobs.sink) and
+       republishes the run manifest at each commit. A block is whole sources from decode to sink,
+       and a part is read only once committed, so a source is in exactly one committed part or
+       in none, across task retries, actor deaths, driver kills and reruns.
 Output layout under OUTPUT:
-    captions/part-<run>-<seq>.parquet   one row per window (schema: overheard.schema)
-    failures/part-<run>-<seq>.parquet   one row per failed source or window
+    captions/part-<run>-b<block>-<attempt>.parquet   one row per window (schema: overheard.schema)
+    failures/part-<run>-b<block>-<attempt>.parquet   one row per failed source or window
+    _commits/<run>-<attempt>-<seq>.json               the parts that count (jobs.sink)
     runs/<run>/config.json, runs/<run>/manifest.json
     runs/<run>/todo/part-*.parquet      the run's todo list (jobs.sources.Plan), removed at its end
 """
@@ -39,7 +45,7 @@ from jobs.caption_config import (ASSETS, DEFAULT_MODEL, TINY_MODEL, CaptionConfi
 from jobs.config_cli import (OptionError, check, exit_bad_option, flat_dict, flatten_saved,
                              init_ray, parse, to_json)
 from jobs.lease import LeaseHeld, OutputLease
-from jobs.sink import PartWriter, SourceAssembler, quarantine_damaged
+from jobs.sink import commit, quarantine_damaged, remove_uncommitted
 from jobs.sources import open_listing, plan_sources
 from overheard import layouts, storage
 from overheard.confidence import LOW
@@ -141,7 +147,11 @@ def validate_models(clap: str, decoder: str) -> None:
 # serially on one core while others idle. So: small files share a block up to BLOCK_BYTES
 # (4 MB ~ 4 min of 128-kbit AAC ~ 1-2 CPU-s of decoding) or BLOCK_SOURCES, a file of unknown
 # or larger size is alone, and blocks are dealt largest first so hour-long files start early
-# instead of forming the run's tail.
+# instead of forming the run's tail. Sources of unknown size (a manifest without sizes) are
+# packed BLOCK_SOURCES to a block too (dealt first, as they may be large): one task per such
+# source cost ~8 ms of framework per source (20k missing files: 126 sources/s, bench/scale.py).
+# A block stays whole until its part is written (actors/part_writer.py), so a decode task holds
+# its block's windows: ~23 MB of float32 per 4 MB of 16-kHz wav, a source's own size when alone.
 BLOCK_BYTES = 4 << 20
 BLOCK_SOURCES = 32
 MAX_BLOCKS = 10_000
@@ -149,15 +159,17 @@ MAX_BLOCKS = 10_000
 
 def pack_sources(sources: list[tuple[str, str, int]], block_bytes: int = BLOCK_BYTES,
                  block_sources: int = BLOCK_SOURCES, max_blocks: int = MAX_BLOCKS,
-                 ) -> list[list[tuple[str, str]]]:
+                 unknown_sources: int | None = None) -> list[list[tuple[str, str]]]:
     """(uri, version, size) -> blocks of (uri, version), largest block first. Every source is
-    in exactly one block; sizes <= 0 (unknown) are treated as large."""
-    big = [(u, v) for u, v, n in sorted(sources, key=lambda s: (-(s[2] if s[2] > 0 else 1 << 62),
-                                                                s[0]))
-           if n <= 0 or n >= block_bytes]
+    in exactly one block; sizes <= 0 (unknown) share blocks of ``unknown_sources`` (default
+    ``block_sources``), dealt first."""
+    unknown = sorted((u, v) for u, v, n in sources if n <= 0)
+    per = unknown_sources or block_sources
+    big = [(u, v) for u, v, n in sorted(sources, key=lambda s: (-s[2], s[0])) if n >= block_bytes]
     small = sorted(((u, v, n) for u, v, n in sources if 0 < n < block_bytes),
                    key=lambda s: (-s[2], s[0]))
-    blocks = [[s] for s in big]
+    blocks = [unknown[i:i + per] for i in range(0, len(unknown), per)]
+    blocks += [[s] for s in big]
     cur: list[tuple[str, str]] = []
     used = 0
     for u, v, n in small:
@@ -191,7 +203,8 @@ def windowing_text(cfg: CaptionConfig) -> str:
     return f"{cfg.window:g}-s windows, hop {cfg.hop or cfg.window:g} s"
 
 
-def _layout_blocks(sources: list[tuple], pack: bool) -> list[pa.Table]:
+def _layout_blocks(sources: list[tuple], pack: bool,
+                   unknown_sources: int | None = None) -> list[pa.Table]:
     """Decode-input blocks when archive layouts are present: the sources of one group (a .tar.gz
     shard: one stream; a Parquet row group: one read) become one row and one block of their own;
     the rest (loose files, tar members, spans) are packed like loose files. Each row carries its
@@ -204,7 +217,8 @@ def _layout_blocks(sources: list[tuple], pack: bool) -> list[pa.Table]:
         (groups.setdefault(key, []) if key else single).append(s)
     locs = {s[0]: (s[3] if len(s) == 4 else None) for s in single}
     sized = [(u, v, n) for u, v, n, *_ in single]
-    blocks = pack_sources(sized) if pack else [[(u, v)] for u, v, _ in sized]
+    blocks = (pack_sources(sized, unknown_sources=unknown_sources) if pack
+              else [[(u, v)] for u, v, _ in sized])
     # groups first: a whole shard / row group is the largest unit, and large blocks start first
     # (see pack_sources) so they do not form the run's tail
     rows = [[layouts.group_row(sorted(g, key=_container_order))] for _, g in sorted(groups.items())]
@@ -281,21 +295,63 @@ def pool_size(requested: int, minimum: int, gpus_total: float, gpus_per_actor: f
     return max(1, min(minimum, most)), most
 
 
-def build(cfg: CaptionConfig, sources: list[tuple], clap: str, decoder: str,
-          dali: str = "", frame_size: int = 0):
-    """The streaming Ray Data pipeline over ``sources``; returns the Dataset (lazy). With
-    ``dali`` (a DALI checkpoint) one DaliCaptioner pool replaces the CLAP + decoder pools."""
+SOURCE_TYPE = pa.schema([("source_uri", pa.string()), ("source_version", pa.string()),
+                         ("size", pa.int64()), ("locator", layouts.LOCATOR_TYPE)])
+# CPUs per part-writer task: Parquet encoding (zstd) and one PUT per file, mostly I/O
+WRITER_CPUS = 0.25
+
+
+def sources_table(sources: list[tuple]) -> pa.Table:
+    """A listing as (uri, version[, size[, locator]]) tuples -> the Arrow rows ``build`` takes:
+    source_uri, source_version, size (int64; 0 or -1 = unknown), locator (null: a loose file)."""
+    return pa.table({
+        "source_uri": pa.array([s[0] for s in sources], pa.string()),
+        "source_version": pa.array([s[1] or "" for s in sources], pa.string()),
+        "size": pa.array([int(s[2]) if len(s) > 2 and s[2] else 0 for s in sources], pa.int64()),
+        "locator": pa.array([s[3] if len(s) > 3 else None for s in sources],
+                            layouts.LOCATOR_TYPE)}, schema=SOURCE_TYPE)
+
+
+def decode_blocks(sources: pa.Table | list, pack: bool = True,
+                  unknown_sources: int | None = None) -> list[pa.Table]:
+    """Sources (Arrow rows as ``sources_table``, one table or several) -> the decode stage's
+    input blocks, numbered: each block's rows carry ``block`` (int64, its index), which names its
+    part (actors/part_writer.py)."""
+    if isinstance(sources, list):
+        sources = pa.concat_tables(sources) if sources else SOURCE_TYPE.empty_table()
+    locs = (sources.column("locator").to_pylist() if "locator" in sources.column_names
+            else [None] * sources.num_rows)
+    sizes = (sources.column("size").to_pylist() if "size" in sources.column_names
+             else [0] * sources.num_rows)
+    rows = [(u, v or "", max(int(n or 0), 0)) + ((loc,) if loc is not None else ())
+            for u, v, n, loc in zip(sources.column("source_uri").to_pylist(),
+                                    sources.column("source_version").to_pylist(), sizes, locs)]
+    return [b.append_column("block", pa.repeat(pa.scalar(i, pa.int64()), b.num_rows))
+            for i, b in enumerate(_layout_blocks(rows, pack, unknown_sources))]
+
+
+def build(cfg: CaptionConfig, sources, clap: str, decoder: str, dali: str = "",
+          frame_size: int = 0, attempt: str = "00000000"):
+    """The streaming Ray Data pipeline over ``sources`` (Arrow rows as ``sources_table`` makes,
+    or a list of (uri, version[, size[, locator]])); returns the Dataset (lazy) whose rows are
+    the written parts' metadata (actors/part_writer.py), one per decode block. ``attempt`` (8 hex
+    digits) names this run attempt's parts. With ``dali`` (a DALI checkpoint) one DaliCaptioner
+    pool replaces the CLAP + decoder pools."""
     ray = _ray_init(cfg)
     import ray.data
     from ray.data import ActorPoolStrategy
 
     from actors.captioner import Captioner
     from actors.clap_embedder import ClapEmbedder
-    from actors.windows import decode_sources
+    from actors.part_writer import in_blocks
 
     ctx = ray.data.DataContext.get_current()
     # the driver prints its own files/windows progress; Ray Data's bars are for cluster runs
     ctx.enable_progress_bars = ray_ui(cfg)
+    # No block shaping: a map task's output is ONE block per input block, never merged with
+    # another or sliced (128 MiB default: a 1-h source's 690 MB of windows would be cut in 4),
+    # so a decode block reaches its part writer whole.
+    ctx.target_max_block_size = None
     gpus = gpus_fused = cfg.gpus_per_actor
     gpus_total = cluster_gpus(ray)
     if gpus < 0:
@@ -315,17 +371,13 @@ def build(cfg: CaptionConfig, sources: list[tuple], clap: str, decoder: str,
         return ActorPoolStrategy(min_size=lo, max_size=hi, initial_size=hi)
 
     cfg = effective_windows(cfg)
-    sized = [s if len(s) >= 3 else (s[0], s[1], 0) for s in sources]
-    if any(len(s) == 4 for s in sized):
-        ds = ray.data.from_arrow(_layout_blocks(sized, cfg.pack_sources))
-    else:
-        blocks = pack_sources(sized) if cfg.pack_sources else [[(u, v)] for u, v, _ in sized]
-        ds = ray.data.from_arrow([pa.table({"source_uri": [u for u, _ in b],
-                                            "source_version": [v for _, v in b]})
-                                  for b in blocks])
+    if isinstance(sources, list) and (not sources or isinstance(sources[0], tuple)):
+        sources = sources_table(sources)
+    ds = ray.data.from_arrow(decode_blocks(sources, cfg.pack_sources, cfg.unknown_size_sources))
     ds = ds.map_batches(
-        decode_sources, batch_size=1, batch_format="pyarrow",
-        fn_kwargs=dict(window_s=cfg.window, hop_s=cfg.hop or None, min_window_s=cfg.min_window,
+        decode_sources_here, batch_size=None, batch_format="pyarrow",
+        fn_kwargs=dict(part=dict(output=cfg.output, run_id=cfg.run_id, attempt=attempt),
+                       window_s=cfg.window, hop_s=cfg.hop or None, min_window_s=cfg.min_window,
                        pad_mode=cfg.pad_mode, max_duration_s=cfg.max_duration or None,
                        timeout_s=cfg.decode_timeout or None,
                        frame_size=frame_size if cfg.mode == "audio+image" else 0),
@@ -341,14 +393,16 @@ def build(cfg: CaptionConfig, sources: list[tuple], clap: str, decoder: str,
     )
     if dali:
         from actors.dali_captioner import DaliCaptioner
-        ds = ds.map_batches(
-            DaliCaptioner, batch_size=cfg.captioner_batch, batch_format="pyarrow",
+        ds = _gpus(ds.map_batches(
+            in_blocks(DaliCaptioner, cfg.captioner_batch), batch_size=None,
+            batch_format="pyarrow",
             fn_constructor_kwargs=dict(model_path=dali, dali=cfg.dali, window_s=cfg.window,
                                        device=device, resources=cfg.resources),
             compute=pool(cfg.captioner_actors, gpus),
-            num_cpus=cfg.actor_cpus, num_gpus=gpus,
-        )
-        return ds.drop_columns(["audio_embedding"]) if not cfg.embeddings else ds
+            num_cpus=cfg.actor_cpus,
+        ), gpus)
+        return _writer(cfg, ds.drop_columns(["audio_embedding"]) if not cfg.embeddings else ds,
+                       attempt)
     # each actor takes the option groups it reads (jobs/caption_config.py): a new option is
     # one field there and the line in the actor that reads it, nothing here
     clap_kwargs = dict(clap_path=clap, window_s=cfg.window, device=device,
@@ -357,29 +411,75 @@ def build(cfg: CaptionConfig, sources: list[tuple], clap: str, decoder: str,
                             clap_path=clap, device=device, resources=cfg.resources)
     if cfg.fuse_models:
         from actors.clap_captioner import ClapCaptioner
-        ds = ds.map_batches(
-            ClapCaptioner, batch_size=cfg.captioner_batch, batch_format="pyarrow",
+        ds = _gpus(ds.map_batches(
+            in_blocks(ClapCaptioner, cfg.captioner_batch), batch_size=None,
+            batch_format="pyarrow",
             fn_constructor_kwargs=dict(clap_kwargs=clap_kwargs, captioner_kwargs=captioner_kwargs,
                                        encoder_batch=cfg.encoder_batch),
             compute=pool(cfg.captioner_actors, gpus_fused),
-            num_cpus=cfg.actor_cpus, num_gpus=gpus_fused,
-        )
+            num_cpus=cfg.actor_cpus,
+        ), gpus_fused)
     else:
-        ds = ds.map_batches(
-            ClapEmbedder, batch_size=cfg.encoder_batch, batch_format="pyarrow",
+        ds = _gpus(ds.map_batches(
+            in_blocks(ClapEmbedder, cfg.encoder_batch), batch_size=None, batch_format="pyarrow",
             fn_constructor_kwargs=clap_kwargs,
             compute=pool(cfg.encoder_actors, gpus),
-            num_cpus=cfg.actor_cpus, num_gpus=gpus,
-        )
-        ds = ds.map_batches(
-            Captioner, batch_size=cfg.captioner_batch, batch_format="pyarrow",
+            num_cpus=cfg.actor_cpus,
+        ), gpus)
+        ds = _gpus(ds.map_batches(
+            in_blocks(Captioner, cfg.captioner_batch), batch_size=None, batch_format="pyarrow",
             fn_constructor_kwargs=captioner_kwargs,
             compute=pool(cfg.captioner_actors, gpus),
-            num_cpus=cfg.actor_cpus, num_gpus=gpus,
-        )
+            num_cpus=cfg.actor_cpus,
+        ), gpus)
     if not cfg.embeddings:
         ds = ds.drop_columns(["audio_embedding"])
+    return _writer(cfg, ds, attempt)
+
+
+def _gpus(ds, gpus: float):
+    """Ask for ``gpus`` per actor of the stage just added. Set on the operator after
+    ``map_batches``, which refuses ``num_gpus`` with ``batch_size=None`` (Ray 2.60: "You must
+    provide batch_size ... when requesting GPUs"); whole blocks are the point here (the actor
+    batches inside, ``in_blocks``), and an integer batch size lets Ray Data slice a block across
+    two actor calls (its bundler cuts bundles to the batch size), splitting sources."""
+    if gpus > 0:
+        ds._logical_plan.dag.ray_remote_args["num_gpus"] = gpus
     return ds
+
+
+def _writer(cfg: CaptionConfig, ds, attempt: str):
+    """The last stage: each block written as one part by a worker, one metadata row out."""
+    from actors.part_writer import EXIT_HOOK
+
+    extra = {}
+    if os.environ.get(EXIT_HOOK):  # fault injection (tests/test_faults.py) reaches the workers
+        extra["runtime_env"] = {"env_vars": {EXIT_HOOK: os.environ[EXIT_HOOK]}}
+    return ds.map_batches(write_part_here, batch_size=None, batch_format="pyarrow",
+                          fn_kwargs=dict(output=cfg.output, run_id=cfg.run_id, attempt=attempt),
+                          num_cpus=WRITER_CPUS, **extra)
+
+
+def _node() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def write_part_here(batch: pa.Table, **kwargs) -> pa.Table:
+    """``actors.part_writer.write_part``, recording the Ray node that wrote the part: the proof
+    that output is written where the work is."""
+    from actors.part_writer import write_part
+
+    return write_part(batch, node=_node(), **kwargs)
+
+
+def decode_sources_here(batch: pa.Table, *, part: dict, **kwargs):
+    """``actors.part_writer.decode_sources_in_blocks``, recording the node (a failure-only block
+    is written by its decode task)."""
+    from actors.part_writer import decode_sources_in_blocks
+
+    yield from decode_sources_in_blocks(batch, part=dict(part, node=_node()), **kwargs)
 
 
 def run(cfg: CaptionConfig) -> dict:
@@ -416,12 +516,14 @@ def _run_leased(cfg, t0, dali, clap, decoder, frame_size, lease, sources) -> dic
     run_dir = storage.join(cfg.output, "runs", cfg.run_id)
     _preflight("write the output", cfg.output, lambda: storage.write_bytes_atomic(
         storage.join(run_dir, "config.json"), to_json(cfg).encode()))
+    # parts no commit lists (a killed run's): never read; deleted so plain readers agree
+    uncommitted = remove_uncommitted(cfg.output)
     damaged = quarantine_damaged(cfg.output)
     # listing, dedup, anti-join against OUTPUT, --limit (jobs/sources.py); todo spilled to
-    # runs/<run>/todo/ as Parquet, read back here as build()'s tuples
+    # runs/<run>/todo/ as Parquet, read back as Arrow tables for build() to pack
     plan = _preflight("list the input", cfg.input, lambda: plan_sources(
         sources, cfg.output, storage.join(run_dir, "todo"), limit=cfg.limit))
-    todo = plan.rows()
+    todo = list(plan.tables()) if plan.count else []
     manifest = dict(run_id=cfg.run_id, status="running", started_at=t0, input=cfg.input,
                     output=cfg.output, clap=clap, decoder=decoder,
                     overheard_version=overheard.__version__,
@@ -433,6 +535,7 @@ def _run_leased(cfg, t0, dali, clap, decoder, frame_size, lease, sources) -> dic
     manifest["damaged_parts"] = damaged  # renamed .damaged-*; their sources are redone
     if not plan.complete:
         manifest["listing_complete"] = False  # --limit stopped listing an ordered input early
+    manifest["uncommitted_parts_removed"] = len(uncommitted)
     if manifest["sources_skipped_done"]:
         manifest["settings_differ"] = settings_differ(cfg)
     manifest["mode"] = cfg.mode if dali else "audio"
@@ -500,91 +603,97 @@ def publish_manifest(cfg: CaptionConfig, manifest: dict) -> None:
 
 
 def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0, lease=None):
-    ds = build(cfg, todo, clap, decoder, dali, frame_size)
-    # no staging longer than the flush interval: --flush-interval 0 writes each source at once
-    asm = SourceAssembler(max_delay_s=min(0.5, cfg.flush_interval))
-    writer = None
+    """Run the pipeline; the driver sees one metadata row per written part, never a window row.
+    Parts are committed (jobs.sink.commit: the manifest's counts then are exactly what the
+    commit log lists) as soon as the first one is written, then whenever ``rows_per_part``
+    caption rows or ``flush_interval`` seconds of parts wait, and at the end (an interrupt
+    included: written parts are whole). The parts this attempt wrote but never committed are
+    deleted at the end (and any run's at the next start)."""
+    attempt = uuid.uuid4().hex[:8]
+    ds = build(cfg, todo, clap, decoder, dali,
+               frame_size, attempt=attempt)
     bar = None
     if cfg.progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(todo), unit="file", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=manifest["sources_todo"], unit="file", file=sys.stderr, dynamic_ncols=True)
     t_start = time.time()
-    model_ids: set[str] = set()
-    released = [0]  # sources released (their rows are in parts, or staged for the next one)
+    seen: set[int] = set()  # blocks whose part arrived (a block is committed once)
+    pending: list[dict] = []
+    state = dict(seq=0, last=0.0, committed=0, lost=False)
+    manifest.setdefault("nodes", {})
 
-    def release(r) -> None:
-        if r is None:
+    def commit_pending() -> None:
+        if not pending:
             return
-        # counted before add(): a part written by add() then holds everything counted, so
-        # the manifest published at each commit states exactly what is on disk
-        _count(manifest, r)
-        released[0] += r.sources
+        files = [f for m in pending for f in m["files"]]
+        commit(cfg.output, cfg.run_id, attempt, state["seq"], files,
+               [m["block"] for m in pending], sum(m["sources"] for m in pending))
+        state["seq"] += 1
+        state["last"] = time.monotonic()
+        for m in pending:
+            _count(manifest, m)
+            state["committed"] += m["sources"]
+        manifest["parts"] += [storage.join(cfg.output, f) for f in files]
         manifest.setdefault("first_output_at", time.time())
-        writer.add(r)
-        if bar is not None:
-            bar.update(r.sources)
-            el = max(time.time() - t_start, 1e-9)
-            bar.set_postfix(windows=manifest["windows"], win_s=f"{manifest['windows'] / el:.1f}",
-                            failed=manifest["sources_failed"], refresh=False)
+        pending.clear()
+        publish_manifest(cfg, manifest)
 
     try:
-        for tbl in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            if writer is None:
-                dim = (tbl.schema.field("audio_embedding").type.list_size
-                       if "audio_embedding" in tbl.column_names else None)
-                writer = PartWriter(cfg.output, cfg.run_id, dim, cfg.rows_per_part,
-                                    cfg.flush_interval, on_commit=lambda: _committed(
-                                        cfg, manifest, writer))
-            if "audio_embedding" not in tbl.column_names and writer.schema.get_field_index(
-                    "audio_embedding") >= 0:
-                raise RuntimeError("embedding column vanished mid-run")
-            model_ids.update(tbl.column("model_id").unique().to_pylist())
+        for meta in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if lease is not None and lease.lost:
-                raise RuntimeError(lease.lost)  # another run owns OUTPUT now: write nothing more
-            release(asm.add(tbl))
-        if writer is not None:
-            release(asm.finish())  # what is still staged at the end of the stream
+                state["lost"] = True
+                raise RuntimeError(lease.lost)  # another run owns OUTPUT now: commit nothing more
+            for m in meta.to_pylist():  # one row per part
+                if m["block"] in seen:
+                    continue
+                seen.add(m["block"])
+                pending.append(m)
+                if bar is not None:
+                    bar.update(m["sources"])
+            waiting = sum(m["windows"] for m in pending)
+            if pending and (state["seq"] == 0 or waiting >= cfg.rows_per_part
+                            or time.monotonic() - state["last"] >= cfg.flush_interval):
+                commit_pending()
+                if bar is not None:
+                    el = max(time.time() - t_start, 1e-9)
+                    bar.set_postfix(windows=manifest["windows"],
+                                    win_s=f"{manifest['windows'] / el:.1f}",
+                                    failed=manifest["sources_failed"], refresh=False)
     except KeyboardInterrupt:
         manifest["status_final"] = "interrupted"
     finally:
-        if writer is not None:
-            writer.on_commit = None  # the final manifest is published by run()
-            writer.flush()
-            manifest["parts"] = writer.parts
+        if not state["lost"]:
+            commit_pending()
+            # parts of this attempt written after the stream stopped (an interrupt) or never
+            # reported: not committed, so not read; removed so plain Parquet readers agree
+            remove_uncommitted(cfg.output, attempt)
         if bar is not None:
             bar.close()
-        manifest["model_ids"] = sorted(m for m in model_ids if m)
         if "first_output_at" in manifest:
-            # start-up: listing, model checks, actors loading, the first file through
+            # start-up: listing, model checks, actors loading, the first block through
             manifest["first_output_s"] = round(manifest["first_output_at"] - manifest["started_at"], 3)
-        # every todo source not released, including those never started (an interrupt)
-        manifest["sources_incomplete"] = len(todo) - released[0]
+        # every todo source not committed, including those never started (an interrupt)
+        manifest["sources_incomplete"] = manifest["sources_todo"] - state["committed"]
         if manifest["sources_incomplete"] and "status_final" not in manifest:
             manifest["status_final"] = "incomplete"
 
 
-def _committed(cfg: CaptionConfig, manifest: dict, writer) -> None:
-    manifest["parts"] = list(writer.parts)
-    publish_manifest(cfg, manifest)
-
-
-def _count(manifest: dict, r) -> None:
-    """Add one release's counts (``jobs.sink.Released``) to the manifest."""
-    manifest["windows"] += r.windows
-    if r.captions is not None and manifest["mode"] == "audio+image":
-        # counted on released (deduplicated) rows, so a resent window is not counted twice
-        manifest["windows_with_frames"] += int(pc.sum(pc.cast(
-            r.captions.column("has_frame"), pa.int64())).as_py() or 0)
-    if r.captions is not None and "confidence" in r.captions.column_names:
-        c = r.captions.column("confidence").drop_null().to_numpy(zero_copy_only=False)
-        manifest["windows_scored"] += len(c)
-        manifest["windows_low_confidence"] += int((c < LOW_CONFIDENCE).sum())
-    manifest["audio_hours"] = round(manifest["audio_hours"] + r.audio_s / 3600.0, 6)
-    manifest["sources_captioned"] += r.captioned
-    manifest["sources_failed"] += r.failed
-    manifest["window_failures"] += r.window_failures
-    for k, n in r.failures_by_type.items():
+def _count(manifest: dict, m: dict) -> None:
+    """Add one written part's metadata (actors/part_writer.py META_SCHEMA) to the manifest."""
+    manifest["windows"] += m["windows"]
+    if manifest["mode"] == "audio+image":
+        manifest["windows_with_frames"] += m["windows_with_frames"]
+    manifest["windows_scored"] += m["windows_scored"]
+    manifest["windows_low_confidence"] += m["windows_low_confidence"]
+    manifest["audio_hours"] = round(manifest["audio_hours"] + m["audio_s"] / 3600.0, 6)
+    manifest["sources_captioned"] += m["captioned"]
+    manifest["sources_failed"] += m["failed"]
+    manifest["window_failures"] += m["window_failures"]
+    for k, n in json.loads(m["failures_by_type"]).items():
         manifest["failures_by_type"][k] = manifest["failures_by_type"].get(k, 0) + n
+    manifest["model_ids"] = sorted(set(manifest["model_ids"]) | set(json.loads(m["model_ids"])))
+    node = m.get("node_id") or ""
+    manifest["nodes"][node] = manifest["nodes"].get(node, 0) + 1  # parts written per Ray node
 
 
 def summary_text(m: dict) -> str:

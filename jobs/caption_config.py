@@ -192,6 +192,12 @@ class ResourceConfig:
     pack_sources: bool = field(default=True, metadata={
         "help": "decode small files several to a task (up to 4 MB / 32 files), largest first; "
                 "off: one task per file in listing order"})
+    unknown_size_sources: int = field(default=32, metadata={  # = BLOCK_SOURCES
+        "min": 1,
+        "help": "sources of unknown size (a manifest without a 'size' column) per decode block: "
+                "a block is decoded by one task and its windows are held until its part is "
+                "written, so keep it small when such sources may be long; larger blocks cost "
+                "less framework per source (bench/scale.py (b))"})
     fuse_models: bool = field(default=True, metadata={
         "help": "run CLAP and the decoder in one actor pool (captioner_actors actors, batches "
                 "of captioner_batch, CLAP in chunks of encoder_batch); off: two pools "
@@ -237,11 +243,13 @@ class ResourceConfig:
 @dataclass(frozen=True)
 class RunConfig:
     embeddings: bool = field(default=True, metadata={"help": "write audio_embedding column"})
-    rows_per_part: int = field(default=50_000, metadata={"min": 1,
-                                                         "help": "caption rows per Parquet part"})
+    rows_per_part: int = field(default=50_000, metadata={
+        "min": 1, "help": "commit written parts (one per decode block, written by workers) once "
+                          "this many of their caption rows wait uncommitted"})
     flush_interval: float = field(default=60.0, metadata={
-        "min": 0.0, "help": "write finished sources at least this often (s; 0: after each source): "
-                            "bounds work lost to a kill"})
+        "min": 0.0, "help": "commit written parts at least this often (s; 0: each part at once; "
+                            "the first part is always committed at once): bounds work lost to a "
+                            "kill of the driver"})
     run_id: str = field(default="", metadata={
         "help": "name of this run (parts, runs/<run>/); '' = a timestamp + random suffix"})
     lease_stale: float = field(default=120.0, metadata={"gt": 0.0, "help": (

@@ -96,7 +96,10 @@ def list_parts(captions: str) -> list[tuple[str, str]]:
     cdir, _ = captions_dir(captions)
     if not storage.exists(cdir):
         raise FileNotFoundError(f"no caption parts under {captions}")
-    return [(u, v) for u, _, v in storage.list_files(cdir, (".parquet",))]
+    from jobs.sink import counts
+
+    ok = counts(cdir)  # committed parts only (jobs/sink.py)
+    return [(u, v) for u, _, v in storage.list_files(cdir, (".parquet",)) if ok(u)]
 
 
 def index_schema(dim: int) -> pa.Schema:

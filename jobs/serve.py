@@ -95,8 +95,10 @@ def _parts(uri: str) -> list[str]:
     fs, path = storage.get_fs(uri)
     if not fs.exists(path):
         return []
-    return sorted(storage.unstrip(fs, p) for p in fs.find(path) if p.endswith(".parquet")
-                  and not p.rsplit("/", 1)[-1].startswith("."))
+    from jobs.sink import counts
+
+    ok = counts(uri)  # committed parts only (jobs/sink.py)
+    return sorted(storage.unstrip(fs, p) for p in fs.find(path) if ok(p))
 
 
 def read_light(captions: str) -> pa.Table:

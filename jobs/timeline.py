@@ -70,8 +70,10 @@ def _parts(output: str) -> list[str]:
     cdir, _ = captions_dir(output)
     if not storage.exists(cdir):
         raise FileNotFoundError(f"no caption parts under {output}")
-    return sorted(u for u, _, _ in storage.list_files(cdir, (".parquet",))
-                  if not u.rsplit("/", 1)[-1].startswith("."))
+    from jobs.sink import counts
+
+    ok = counts(cdir)  # committed parts only (jobs/sink.py)
+    return sorted(u for u, _, _ in storage.list_files(cdir, (".parquet",)) if ok(u))
 
 
 def _read(part: str, columns: list[str]) -> pa.Table:

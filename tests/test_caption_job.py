@@ -260,6 +260,8 @@ def test_model_pools_in_the_plan(ray_local, tiny_model, fuse):
                         encoder_batch=8)
     clap, dec = os.path.join(tiny_model, "clap"), os.path.join(tiny_model, "decoder")
     op = build(cfg, [("a.wav", "", 100)], clap, dec)._logical_plan.dag
+    assert "write_part" in op._name  # the last stage: parts written by workers
+    op = op.input_dependencies[0]
     names = []
     while op is not None and "decode_sources" not in op._name:
         names.append(op._name)

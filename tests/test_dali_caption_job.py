@@ -94,7 +94,7 @@ def test_mode_and_window_checks(tiny_dali, tiny_model, av_archive, tmp_path):
 
 
 def _actor_op(ds):
-    op = ds._logical_plan.dag  # the last stage: the DALI actor pool
+    op = ds._logical_plan.dag.input_dependencies[0]  # before the part writer: the DALI pool
     assert "DaliCaptioner" in op._name, op._name
     return op
 

@@ -137,7 +137,6 @@ def test_object_store_outage_mid_run(ray_local, s3_server, s3_bucket, tiny_model
 
 def test_source_changed_while_read_is_retried(tmp_path):
     from actors.windows import source_windows
-    from jobs.sink import SourceAssembler
     from overheard import storage
     p = tmp_path / "x.wav"
     mf.make_tone(str(p), seconds=35.0, sr=16000, channels=1, freq=440)
@@ -149,12 +148,38 @@ def test_source_changed_while_read_is_retried(tmp_path):
     mf.make_tone(str(p), seconds=12.0, sr=16000, channels=1, freq=880)  # rewritten mid-read
     rows += list(gen)
     assert rows[-1]["error_type"] == "changed" and rows[-1]["windows_kept"] == len(rows) - 1
-    import pyarrow as pa
+    from actors.part_writer import release
     from actors.windows import _table
-    rel = SourceAssembler(min_rows=0).add(_table(rows))
+    rel = release(_table(rows))
     assert rel.sources == 1 and rel.captions is None  # nothing of the mixed read is kept
     [fail] = rel.failures.to_pylist()
     assert fail["retryable"] and fail["windows_kept"] == 0 and "discarded" in fail["message"]
+
+
+def test_writer_killed_mid_part(ray_local, tiny_model, tmp_path, monkeypatch):
+    """A part writer dies (os._exit, as a killed worker) after writing its captions file and
+    before its failures file and its report. Ray reruns the task, which rewrites the same part
+    names; the output is exact, every part is committed once, and nothing else is left."""
+    from actors.part_writer import EXIT_HOOK
+    from jobs.caption import CaptionConfig, run
+    from jobs.sink import committed_files
+    durations = _archive(tmp_path / "a", 4)
+    (tmp_path / "a" / "broken.wav").write_bytes(b"RIFF....WAVEfmt nonsense")  # a failure row
+    hook = tmp_path / "writer-died"
+    monkeypatch.setenv(EXIT_HOOK, str(hook))
+    out = str(tmp_path / "out")
+    m = run(CaptionConfig(input=str(tmp_path / "a"), output=out, model=tiny_model,
+                          progress=False, flush_interval=0, show=0))
+    assert hook.exists(), "no writer reached the fault"
+    caps = _assert_exact(out, durations)
+    assert m["status"] == "completed" and m["windows"] == caps.num_rows
+    fails = read_dir(os.path.join(out, "failures")).to_pylist()
+    assert [f["source_uri"].rsplit("/", 1)[-1] for f in fails] == ["broken.wav"]
+    assert m["sources_failed"] == 1 and m["sources_captioned"] == len(durations)
+    listed = sorted(committed_files(out))
+    on_disk = sorted(f"{d}/{n}" for d in ("captions", "failures")
+                     for n in os.listdir(os.path.join(out, d)))
+    assert listed == on_disk and len(set(listed)) == len(listed)
 
 
 def test_readers_never_see_partial_parts(ray_local, tiny_model, tmp_path):

@@ -59,3 +59,13 @@ def test_listing_carries_sizes(tmp_path):
     got = list_sources(str(m)).select(["source_uri", "source_version", "size"]).to_pylist()
     assert got == [{"source_uri": "s3://x/1.wav", "source_version": "", "size": 5},
                    {"source_uri": "s3://x/2.wav", "source_version": "", "size": 0}]
+
+
+def test_unknown_sizes_share_blocks():
+    """A manifest without sizes: sources share blocks of BLOCK_SOURCES (one task per source
+    cost ~8 ms of framework each), dealt before the sized ones."""
+    src = [(f"s3://b/u{i:03d}.wav", "", 0) for i in range(70)] + [("s3://b/k.wav", "", 1000)]
+    blocks = pack_sources(src, block_sources=32)
+    assert [len(b) for b in blocks] == [32, 32, 6, 1]
+    assert blocks[-1] == [("s3://b/k.wav", "")]
+    assert sorted(_flat(blocks)) == sorted((u, v) for u, v, _ in src)

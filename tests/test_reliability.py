@@ -229,8 +229,9 @@ def test_two_runs_together_then_interrupt_and_rerun(ray_local, tiny_model, tmp_p
     procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
     deadline = time.time() + 300
-    while time.time() < deadline and not ((out / "captions").exists()
-                                          and os.listdir(out / "captions")
+    # a committed part (workers write parts; one counts once the driver's commit lists it)
+    while time.time() < deadline and not ((out / "_commits").exists()
+                                          and os.listdir(out / "_commits")
                                           and any(p.poll() is not None for p in procs)):
         time.sleep(0.1)
     running = [p for p in procs if p.poll() is None]

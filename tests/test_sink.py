@@ -1,14 +1,17 @@
-"""The driver's source assembly (jobs/sink.py), vectorised with Arrow, against a per-row reference.
+"""The part writer's release of a block's sources (actors/part_writer.py), vectorised with Arrow,
+against a per-row reference; and the commit log that decides which parts count (jobs/sink.py).
 
 The reference below is the per-row assembler the project used before (one Python dict per
 source, rows handled one by one): its behaviour is the contract. Random streams of sources —
-windows in any order, split over batches at random, rows resent by a retried task, window-level
-model errors, retryable and permanent source failures after some windows — are fed to both; the
-released captions, failure rows and counts must agree exactly.
+windows in any order, cut into blocks of whole sources at random, window-level model errors,
+retryable and permanent source failures after some windows — are fed to both; the released
+captions, failure rows and counts must agree exactly.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
 
 import numpy as np
@@ -97,21 +100,22 @@ def _stream(rng: random.Random, n_sources: int):
                              start_s=0.0, end_s=0.0, error_type=kind,
                              error_message=f"{kind} after {kept} windows", stage=stage,
                              windows_kept=kept))
-    # Everything arrives in any order, and a retried upstream task resends some rows while
-    # their source is still in flight. Copies land before the row that completes their source:
-    # after a source is released Ray does not redeliver (a retried streaming task's consumed
-    # outputs are not reported again), and the sink does not guard against it.
-    rng.shuffle(rows)
-    done_at, ref = {}, ReferenceAssembler()
-    for i, r in enumerate(rows):
-        for uri, _, _ in ref.add(_table([r])):
-            done_at[uri] = i
-    before = {}  # original position -> copies to deliver just before it
-    for j in rng.sample(range(len(rows)), k=len(rows) // 5):
-        if done_at[rows[j]["source_uri"]] != j:  # not the completing row itself
-            before.setdefault(rng.randint(0, done_at[rows[j]["source_uri"]]), []).append(
-                dict(rows[j]))
-    return [c for i, r in enumerate(rows) for c in before.get(i, []) + [r]]
+    return rows
+
+
+def _blocks(rng: random.Random, rows: list[dict]) -> list[list[dict]]:
+    """Whole sources cut into blocks of 1-40 sources, rows shuffled inside each block."""
+    by_src: dict[str, list[dict]] = {}
+    for r in rows:
+        by_src.setdefault(r["source_uri"], []).append(r)
+    srcs, out = list(by_src.values()), []
+    while srcs:
+        k = rng.randint(1, 40)
+        block = [r for s in srcs[:k] for r in s]
+        srcs = srcs[k:]
+        rng.shuffle(block)
+        out.append(block)
+    return out
 
 
 def _table(rows):
@@ -137,31 +141,25 @@ def _collect(r, got_caps, got_fails, counts):
         counts[k] += getattr(r, k)
 
 
-@pytest.mark.parametrize("seed,min_rows", [(s, m) for s in range(4) for m in (0, 150)])
-def test_vectorised_assembly_equals_per_row_reference(seed, min_rows):
-    """min_rows 0: assembled at every call; 150: incoming tables staged, assembled together."""
-    from jobs.sink import SourceAssembler
+@pytest.mark.parametrize("seed", range(4))
+def test_vectorised_release_equals_per_row_reference(seed):
+    from actors.part_writer import check_complete, release
 
     rng = random.Random(seed)
     rows = _stream(rng, 300)
-    ref, asm = ReferenceAssembler(), SourceAssembler(min_rows=min_rows, max_delay_s=1e9)
     ref_caps, ref_fails, got_caps, got_fails = set(), [], set(), []
     counts = dict(sources=0, captioned=0, failed=0, windows=0, window_failures=0)
     audio = 0.0
-    i = 0
-    while i < len(rows):
-        k = rng.choice([1, 2, 7, 50, 200])
-        batch = _table(rows[i:i + k])
-        i += k
-        for uri, keep, fails in ref.add(batch):
+    for block in _blocks(rng, rows):
+        ref = ReferenceAssembler()
+        for uri, keep, fails in ref.add(_table(block)):
             ref_caps.update((uri, w["window_index"]) for w in keep)
             ref_fails += fails
-        for r in (asm.add(batch),) + ((asm.finish(),) if i >= len(rows) else ()):
-            if r is None:
-                continue
-            _collect(r, got_caps, got_fails, counts)
-            audio += r.audio_s
-    assert not ref.pending and asm.pending_sources() == 0
+        assert not ref.pending  # whole sources
+        check_complete(_table(block))
+        r = release(_table(block))
+        _collect(r, got_caps, got_fails, counts)
+        audio += r.audio_s
     assert got_caps == ref_caps
 
     def key(f):
@@ -175,21 +173,67 @@ def test_vectorised_assembly_equals_per_row_reference(seed, min_rows):
     assert counts["captioned"] == len(kept_uris)
     assert counts["failed"] == len(broken & kept_uris) + n_sources - len(kept_uris)
     assert counts["window_failures"] == sum(f["stage"] not in ("read", "decode") for f in ref_fails)
-    want_audio = sum(r["end_s"] - r["start_s"] for r in {(r["source_uri"], r["window_index"]): r
-                     for r in rows if (r["source_uri"], r["window_index"]) in ref_caps}.values())
+    want_audio = sum(r["end_s"] - r["start_s"] for r in rows
+                     if (r["source_uri"], r["window_index"]) in ref_caps)
     assert audio == pytest.approx(want_audio)
 
 
-def test_incomplete_source_is_held_back():
-    from jobs.sink import SourceAssembler
+def test_a_split_source_is_refused():
+    """A block that holds part of a source (a pipeline that split it) is an error, not a part."""
+    from actors.part_writer import check_complete
 
-    asm = SourceAssembler(min_rows=0)
     base = dict(source_version="v", start_s=0.0, end_s=10.0, error_type="", error_message="",
                 stage="", windows_kept=0)
-    # the terminal window (n_windows=3) first, then the others: nothing until all three are in
-    assert asm.add(_table([dict(base, source_uri="a", window_index=2, n_windows=3)])) is None
-    assert asm.add(_table([dict(base, source_uri="a", window_index=0, n_windows=-1)])) is None
-    assert asm.pending_sources() == 1
-    r = asm.add(_table([dict(base, source_uri="a", window_index=1, n_windows=-1),
-                        dict(base, source_uri="b", window_index=0, n_windows=-1)]))
-    assert r.sources == 1 and r.windows == 3 and asm.pending_sources() == 1  # b waits
+    whole = [dict(base, source_uri="a", window_index=i, n_windows=3 if i == 2 else -1)
+             for i in range(3)] + [dict(base, source_uri="b", window_index=0, n_windows=1)]
+    check_complete(_table(whole))
+    for cut in (whole[1:], whole[:2] + whole[3:]):
+        with pytest.raises(RuntimeError, match="incomplete"):
+            check_complete(_table(cut))
+
+
+def test_only_committed_parts_count(tmp_path):
+    """A part of the commit protocol is read only once a commit lists it; older part names are
+    always read; remove_uncommitted deletes the rest (all, or one attempt's)."""
+    import pyarrow.parquet as pq
+
+    from actors.part_writer import part_name
+    from jobs.sink import commit, done_sources, read_table_dir, remove_uncommitted
+
+    out = tmp_path / "out"
+    (out / "captions").mkdir(parents=True)
+
+    def part(name, uris):
+        pq.write_table(pa.table({"source_uri": uris}), out / "captions" / name)
+    a, b, c = (part_name("r1", i, att) for i, att in ((0, "aaaaaaaa"), (1, "aaaaaaaa"),
+                                                       (2, "bbbbbbbb")))
+    part(a, ["s0"]), part(b, ["s1"]), part(c, ["s2"]), part("part-old-00000.parquet", ["s9"])
+    assert done_sources(str(out)) == {"s9"}  # nothing committed yet
+    commit(str(out), "r1", "aaaaaaaa", 0, [f"captions/{a}"], [0])
+    assert sorted(read_table_dir(str(out / "captions"))["source_uri"].to_pylist()) == ["s0", "s9"]
+    assert remove_uncommitted(str(out), "aaaaaaaa") == [str(out / "captions" / b)]
+    assert (out / "captions" / c).exists()
+    remove_uncommitted(str(out))
+    assert sorted(os.listdir(out / "captions")) == sorted([a, "part-old-00000.parquet"])
+
+
+def test_failure_only_block_is_written_by_its_decode_task(tmp_path):
+    """Missing files decode to failure rows only: the decode task writes their part and sends
+    one carrier row, which the part writer turns into that part's metadata (no second write)."""
+    import pyarrow.parquet as pq
+
+    from actors.part_writer import decode_sources_in_blocks, write_part
+
+    out = str(tmp_path / "out")
+    part = dict(output=out, run_id="r", attempt="0123abcd")
+    block = pa.table({"source_uri": [str(tmp_path / f"gone{i}.wav") for i in range(5)],
+                      "source_version": [""] * 5, "block": pa.array([7] * 5, pa.int64())})
+    [carrier] = list(decode_sources_in_blocks(block, part=part))
+    assert carrier.num_rows == 1 and carrier["part_meta"][0].as_py()
+    [meta] = write_part(carrier, **part).to_pylist()
+    assert meta["block"] == 7 and meta["sources"] == meta["failed"] == 5 and meta["windows"] == 0
+    assert meta["files"] == ["failures/part-r-b000007-0123abcd.parquet"]
+    assert json.loads(meta["failures_by_type"]) == {"read_error": 5}
+    fails = pq.read_table(os.path.join(out, meta["files"][0]))
+    assert sorted(fails["source_uri"].to_pylist()) == sorted(block["source_uri"].to_pylist())
+    assert not os.path.exists(os.path.join(out, "captions"))
