@@ -198,7 +198,7 @@ def test_only_committed_parts_count(tmp_path):
     import pyarrow.parquet as pq
 
     from actors.part_writer import part_name
-    from jobs.sink import commit, done_sources, read_table_dir, remove_uncommitted
+    from jobs.sink import commit, done_uris, read_table_dir, remove_uncommitted
 
     out = tmp_path / "out"
     (out / "captions").mkdir(parents=True)
@@ -208,7 +208,7 @@ def test_only_committed_parts_count(tmp_path):
     a, b, c = (part_name("r1", i, att) for i, att in ((0, "aaaaaaaa"), (1, "aaaaaaaa"),
                                                        (2, "bbbbbbbb")))
     part(a, ["s0"]), part(b, ["s1"]), part(c, ["s2"]), part("part-old-00000.parquet", ["s9"])
-    assert done_sources(str(out)) == {"s9"}  # nothing committed yet
+    assert done_uris(str(out)).to_pylist() == ["s9"]  # nothing committed yet
     commit(str(out), "r1", "aaaaaaaa", 0, [f"captions/{a}"], [0])
     assert sorted(read_table_dir(str(out / "captions"))["source_uri"].to_pylist()) == ["s0", "s9"]
     assert remove_uncommitted(str(out), "aaaaaaaa") == [str(out / "captions" / b)]
