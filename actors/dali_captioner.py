@@ -14,26 +14,20 @@ Columns out: the window row minus ``samples``/``frame``, plus
     has_frame: bool  the caption saw the window's video frame
     clap_id: str   the DALI model's CLAP tower's id (the embedding's space)
     decoder_id, model_id: str  the DALI model's id
-Rows of one mode are generated together; a batch that raises is retried row by row, so one bad
-window becomes one ``model_error`` row.
+Captioning is ``overheard.dali.captioning.caption_windows`` (rows of one mode generated together;
+a batch that raises is retried row by row), so one bad window becomes one ``model_error`` row.
 """
 
 from __future__ import annotations
-
-import hashlib
 
 import numpy as np
 import pyarrow as pa
 
 from actors.device import limit_threads, pick_device, pick_dtype
+from overheard.dali.captioning import caption_windows, row_seed
 from overheard.dali.model import DaliModel
 from overheard.media import model_input
 from overheard.schema import Failures, add_columns, window_samples
-
-
-def row_seed(uri: str, window_index: int) -> int:
-    """Per-window sampling seed: the same window samples the same caption in any batch or run."""
-    return int.from_bytes(hashlib.sha256(f"{uri}#{window_index}".encode()).digest()[:8], "little")
 
 
 class DaliCaptioner:
@@ -58,10 +52,6 @@ class DaliCaptioner:
         search = f"t{self.temperature:g}" if self.temperature > 0 else "greedy"
         self.labels = {False: f"dali-audio/{search}", True: f"dali-audio+image/{search}"}
 
-    def _run(self, x: np.ndarray, frames: np.ndarray | None, seeds: list[int]):
-        gen, emb = self.model.caption(x, frames, self.temperature, seeds, self.max_new_tokens)
-        return [(g.caption, g.logprob) for g in gen], emb
-
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         fail = Failures(batch)
@@ -79,29 +69,16 @@ class DaliCaptioner:
             m = self.model.clap.window_samples
             x = np.stack([model_input(r, self.window_samples, m, pads[i])[0]  # window <= CLAP's 10 s
                           for r, i in zip(window_samples(batch.column("samples"), ok), ok)])
-            pos = {i: j for j, i in enumerate(ok)}
-            for has in (False, True):  # one generate() per layout: rows of equal length, no padding
-                rows = [i for i in ok if (len(frames[i] or b"") == need) == has]
-                if not rows:
-                    continue
-                fr = (np.stack([np.frombuffer(frames[i], np.uint8).reshape(self.size, self.size, 3)
-                                for i in rows]) if has else None)
-                xs = x[[pos[i] for i in rows]]
-                seeds = [row_seed(uris[i], widx[i]) for i in rows]
-                try:
-                    res, e = self._run(xs, fr, seeds)
-                    results = list(zip(rows, res, e))
-                except Exception:
-                    results = []
-                    for k, i in enumerate(rows):  # isolate the bad window(s)
-                        try:
-                            r1, e1 = self._run(xs[k:k + 1], None if fr is None else fr[k:k + 1], seeds[k:k + 1])
-                            results.append((i, r1[0], e1[0]))
-                        except Exception as ex:
-                            fail.mark(i, "model_error", "caption",
-                                      f"DALI captioner failed: {type(ex).__name__}: {ex}")
-                for i, (cap, lp), e in results:
-                    captions[i], logprobs[i], emb[i], with_frame[i] = cap, lp, e, has
+            fr = [np.frombuffer(frames[i], np.uint8).reshape(self.size, self.size, 3)
+                  if len(frames[i] or b"") == need else None for i in ok]
+            res = caption_windows(self.model, x, fr, [row_seed(uris[i], widx[i]) for i in ok],
+                                  self.temperature, self.max_new_tokens)
+            for i, r in zip(ok, res):
+                if isinstance(r, Exception):
+                    fail.mark(i, "model_error", "caption",
+                              f"DALI captioner failed: {type(r).__name__}: {r}")
+                else:
+                    captions[i], logprobs[i], emb[i], with_frame[i] = r
         return add_columns(
             batch, drop=["samples", "frame"], **fail.columns(), audio_embedding=emb,
             caption=captions, logprob=pa.array(logprobs, pa.float32()),

@@ -7,7 +7,7 @@ Same clips, same seed for every row:
 1. World (``overheard.soundworld``, seed 0): the CLAP's own 1000 training scenes (split ``train``,
    5 captions each) and ``--n-test`` held-out scenes (split ``test``, never seen by the CLAP nor
    the decoders).  CLAP: ``build/soundworld-clap`` (``training.clap_contrastive``).
-2. Text side: ``jobs.embed_captions`` on the 5000 training captions.  Audio side (for the gap
+2. Text side: ``training.embed_captions`` on the 5000 training captions.  Audio side (for the gap
    statistics and the upper bound only): the caption job over the training clips, whose
    ``audio_embedding`` column is read back.
 3. Gap statistics (``overheard.textonly.gap``): noise variance from 50 (clip, caption_1) pairs, as the seed
@@ -126,7 +126,7 @@ def audio_cache(path: str, captions: list[str], emb: np.ndarray, clap_id: str) -
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from jobs.embed_captions import FORMAT, MANIFEST, PARTS
+    from training.embed_captions import FORMAT, MANIFEST, PARTS
     from overheard.corpus import fingerprint
 
     if os.path.isfile(os.path.join(path, MANIFEST)):
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"--out-dir {clap} --n-train 1000 --n-eval 100 --epochs 15")
     from jobs.config_cli import init_ray
     init_ray(log_to_driver=False)
-    from jobs import embed_captions as ec
+    from training import embed_captions as ec
     from jobs import evaluate as ev
     from overheard import metrics as M
     from overheard.clap import clap_model_id

@@ -64,20 +64,11 @@ class ExportConfig:
 
 def mapping(dim: int | None, flavor: str = "opensearch", vector_field: str = "audio_embedding") -> dict:
     """Index body (settings + mappings) for the exported documents."""
-    props = {
-        "source_uri": {"type": "keyword"},
-        "source_version": {"type": "keyword"},
-        "window_index": {"type": "integer"},
-        "start_s": {"type": "double"},
-        "end_s": {"type": "double"},
-        "caption": {"type": "text"},
-        "decoding": {"type": "keyword"},
-        "logprob": {"type": "float"},
-        "clap_similarity": {"type": "float"},
-        "audibility": {"type": "float"},
-        "model_id": {"type": "keyword"},
-        "run_id": {"type": "keyword"},
-    }
+    types = dict(source_uri="keyword", source_version="keyword", window_index="integer",
+                 start_s="double", end_s="double", caption="text", decoding="keyword",
+                 logprob="float", clap_similarity="float", audibility="float",
+                 model_id="keyword", run_id="keyword")
+    props = {name: {"type": t} for name, t in types.items()}
     body: dict = {}
     if dim:
         if flavor == "opensearch":

@@ -257,19 +257,8 @@ def _run_claps(output_root: str, run_ids: set[str]) -> dict[str, str]:
     return out
 
 
-def run(cfg: IndexConfig) -> dict:
-    """Ingest the caption parts not yet in the index; returns a summary (also printed by main)."""
-    t0 = time.time()
-    db = connect(cfg.index)
-    meta = read_meta(cfg.index)
-    done = ingested_parts(db)
-    listed = list_parts(cfg.captions)
-    new = [(u, v) for u, v in listed if done.get(u) != v]
-    if cfg.limit_parts:
-        new = new[:cfg.limit_parts]
-    summary = dict(index=cfg.index, captions=cfg.captions, parts_listed=len(listed),
-                   parts_new=len(new), parts_skipped_no_embedding=0, rows_read=0,
-                   rows_added=0, rows_total=0)
+def _usable_parts(new: list, meta: dict, summary: dict) -> list:
+    """The new parts that carry embeddings; sets ``meta["dim"]`` (one CLAP per index)."""
     usable = []
     for u, v in new:
         dim = _part_schema_dim(u)
@@ -282,14 +271,15 @@ def run(cfg: IndexConfig) -> dict:
                              "(another CLAP): build a separate index for it")
         meta["dim"] = dim
         usable.append((u, v))
-    tables = _tables(db)
-    before = db.open_table(WINDOWS).count_rows() if WINDOWS in tables else 0
-    tbl = db.open_table(WINDOWS) if WINDOWS in tables else None
-    if tbl is not None and "confidence" not in tbl.schema.names:
-        tbl.add_columns(pa.field("confidence", pa.float32()))  # an index made before the column
+    return usable
+
+
+def _ingest(db, tbl, usable: list, cfg: IndexConfig, summary: dict, clap_ids: set):
+    """Upsert every row of the ``usable`` parts (key: the window) into the windows table (made on
+    the first batch when ``tbl`` is None); adds the rows' CLAP ids to ``clap_ids``.
+    Returns (table, rows per part, run ids per part)."""
     rows_by_part: dict[str, int] = {}
     runs_by_part: dict[str, set] = {}
-    clap_ids: set[str] = set(meta.get("clap_ids", []))
     for part, _ in usable:
         for batch in read_part(part, cfg.batch_size):
             if batch.num_rows == 0:
@@ -307,21 +297,28 @@ def run(cfg: IndexConfig) -> dict:
              .execute(batch))
     if tbl is not None and usable:
         _refresh_indexes(tbl, cfg)
-    # record the parts only after their rows are in: a kill before this re-reads them (harmlessly)
-    if new:
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        log = pa.table({
-            "part": [u for u, _ in new], "version": [v for _, v in new],
-            "rows": [rows_by_part.get(u, 0) for u, _ in new],
-            "run_id": [",".join(sorted(runs_by_part.get(u, ()))) for u, _ in new],
-            "indexed_at": [now] * len(new)}, schema=PARTS_SCHEMA)
-        if PARTS in _tables(db):
-            (db.open_table(PARTS).merge_insert("part").when_matched_update_all()
-             .when_not_matched_insert_all().execute(log))
-        else:
-            db.create_table(PARTS, data=log)
+    return tbl, rows_by_part, runs_by_part
+
+
+def _log_parts(db, new: list, rows_by_part: dict, runs_by_part: dict) -> None:
+    """Record ``new`` parts (version, rows, runs) in the parts table: the next run skips them."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    log = pa.table({
+        "part": [u for u, _ in new], "version": [v for _, v in new],
+        "rows": [rows_by_part.get(u, 0) for u, _ in new],
+        "run_id": [",".join(sorted(runs_by_part.get(u, ()))) for u, _ in new],
+        "indexed_at": [now] * len(new)}, schema=PARTS_SCHEMA)
+    if PARTS in _tables(db):
+        (db.open_table(PARTS).merge_insert("part").when_matched_update_all()
+         .when_not_matched_insert_all().execute(log))
+    else:
+        db.create_table(PARTS, data=log)
+
+
+def _record_claps(cfg: IndexConfig, meta: dict, run_ids: set, clap_ids: set) -> None:
+    """The CLAPs that embedded the ingested runs (and ``--clap``) into ``meta``, then write it:
+    search embeds a query with the CLAP of the rows it searches."""
     _, root = captions_dir(cfg.captions)
-    run_ids = set().union(*runs_by_part.values()) if runs_by_part else set()
     claps = _run_claps(root, run_ids)
     if cfg.clap:
         from overheard.clap import clap_model_id
@@ -336,6 +333,34 @@ def run(cfg: IndexConfig) -> dict:
     meta.update(format=FORMAT, version=FORMAT_VERSION, table=WINDOWS,
                 clap_ids=sorted(c for c in clap_ids if c))
     _write_meta(cfg.index, meta)
+
+
+def run(cfg: IndexConfig) -> dict:
+    """Ingest the caption parts not yet in the index; returns a summary (also printed by main)."""
+    t0 = time.time()
+    db = connect(cfg.index)
+    meta = read_meta(cfg.index)
+    done = ingested_parts(db)
+    listed = list_parts(cfg.captions)
+    new = [(u, v) for u, v in listed if done.get(u) != v]
+    if cfg.limit_parts:
+        new = new[:cfg.limit_parts]
+    summary = dict(index=cfg.index, captions=cfg.captions, parts_listed=len(listed),
+                   parts_new=len(new), parts_skipped_no_embedding=0, rows_read=0,
+                   rows_added=0, rows_total=0)
+    usable = _usable_parts(new, meta, summary)
+    tables = _tables(db)
+    before = db.open_table(WINDOWS).count_rows() if WINDOWS in tables else 0
+    tbl = db.open_table(WINDOWS) if WINDOWS in tables else None
+    if tbl is not None and "confidence" not in tbl.schema.names:
+        tbl.add_columns(pa.field("confidence", pa.float32()))  # an index made before the column
+    clap_ids: set[str] = set(meta.get("clap_ids", []))
+    tbl, rows_by_part, runs_by_part = _ingest(db, tbl, usable, cfg, summary, clap_ids)
+    # record the parts only after their rows are in: a kill before this re-reads them (harmlessly)
+    if new:
+        _log_parts(db, new, rows_by_part, runs_by_part)
+    run_ids = set().union(*runs_by_part.values()) if runs_by_part else set()
+    _record_claps(cfg, meta, run_ids, clap_ids)
     summary["rows_total"] = tbl.count_rows() if tbl is not None else 0
     summary["rows_added"] = summary["rows_total"] - before
     summary["wall_s"] = round(time.time() - t0, 3)

@@ -61,7 +61,9 @@ from overheard.span import read_span
 LIGHT_COLUMNS = ["source_uri", "window_index", "start_s", "end_s", "caption", "model_id",
                  "run_id", "confidence"]
 API_FIELDS = ["source_uri", "window_index", "start_s", "end_s", "caption", "confidence", "score"]
-PAGES = {"/": "index.html", "/source": "source.html", "/runs": "runs.html"}
+# route -> (the file holding its <main>, its name: title and body data-page); frame: page.html
+PAGES = {"/": ("index.html", "search"), "/source": ("source.html", "source"),
+         "/runs": ("runs.html", "runs")}
 STATIC = {"app.js": "application/javascript", "style.css": "text/css"}
 COOKIE = "overheard_token"
 _SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|api_key|access_key", re.I)
@@ -301,15 +303,32 @@ def _asset(name: str) -> bytes:
     return resources.files("overheard").joinpath("assets", "web", name).read_bytes()
 
 
-def make_app(cfg: ServeConfig, archive: Archive):
-    """The aiohttp application (routes above); blocking work runs in the default executor."""
+def _pages() -> dict[str, bytes]:
+    """Route -> HTML: each page's <main> (PAGES' file) inside the one shared frame (page.html:
+    head, stylesheet, navigation, script), so the pages cannot drift apart."""
+    frame = _asset("page.html")
+    return {path: frame.replace(b"@PAGE@", name.encode())
+                       .replace(b"@MAIN@", _asset(file).rstrip(b"\n"))
+            for path, (file, name) in PAGES.items()}
+
+
+def _err(status: int, msg: str):
     from aiohttp import web
 
-    assets = {n: _asset(n) for n in list(STATIC) + list(PAGES.values())}  # read once
-    session = hmac.new(cfg.token.encode(), b"overheard serve session", "sha256").hexdigest()
+    return web.json_response({"error": msg}, status=status)
 
-    def err(status: int, msg: str):
-        return web.json_response({"error": msg}, status=status)
+
+async def _blocking(fn, *a):
+    """``fn(*a)`` in the default executor: archive reads and decoding never block the loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *a)
+
+
+def _guard(cfg: ServeConfig):
+    """Middleware: the token check (query, bearer header or the session cookie it sets) and the
+    security headers on every response."""
+    from aiohttp import web
+
+    session = hmac.new(cfg.token.encode(), b"overheard serve session", "sha256").hexdigest()
 
     @web.middleware
     async def guard(request, handler):
@@ -319,7 +338,7 @@ def make_app(cfg: ServeConfig, archive: Archive):
             ok = (hmac.compare_digest(supplied.encode(), cfg.token.encode()) if supplied else
                   hmac.compare_digest(request.cookies.get(COOKIE, "").encode(), session.encode()))
             if not ok:
-                return err(401, "token required")
+                return _err(401, "token required")
         resp = await handler(request)
         resp.headers["X-Content-Type-Options"] = "nosniff"
         resp.headers["Content-Security-Policy"] = (
@@ -330,87 +349,109 @@ def make_app(cfg: ServeConfig, archive: Archive):
             resp.set_cookie(COOKIE, session, httponly=True, samesite="Strict")
         return resp
 
-    def page(name):
+    return guard
+
+
+class _Api:
+    """The /api/* handlers over one archive; every parameter is checked before any read."""
+
+    def __init__(self, cfg: ServeConfig, archive: Archive):
+        self.cfg, self.archive = cfg, archive
+
+    async def search(self, request):
+        from aiohttp import web
+
+        q = request.query.get("q", "").strip()
+        try:
+            k = int(request.query.get("k", "10"))
+        except ValueError:
+            return _err(400, "k must be an integer")
+        if not 1 <= k <= self.cfg.max_k:
+            return _err(400, f"k must be in 1..{self.cfg.max_k}")
+        if not q:
+            return web.json_response([])
+        if len(q) > 500:
+            return _err(400, "query longer than 500 characters")
+        try:
+            return web.json_response(await _blocking(self.archive.search, q, k))
+        except (FileNotFoundError, ValueError) as e:  # no index yet / no CLAP recorded
+            return _err(503, str(e).splitlines()[0])
+
+    async def audio(self, request):
+        from aiohttp import web
+
+        uri = request.query.get("source_uri", "")
+        try:
+            a, b = float(request.query["start_s"]), float(request.query["end_s"])
+        except (KeyError, ValueError):
+            return _err(400, "start_s and end_s (seconds) are required")
+        if uri not in self.archive.uris:  # the only check that matters: never open a request's path
+            return _err(404, "no such source in the caption tables")
+        if not (math.isfinite(a) and math.isfinite(b) and 0 <= a < b):
+            return _err(400, "need 0 <= start_s < end_s")
+        if b - a > self.cfg.max_span_s:
+            return _err(400, f"span {b - a:g} s is longer than the {self.cfg.max_span_s:g} s cap")
+        try:
+            data = await _blocking(self.archive.audio_wav, uri, a, b)
+        except SpanError as e:
+            return _err(400, str(e))
+        except MediaError as e:
+            return _err(502, f"cannot decode the source: {e.error_type}")
+        except OSError:
+            return _err(502, "cannot read the source")
+        return web.Response(body=data, content_type="audio/wav",
+                            headers={"Cache-Control": "private, max-age=3600"})
+
+    async def source(self, request):
+        from aiohttp import web
+
+        s = self.archive.source(request.query.get("source_uri", ""))
+        if s is None:
+            return _err(404, "no such source in the caption tables")
+        return web.json_response(redact(s))
+
+    async def runs(self, request):
+        from aiohttp import web
+
+        return web.json_response(await _blocking(self.archive.runs))
+
+    async def failures(self, request):
+        from aiohttp import web
+
+        try:
+            limit = min(max(int(request.query.get("limit", "500")), 1), 5000)
+        except ValueError:
+            return _err(400, "limit must be an integer")
+        q = request.query
+        return web.json_response(await _blocking(
+            self.archive.failures, q.get("error_type", ""), q.get("run_id", ""), "", limit))
+
+
+def make_app(cfg: ServeConfig, archive: Archive):
+    """The aiohttp application (routes above); blocking work runs in the default executor."""
+    from aiohttp import web
+
+    pages = _pages()  # assets read once
+    static_files = {n: _asset(n) for n in STATIC}
+
+    def page(path):
         async def h(request):
-            return web.Response(body=assets[name], content_type="text/html", charset="utf-8")
+            return web.Response(body=pages[path], content_type="text/html", charset="utf-8")
         return h
 
     async def static(request):
         name = request.match_info["name"]
         if name not in STATIC:
-            return err(404, "not found")
-        return web.Response(body=assets[name], content_type=STATIC[name], charset="utf-8")
+            return _err(404, "not found")
+        return web.Response(body=static_files[name], content_type=STATIC[name], charset="utf-8")
 
-    async def run_blocking(fn, *a):
-        return await asyncio.get_running_loop().run_in_executor(None, fn, *a)
-
-    async def api_search(request):
-        q = request.query.get("q", "").strip()
-        try:
-            k = int(request.query.get("k", "10"))
-        except ValueError:
-            return err(400, "k must be an integer")
-        if not 1 <= k <= cfg.max_k:
-            return err(400, f"k must be in 1..{cfg.max_k}")
-        if not q:
-            return web.json_response([])
-        if len(q) > 500:
-            return err(400, "query longer than 500 characters")
-        try:
-            return web.json_response(await run_blocking(archive.search, q, k))
-        except (FileNotFoundError, ValueError) as e:  # no index yet / no CLAP recorded
-            return err(503, str(e).splitlines()[0])
-
-    async def api_audio(request):
-        uri = request.query.get("source_uri", "")
-        try:
-            a, b = float(request.query["start_s"]), float(request.query["end_s"])
-        except (KeyError, ValueError):
-            return err(400, "start_s and end_s (seconds) are required")
-        if uri not in archive.uris:  # the only check that matters: never open a request's path
-            return err(404, "no such source in the caption tables")
-        if not (math.isfinite(a) and math.isfinite(b) and 0 <= a < b):
-            return err(400, "need 0 <= start_s < end_s")
-        if b - a > cfg.max_span_s:
-            return err(400, f"span {b - a:g} s is longer than the {cfg.max_span_s:g} s cap")
-        try:
-            data = await run_blocking(archive.audio_wav, uri, a, b)
-        except SpanError as e:
-            return err(400, str(e))
-        except MediaError as e:
-            return err(502, f"cannot decode the source: {e.error_type}")
-        except OSError:
-            return err(502, "cannot read the source")
-        return web.Response(body=data, content_type="audio/wav",
-                            headers={"Cache-Control": "private, max-age=3600"})
-
-    async def api_source(request):
-        s = archive.source(request.query.get("source_uri", ""))
-        if s is None:
-            return err(404, "no such source in the caption tables")
-        return web.json_response(redact(s))
-
-    async def api_runs(request):
-        return web.json_response(await run_blocking(archive.runs))
-
-    async def api_failures(request):
-        try:
-            limit = min(max(int(request.query.get("limit", "500")), 1), 5000)
-        except ValueError:
-            return err(400, "limit must be an integer")
-        q = request.query
-        return web.json_response(await run_blocking(
-            archive.failures, q.get("error_type", ""), q.get("run_id", ""), "", limit))
-
-    app = web.Application(middlewares=[guard])
-    for path, name in PAGES.items():
-        app.router.add_get(path, page(name))
+    api = _Api(cfg, archive)
+    app = web.Application(middlewares=[_guard(cfg)])
+    for path in PAGES:
+        app.router.add_get(path, page(path))
     app.router.add_get("/static/{name}", static)
-    app.router.add_get("/api/search", api_search)
-    app.router.add_get("/api/audio", api_audio)
-    app.router.add_get("/api/source", api_source)
-    app.router.add_get("/api/runs", api_runs)
-    app.router.add_get("/api/failures", api_failures)
+    for name in ("search", "audio", "source", "runs", "failures"):
+        app.router.add_get(f"/api/{name}", getattr(api, name))
     return app
 
 

@@ -67,7 +67,7 @@ def eval_set(tmp_path_factory):
 
 def test_build_model_end_to_end_then_caption_whole_clips(tiny_model, eval_set, ray_local,
                                                          tmp_path):
-    from training.build_model import main
+    from jobs.build_model import main
 
     out = str(tmp_path / "built")
     rc = main([out, "--clap", os.path.join(tiny_model, "clap"), "--corpus", eval_set["corpus"],

@@ -1,6 +1,7 @@
 """Layering rule: model code (overheard/) and actors/ never import Ray, so they run in
 benchmarks, notebooks and on GPU machines without a cluster."""
 
+import glob
 import os
 import subprocess
 import sys
@@ -29,3 +30,58 @@ def test_model_package_and_actors_import_without_ray():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def _imports(path):
+    """Every module a file imports (top level or inside functions), as dotted names."""
+    import ast
+
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            yield node.module
+            yield from (f"{node.module}.{a.name}" for a in node.names)
+
+
+def test_training_imports_nothing_from_actors_or_jobs_but_the_cli_helper():
+    # training/ is orchestration over overheard/; the one shared piece it takes from jobs/ is the
+    # dataclass -> argparse helper (jobs/config_cli.py); jobs/ may import training/ (build-model)
+    bad = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "training", "*.py"))):
+        for mod in set(_imports(path)):
+            top = mod.split(".")[0]
+            if top in ("actors", "jobs") and mod not in ("jobs", "jobs.config_cli") \
+                    and not mod.startswith("jobs.config_cli."):
+                bad.append(f"{os.path.relpath(path, ROOT)}: {mod}")
+    assert len(glob.glob(os.path.join(ROOT, "training", "*.py"))) >= 10
+    assert not bad, bad
+
+
+# Product functions stay under 80 lines (issue 14). Training loops may stay long when they read top
+# to bottom (nanoGPT-style); the two below belong to files other work owns this round (jobs/caption.py
+# build: 99 lines, actors/windows.py source_windows: 91, measured 2026-12-02) and are tolerated only
+# while they are still over: the coordinator decides their split.
+MAX_FUNCTION_LINES = 80
+LONG_ALLOWED = {("jobs/caption.py", "build"), ("actors/windows.py", "source_windows")}
+
+
+def _functions():
+    """(file, name, lines) of every function and method in the product packages."""
+    import ast
+
+    for pkg in ("overheard", "actors", "jobs", "training"):
+        for path in sorted(glob.glob(os.path.join(ROOT, pkg, "**", "*.py"), recursive=True)):
+            rel = os.path.relpath(path, ROOT).replace(os.sep, "/")
+            for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    yield rel, node.name, node.end_lineno - node.lineno + 1
+
+
+def test_no_product_function_over_80_lines_but_training_loops():
+    funcs = list(_functions())
+    assert len(funcs) > 500 and ("jobs/serve.py", "make_app") in {(r, f) for r, f, _ in funcs}
+    bad = [f"{rel}:{name} ({n} lines)" for rel, name, n in funcs if n > MAX_FUNCTION_LINES
+           and name != "train_loop" and (rel, name) not in LONG_ALLOWED]
+    assert not bad, bad

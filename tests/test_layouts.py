@@ -210,7 +210,7 @@ def test_serve_plays_shard_members_and_parquet_rows(layout_run, media, monkeypat
     (``layouts.open_by_id``) and returns the job reader's samples of the captioned window,
     decoded here from the clip's own bytes; a tar shard's header index is read once per shard."""
     from jobs.serve import Archive, ServeConfig
-    from overheard import layouts
+    from overheard.layouts import by_id
     from overheard.media import TARGET_SR, iter_audio
     from tests.test_serve import Server, _wav, api
 
@@ -218,9 +218,9 @@ def test_serve_plays_shard_members_and_parquet_rows(layout_run, media, monkeypat
     caps, out = layout_run["caps"].to_pylist(), layout_run["out"]
     shards, hf = layout_run["base"] + "/shards", layout_run["base"] + "/hf"
     walks = []
-    walk = layouts._walk_tar
-    monkeypatch.setattr(layouts, "_walk_tar", lambda *a: walks.append(1) or walk(*a))
-    monkeypatch.setattr(layouts, "_tar_index", layouts.OrderedDict())
+    walk = by_id._walk_tar
+    monkeypatch.setattr(by_id, "_walk_tar", lambda *a: walks.append(1) or walk(*a))
+    monkeypatch.setattr(by_id, "_tar_index", by_id.OrderedDict())
     srv = Server(ServeConfig(output=out, port=0), Archive(out, ""))
     try:
         for uri, clip in [(f"{shards}/s0.tar#sub/000.flac", "a.flac"),
@@ -252,13 +252,14 @@ def test_open_by_id_failures_and_cache_bound(media, tmp_path, monkeypatch):
     only a path and a damaged shard each raise one clear error; the shard index cache is bounded
     and keyed by the shard's version (a rewritten shard is re-indexed)."""
     from overheard import layouts
+    from overheard.layouts import by_id
     from overheard.media import MediaError
 
     build_shards(tmp_path / "shards", media)
     build_hf(tmp_path / "hf", media)
     s0, hf1 = tmp_path / "shards" / "s0.tar", tmp_path / "hf" / "train-00001-of-00002.parquet"
-    monkeypatch.setattr(layouts, "_tar_index", layouts.OrderedDict())
-    monkeypatch.setattr(layouts, "TAR_INDEX_CACHE", 1)
+    monkeypatch.setattr(by_id, "_tar_index", by_id.OrderedDict())
+    monkeypatch.setattr(by_id, "TAR_INDEX_CACHE", 1)
     assert layouts.open_by_id(str(tmp_path / "a#b.flac")) is None
     assert layouts.parse_id(f"{s0}#dir/x#1.flac") == ("tar", str(s0), "dir/x#1.flac")
     assert layouts.parse_id(f"{hf1}#t=1.5,3") == ("span", str(hf1), "t=1.5,3")
@@ -270,7 +271,7 @@ def test_open_by_id_failures_and_cache_bound(media, tmp_path, monkeypatch):
                            (f"{tmp_path}/shards/broken.tar#x.wav", MediaError, "unreadable")]:
         with pytest.raises(exc, match=text):
             layouts.open_by_id(uri)
-    assert len(layouts._tar_index) == 1  # broken.tar raised before caching; bound is 1
+    assert len(by_id._tar_index) == 1  # broken.tar raised before caching; bound is 1
     # rewrite s0.tar with other content: a new version, so the stale offsets are not used
     with tarfile.open(s0, "w") as tf:
         _add(tf, "pad.bin", os.urandom(5000))
@@ -278,7 +279,7 @@ def test_open_by_id_failures_and_cache_bound(media, tmp_path, monkeypatch):
     os.utime(s0, (1, 1))
     with layouts.open_by_id(f"{s0}#sub/001.wav") as f:
         assert f.read() == media[0]["a.flac"][0]
-    assert len(layouts._tar_index) == 1
+    assert len(by_id._tar_index) == 1
 
 
 def test_jsonl_manifest_spans(ray_local, tiny_model, media, tmp_path):
@@ -388,6 +389,7 @@ def test_tar_members_are_ranged_reads(media, tmp_path, monkeypatch):
     """Indexing a shard reads headers (and small companions), seeking over member data; a member
     opens as a sub-file that reads only its own range."""
     from overheard import layouts
+    from overheard.layouts import listing, opening
     from overheard.media import decode_windows
 
     clips, _ = media
@@ -408,7 +410,8 @@ def test_tar_members_are_ranged_reads(media, tmp_path, monkeypatch):
             opened.append(f)
         return f
 
-    monkeypatch.setattr(layouts, "open", counting_open, raising=False)
+    for mod in (listing, opening):  # the indexer's and the member opener's open()
+        monkeypatch.setattr(mod, "open", counting_open, raising=False)
     srcs = layouts.index_shard(str(shard), "v", size, (".flac",))
     assert len(srcs) == 20 and all(s[3]["kind"] == "tar" for s in srcs)
     # measured: 20 headers + 20 companions = 40 x 512 B (+ tarfile's record reads) of 1.8 MB

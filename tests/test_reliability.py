@@ -318,7 +318,7 @@ def test_bad_options_exit_2_with_one_line(opts, tmp_path, capsys):
 def test_every_command_refuses_nan(tmp_path, capsys):
     """The check is in config_cli.parse, so every dataclass command gets it."""
     from jobs.config_cli import parse
-    from jobs.embed_captions import EmbedCaptionsConfig
+    from training.embed_captions import EmbedCaptionsConfig
     floats = [f.name for f in __import__("dataclasses").fields(EmbedCaptionsConfig)
               if f.type in (float, "float")]
     req = [f.name for f in __import__("dataclasses").fields(EmbedCaptionsConfig)

@@ -185,7 +185,7 @@ def test_model_dir_records_gap_handling_and_memory(trained):
 
 
 def test_embed_captions_cache_is_reused(trained, tiny_model):
-    from jobs.embed_captions import EmbedCaptionsConfig, read_cache, run
+    from training.embed_captions import EmbedCaptionsConfig, read_cache, run
 
     b = trained["base"]
     m = run(EmbedCaptionsConfig(corpus=b["corpus"], output=b["cache"], clap=b["clap"]))

@@ -6,8 +6,9 @@
 
 1. Pseudo-labels: every training clip is captioned from audio + image by the ``--init`` checkpoint
    (aligned audio tokens after the frame's image tokens, prefix on if it was tuned): a Ray Data
-   ``map_batches`` over ``actors.dali_captioner.DaliCaptioner`` (the caption job's actor, fed
-   its window columns), batched greedy decoding, so the labels are deterministic. The frame is the
+   ``map_batches`` over ``PseudoLabeller`` (``overheard.dali.captioning.caption_windows``, the
+   function the caption job's DALI actor calls), batched greedy decoding, so the labels are
+   deterministic. The frame is the
    middle one of the clip's first ``--frames-per-clip`` seconds. Clips whose caption comes out
    empty or fails are dropped and counted; labels go to ``OUTPUT/pseudo_labels.jsonl``.
 2. Fine-tuning: only ``heads.audio_projector`` (the audio copy of LLaVA's projector) trains, on the
@@ -59,60 +60,62 @@ class DaliDistillConfig(TrainRun, dali_stage.Precision):
 
 
 # ----------------------------------------------------------------------------- pseudo-labels
-def window_columns(batch: dict, image_size: int, model_samples: int) -> dict:
-    """``map_batches`` function (numpy format): decoded clips -> the window columns
-    ``DaliCaptioner`` reads.
+class PseudoLabeller:
+    """``map_batches`` actor (numpy format): decoded clips -> captions from audio + image by the
+    ``--init`` checkpoint, through ``overheard.dali.captioning.caption_windows`` (the caption
+    job's DALI actor calls the same function).
 
-    Columns in:  ``index``, ``uri``, ``audio`` (float32 bytes, model_samples), ``frames`` (uint8
-                 bytes, n_frames x S x S x 3), ``n_frames`` (see ``av_data.decode_clips``).
-    Columns out: ``clip`` (= index), ``source_uri``, ``window_index`` (0), ``start_s`` (0),
-                 ``end_s`` (model_samples / 48000: the window is already padded to CLAP's length, so
-                 the captioner pads nothing), ``samples`` (= audio), ``valid_samples`` /
-                 ``pad_mode`` (the window row's), ``frame`` (the middle frame,
-                 S x S x 3 bytes), ``error_type`` / ``error_message`` / ``stage`` ("").
-    """
-    size = image_size * image_size * 3
-    n = len(batch["index"])
-    mid = [bytes(f[(k // 2) * size:(k // 2 + 1) * size]) for f, k in zip(batch["frames"], batch["n_frames"])]
-    return {"clip": batch["index"], "source_uri": batch["uri"], "window_index": np.zeros(n, np.int64),
-            "start_s": np.zeros(n), "end_s": np.full(n, model_samples / av_data.SAMPLE_RATE),
-            "samples": batch["audio"], "frame": np.asarray(mid, object),
-            "valid_samples": np.full(n, model_samples, np.int32),
-            "pad_mode": np.asarray(["repeatpad"] * n, object),
-            "error_type": np.asarray([""] * n, object), "error_message": np.asarray([""] * n, object),
-            "stage": np.asarray([""] * n, object)}
+    Columns in:  ``index``, ``uri``, ``audio`` (float32 bytes, model_samples: already padded to
+                 CLAP's length, so nothing is padded here), ``frames`` (uint8 bytes, n_frames x S x
+                 S x 3), ``n_frames`` (see ``av_data.decode_clips``).
+    Columns out: ``clip`` (= index), ``uri``, ``caption`` (stripped), ``logprob`` (NaN on
+                 failure), ``error`` ("" or "model_error: DALI captioner failed: ...").
+    The frame is the middle one; a clip without one is captioned from audio alone."""
+
+    def __init__(self, init: str, device: str, dtype: str, torch_threads: int, max_new_tokens: int):
+        import torch
+
+        from overheard.dali.model import DaliModel
+
+        torch.set_num_threads(max(1, int(torch_threads)))
+        self.model = DaliModel(init, device=device, dtype=dali_stage.torch_dtype(dtype))
+        self.max_new_tokens = max_new_tokens or self.model.cfg.max_new_tokens
+        self.size = self.model.llava.image_size
+
+    def __call__(self, batch: dict) -> dict:
+        from overheard.dali.captioning import caption_windows, row_seed
+
+        s, n = self.size, len(batch["index"])
+        need = s * s * 3
+        mid = [bytes(f[(k // 2) * need:(k // 2 + 1) * need]) for f, k in zip(batch["frames"], batch["n_frames"])]
+        frames = [np.frombuffer(f, np.uint8).reshape(s, s, 3) if len(f) == need else None for f in mid]
+        x = np.stack([np.frombuffer(a, np.float32) for a in batch["audio"]])
+        res = caption_windows(self.model, x, frames, [row_seed(str(u), 0) for u in batch["uri"]],
+                              0.0, self.max_new_tokens)  # greedy: deterministic labels
+        ok = [not isinstance(r, Exception) for r in res]
+        return {"clip": batch["index"], "uri": batch["uri"],
+                "caption": np.asarray([r[0].strip() if k else "" for r, k in zip(res, ok)], object),
+                "logprob": np.asarray([r[1] if k else np.nan for r, k in zip(res, ok)], np.float32),
+                "error": np.asarray(["" if k else f"model_error: DALI captioner failed: "
+                                     f"{type(r).__name__}: {r}" for r, k in zip(res, ok)], object)}
 
 
-def pseudo_label(ds, cfg: DaliDistillConfig, image_size: int, model_samples: int) -> list[dict]:
+def pseudo_label(ds, cfg: DaliDistillConfig) -> list[dict]:
     """Caption every decoded clip of ``ds`` from audio + image with the ``--init`` checkpoint.
     Returns ``[{"clip", "uri", "caption", "logprob", "error"}]`` sorted by clip."""
-    from types import SimpleNamespace
-
     from ray.data import ActorPoolStrategy
 
-    from actors.dali_captioner import DaliCaptioner
-
-    out = (ds.map_batches(window_columns, batch_format="numpy", num_cpus=av_data.DECODE_CPUS,
-                          fn_kwargs=dict(image_size=image_size, model_samples=model_samples))
-             .map_batches(DaliCaptioner, batch_format="pyarrow", batch_size=cfg.caption_batch,
-                          fn_constructor_kwargs=dict(
-                              # the actor reads its option groups by attribute (the caption job
-                              # passes jobs.caption_config's DaliConfig / ResourceConfig)
-                              model_path=cfg.init, dali=SimpleNamespace(
-                                  mode="audio+image", sample_temperature=0.0,
-                                  max_new_tokens=cfg.max_new_tokens),
-                              window_s=model_samples / av_data.SAMPLE_RATE,
-                              device="cuda" if cfg.use_gpu else "cpu", resources=SimpleNamespace(
-                                  dtype=cfg.dtype, torch_threads=max(1, int(cfg.caption_cpus)))),
-                          compute=ActorPoolStrategy(size=cfg.caption_actors),
-                          num_cpus=cfg.caption_cpus, num_gpus=1 if cfg.use_gpu else 0))
+    out = ds.map_batches(PseudoLabeller, batch_format="numpy", batch_size=cfg.caption_batch,
+                         fn_constructor_kwargs=dict(
+                             init=cfg.init, device="cuda" if cfg.use_gpu else "cpu", dtype=cfg.dtype,
+                             torch_threads=cfg.caption_cpus, max_new_tokens=cfg.max_new_tokens),
+                         compute=ActorPoolStrategy(size=cfg.caption_actors),
+                         num_cpus=cfg.caption_cpus, num_gpus=1 if cfg.use_gpu else 0)
     labels = []
-    for r in out.select_columns(["clip", "source_uri", "caption", "logprob", "error_type",
-                                 "error_message"]).take_all():
+    for r in out.take_all():
         lp = r["logprob"]
-        labels.append({"clip": int(r["clip"]), "uri": r["source_uri"], "caption": (r["caption"] or "").strip(),
-                       "logprob": None if lp is None or np.isnan(lp) else float(lp),
-                       "error": f"{r['error_type']}: {r['error_message']}" if r["error_type"] else ""})
+        labels.append({"clip": int(r["clip"]), "uri": str(r["uri"]), "caption": r["caption"],
+                       "logprob": None if lp is None or np.isnan(lp) else float(lp), "error": r["error"]})
     return sorted(labels, key=lambda r: r["clip"])
 
 
@@ -187,7 +190,7 @@ def run(cfg: DaliDistillConfig) -> dict:
     data, ds = av_data.load_clips(av_data.list_clips(cfg.data), cfg.window, cfg.frames_per_clip, size,
                                   samples, tag="dali-distill")
     t_data = time.time() - t_start
-    labels = pseudo_label(ds, cfg, size, samples)
+    labels = pseudo_label(ds, cfg)
     t_label = time.time() - t_start - t_data
     keep = [r for r in labels if r["caption"] and not r["error"]]
     dropped = len(labels) - len(keep)

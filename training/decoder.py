@@ -6,7 +6,7 @@
         --storage-path s3://bucket/runs --num-workers 4 --use-gpu
 
 1. Embeddings (driver): ``--embeddings`` names an ``embed-captions`` cache, or ``--corpus`` + ``--clap``
-   run ``jobs.embed_captions`` (Ray Data actor pool; skipped when the cache for the same corpus and
+   run ``training.embed_captions`` (Ray Data actor pool; skipped when the cache for the same corpus and
    CLAP weights exists).  The driver reads the cache (captions in corpus order, (N, D) embeddings),
    trains a byte-level BPE on the captions (or loads ``--tokenizer DIR``), loads the gap statistics
    (``overheard.textonly.gap``) and, with ``--retrieval-k K``, finds each caption's K nearest OTHER captions.
@@ -209,7 +209,7 @@ def _resolve_embeddings(cfg: TrainDecoderConfig) -> tuple[str, dict | None]:
         return cfg.embeddings, None
     if not cfg.corpus:
         raise ValueError("give --corpus (with --clap or --model) or --embeddings")
-    from jobs import embed_captions as ec
+    from training import embed_captions as ec
 
     m = ec.run(ec.EmbedCaptionsConfig(
         corpus=cfg.corpus, output=cfg.cache or cfg.output.rstrip("/") + "-emb", clap=cfg.clap,
@@ -270,7 +270,7 @@ def run(cfg: TrainDecoderConfig) -> dict:
     import ray
     import torch
 
-    from jobs.embed_captions import read_cache
+    from training.embed_captions import read_cache
     from overheard.decoder import DecoderConfig, save_decoder
     from overheard.textonly.memory import CaptionMemory
     from overheard.textonly.retrieval import training_neighbours

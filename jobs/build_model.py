@@ -15,7 +15,7 @@ Steps (each reuses the command that does it alone; Ray underneath):
    -> ``WORK/gap.json``: the noise variance sigma^2 and gap vector of THIS CLAP; the decoder is then
    trained with that sigma^2 (``--noise-variance -1``), else with ``--noise-variance`` (0.013, the
    seed's WavCaps estimate).
-3. ``training.decoder`` (Ray Train ``TorchTrainer``): embeds the corpus with ``jobs.embed_captions``
+3. ``training.decoder`` (Ray Train ``TorchTrainer``): embeds the corpus with ``training.embed_captions``
    (Ray Data; cached under WORK), trains the text-only decoder -> ``OUT/decoder``.
 4. With ``--references`` and ``--eval-audio``: the caption job on the evaluation audio with the new
    model (``--whole-clip``: one window per clip, CLAP-averaged) and ``overheard evaluate

@@ -1,12 +1,12 @@
 """Embed a caption corpus with CLAP's text tower (Ray Data) and cache the result as Parquet.
 
     overheard embed-captions clotho_captions_development.csv ./emb-cache --clap ./model/clap
-    python -m jobs.embed_captions s3://bucket/corpora/wavcaps/ s3://bucket/emb-cache --clap s3://bucket/clap
+    python -m training.embed_captions s3://bucket/corpora/wavcaps/ s3://bucket/emb-cache --clap s3://bucket/clap
 
 The corpus (one file or a folder/prefix of CSV / Parquet / JSON / JSON lines; AudioCaps, Clotho and
 WavCaps layouts, see ``overheard.corpus``) is read on the driver into one ordered caption list (small:
 400 k captions ~ 40 MB); the expensive part, CLAP text embedding, runs in an actor pool
-(``actors.text_embedder.TextEmbedder``, fractional CPUs so the read tasks still get scheduled on a
+(``TextEmbedder`` below, fractional CPUs so the read tasks still get scheduled on a
 2-core node; GPUs when the cluster has them).
 
 Cache layout under OUTPUT (local or s3://)::
@@ -17,7 +17,8 @@ Cache layout under OUTPUT (local or s3://)::
 
 A rerun with the same corpus (same captions, same order, same dedup) and the same CLAP weights finds the
 manifest and skips all work.  ``read_cache(path)`` returns the captions in corpus order with their
-embeddings.
+embeddings.  Filed under training/: it is the first step of ``training.decoder`` (and of
+``overheard build-model``), and training/ imports nothing from actors/ or jobs/.
 """
 
 from __future__ import annotations
@@ -104,13 +105,43 @@ def read_cache(path: str) -> tuple[list[str], np.ndarray, dict]:
     return t.column("caption").to_pylist(), emb.reshape(n, dim).astype(np.float32), manifest
 
 
+def embedding_array(emb: np.ndarray) -> pa.FixedSizeListArray:
+    """(N, D) float -> fixed_size_list<float32>[D] column."""
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1])
+
+
+class TextEmbedder:
+    """CLAP text embedding of caption rows (``map_batches`` actor; no Ray import).
+
+    Columns in:  ``index`` (int64), ``caption`` (str)
+    Columns out: the same plus ``embedding``: fixed_size_list<float32>[D], the L2-normalised CLAP
+    text embedding of ``caption``."""
+
+    def __init__(self, clap_path: str, device: str = "cpu", dtype: str = "float32",
+                 torch_threads: int | None = None):
+        import torch
+
+        from overheard.clap import ClapEncoder
+
+        if torch_threads:  # several actors share a node's cores
+            torch.set_num_threads(max(1, int(torch_threads)))
+        self.encoder = ClapEncoder(clap_path, device=device, dtype=getattr(torch, dtype))
+        self.dim = self.encoder.embedding_dim
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        captions = batch.column("caption").to_pylist()
+        emb = self.encoder.embed_text(captions) if captions else np.zeros((0, self.dim), np.float32)
+        if not np.isfinite(emb).all():
+            raise ValueError("CLAP text encoder produced a non-finite embedding")
+        return batch.select(["index", "caption"]).append_column("embedding", embedding_array(emb))
+
+
 def build(cfg: EmbedCaptionsConfig, captions: list[str], clap: str):
     """Lazy Dataset: (index, caption) rows -> TextEmbedder actor pool -> (index, caption, embedding)."""
     ray = init_ray(cfg.ray_address)
     import ray.data
     from ray.data import ActorPoolStrategy
-
-    from actors.text_embedder import TextEmbedder
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     gpus = cfg.gpus_per_actor
