@@ -121,9 +121,9 @@ def read_hypotheses(uri: str, windowing: str = "first", counts: dict | None = No
     else:
         base = storage.join(uri, "captions")
         root = base if fs.exists(storage.get_fs(base)[1]) else uri
-        from jobs.sink import counts
+        from jobs.sink import counts as committed  # (``counts`` is this function's argument)
 
-        ok = counts(root) if root == base else (lambda u: True)  # committed parts (jobs/sink.py)
+        ok = committed(root) if root == base else (lambda u: True)  # committed parts (jobs/sink.py)
         files = [u for u, _, _ in storage.list_files(root, (".parquet",)) if ok(u)]
     if not files:
         raise FileNotFoundError(f"no caption Parquet files at {uri} (expected {uri}/captions/*.parquet)")

@@ -77,7 +77,7 @@ def test_bad_input_corpus_through_the_job(ray_local, tiny_model, corpus, tmp_pat
     assert all(c.strip() for c in caps["caption"].to_pylist())
     # every listed source is accounted for exactly once in the manifest
     assert m["sources_todo"] == len(expected)
-    assert sorted(os.listdir(out)) == ["captions", "failures", "runs"]
+    assert sorted(os.listdir(out)) == ["_commits", "captions", "failures", "runs"]
 
 
 def test_decode_timeout_is_a_retryable_failure(ray_local, tiny_model, tmp_path):

@@ -4,6 +4,7 @@ credentials. Invariant after each: exactly one row per window, failures recorded
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -111,9 +112,11 @@ def test_object_store_outage_mid_run(ray_local, s3_server, s3_bucket, tiny_model
                         progress=False, flush_interval=0, show=0)
     t, box = _run_in_thread(cfg)
     deadline = time.time() + 300
-    while time.time() < deadline and t.is_alive() and not os.path.isdir(os.path.join(out, "runs")):
+    # the run's first manifest is published once its input is listed and planned
+    while time.time() < deadline and t.is_alive() and not glob.glob(
+            os.path.join(out, "runs", "*", "manifest.json")):
         time.sleep(0.05)
-    s3_server.outage()  # listing done, config written: every read from now on fails
+    s3_server.outage()  # listing done, manifest written: every read from now on fails
     deadline = time.time() + 60
     while time.time() < deadline and t.is_alive() and not os.path.isdir(
             os.path.join(out, "failures")):
