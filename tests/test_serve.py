@@ -286,6 +286,8 @@ def test_confidence_from_caption_parts(served, tmp_path):
                                                                                       pa.float32()))
         t = t.set_column(t.schema.get_field_index("confidence"), "confidence", conf)
         pq.write_table(t, tmp_path / "out" / "captions" / f.name)
+    # the parts count through the commit log that lists them (jobs/sink.py)
+    shutil.copytree(served["out"] / "_commits", tmp_path / "out" / "_commits")
     arc = Archive(str(tmp_path / "out"), served["index"])
     hits = arc.search("someone types on a keyboard", 9)
     assert len(hits) == 9
