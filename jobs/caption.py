@@ -337,13 +337,42 @@ def build(cfg: CaptionConfig, sources, clap: str, decoder: str, dali: str = "",
     the written parts' metadata (actors/part_writer.py), one per decode block. ``attempt`` (8 hex
     digits) names this run attempt's parts. With ``dali`` (a DALI checkpoint) one DaliCaptioner
     pool replaces the CLAP + decoder pools."""
-    ray = _ray_init(cfg)
-    import ray.data
-    from ray.data import ActorPoolStrategy
+    place = _placement(cfg, _ray_init(cfg), dali)
+    cfg = effective_windows(cfg)
+    ds = _decode_stage(cfg, sources, frame_size, attempt)
+    if dali:
+        ds = _dali_stage(cfg, ds, dali, place)
+    else:
+        ds = _model_stages(cfg, ds, clap, decoder, place)
+    if not cfg.embeddings:
+        ds = ds.drop_columns(["audio_embedding"])
+    return _writer(cfg, ds, attempt)
 
-    from actors.captioner import Captioner
-    from actors.clap_embedder import ClapEmbedder
-    from actors.part_writer import in_blocks
+
+@dataclasses.dataclass(frozen=True)
+class _Placement:
+    """Where the model stages run: GPUs per actor of the two small pools (or the DALI pool) and
+    of a fused pool, the device, and the cluster totals the pools are sized from."""
+    gpus: float
+    gpus_fused: float
+    device: str
+    gpus_total: float
+    cpus_total: float
+    min_actors: int
+
+    def pool(self, requested: int, gpus_each: float):
+        from ray.data import ActorPoolStrategy
+
+        lo, hi = pool_size(requested, self.min_actors, self.gpus_total, gpus_each, self.cpus_total)
+        # starts at its maximum: an archive job has work for every actor, and asking for them
+        # all at once is what makes an autoscaling cluster launch its GPU workers now rather than
+        # one ramp-up step at a time; Ray Data shrinks an idle pool down to --min-actors
+        return ActorPoolStrategy(min_size=lo, max_size=hi, initial_size=hi)
+
+
+def _placement(cfg: CaptionConfig, ray, dali: str) -> _Placement:
+    """Ray Data's context for this job, and the GPUs each model actor asks for."""
+    import ray.data
 
     ctx = ray.data.DataContext.get_current()
     # the driver prints its own files/windows progress; Ray Data's bars are for cluster runs
@@ -360,21 +389,20 @@ def build(cfg: CaptionConfig, sources, clap: str, decoder: str, dali: str = "",
         has_gpu = gpus_total > 0
         gpus = (1.0 if dali else 0.5) if has_gpu else 0.0
         gpus_fused = 1.0 if has_gpu else 0.0
-    device = "cuda" if gpus > 0 else "cpu"
-    cpus_total = float(ray.cluster_resources().get("CPU", 0))
+    return _Placement(gpus=gpus, gpus_fused=gpus_fused, device="cuda" if gpus > 0 else "cpu",
+                      gpus_total=gpus_total,
+                      cpus_total=float(ray.cluster_resources().get("CPU", 0)),
+                      min_actors=cfg.min_actors)
 
-    def pool(requested: int, gpus_each: float) -> ActorPoolStrategy:
-        lo, hi = pool_size(requested, cfg.min_actors, gpus_total, gpus_each, cpus_total)
-        # starts at its maximum: an archive job has work for every actor, and asking for them
-        # all at once is what makes an autoscaling cluster launch its GPU workers now rather than
-        # one ramp-up step at a time; Ray Data shrinks an idle pool down to --min-actors
-        return ActorPoolStrategy(min_size=lo, max_size=hi, initial_size=hi)
 
-    cfg = effective_windows(cfg)
+def _decode_stage(cfg: CaptionConfig, sources, frame_size: int, attempt: str):
+    """The first stage: decode blocks in, each block's windows out as one block (CPU tasks)."""
+    import ray.data
+
     if isinstance(sources, list) and (not sources or isinstance(sources[0], tuple)):
         sources = sources_table(sources)
     ds = ray.data.from_arrow(decode_blocks(sources, cfg.pack_sources, cfg.unknown_size_sources))
-    ds = ds.map_batches(
+    return ds.map_batches(
         decode_sources_here, batch_size=None, batch_format="pyarrow",
         fn_kwargs=dict(part=dict(output=cfg.output, run_id=cfg.run_id, attempt=attempt),
                        window_s=cfg.window, hop_s=cfg.hop or None, min_window_s=cfg.min_window,
@@ -391,50 +419,58 @@ def build(cfg: CaptionConfig, sources, clap: str, decoder: str, dali: str = "",
         # passing it is deprecated in Ray 2.60.) Decode tasks whose worker died are retried.
         memory=0,
     )
-    if dali:
-        from actors.dali_captioner import DaliCaptioner
-        ds = _gpus(ds.map_batches(
-            in_blocks(DaliCaptioner, cfg.captioner_batch), batch_size=None,
-            batch_format="pyarrow",
-            fn_constructor_kwargs=dict(model_path=dali, dali=cfg.dali, window_s=cfg.window,
-                                       device=device, resources=cfg.resources),
-            compute=pool(cfg.captioner_actors, gpus),
-            num_cpus=cfg.actor_cpus,
-        ), gpus)
-        return _writer(cfg, ds.drop_columns(["audio_embedding"]) if not cfg.embeddings else ds,
-                       attempt)
+
+
+def _dali_stage(cfg: CaptionConfig, ds, dali: str, place: _Placement):
+    """A DALI model: one DaliCaptioner pool (audio, and frames in audio+image mode)."""
+    from actors.dali_captioner import DaliCaptioner
+    from actors.part_writer import in_blocks
+
+    return _gpus(ds.map_batches(
+        in_blocks(DaliCaptioner, cfg.captioner_batch), batch_size=None,
+        batch_format="pyarrow",
+        fn_constructor_kwargs=dict(model_path=dali, dali=cfg.dali, window_s=cfg.window,
+                                   device=place.device, resources=cfg.resources),
+        compute=place.pool(cfg.captioner_actors, place.gpus),
+        num_cpus=cfg.actor_cpus,
+    ), place.gpus)
+
+
+def _model_stages(cfg: CaptionConfig, ds, clap: str, decoder: str, place: _Placement):
+    """CLAP + decoder: one fused ClapCaptioner pool, or (--no-fuse-models) a ClapEmbedder pool
+    then a Captioner pool."""
+    from actors.part_writer import in_blocks
+
     # each actor takes the option groups it reads (jobs/caption_config.py): a new option is
     # one field there and the line in the actor that reads it, nothing here
-    clap_kwargs = dict(clap_path=clap, window_s=cfg.window, device=device,
+    clap_kwargs = dict(clap_path=clap, window_s=cfg.window, device=place.device,
                        resources=cfg.resources)
     captioner_kwargs = dict(decoder_path=decoder, decoding=cfg.decoding, scoring=cfg.scoring,
-                            clap_path=clap, device=device, resources=cfg.resources)
+                            clap_path=clap, device=place.device, resources=cfg.resources)
     if cfg.fuse_models:
         from actors.clap_captioner import ClapCaptioner
-        ds = _gpus(ds.map_batches(
+        return _gpus(ds.map_batches(
             in_blocks(ClapCaptioner, cfg.captioner_batch), batch_size=None,
             batch_format="pyarrow",
             fn_constructor_kwargs=dict(clap_kwargs=clap_kwargs, captioner_kwargs=captioner_kwargs,
                                        encoder_batch=cfg.encoder_batch),
-            compute=pool(cfg.captioner_actors, gpus_fused),
+            compute=place.pool(cfg.captioner_actors, place.gpus_fused),
             num_cpus=cfg.actor_cpus,
-        ), gpus_fused)
-    else:
-        ds = _gpus(ds.map_batches(
-            in_blocks(ClapEmbedder, cfg.encoder_batch), batch_size=None, batch_format="pyarrow",
-            fn_constructor_kwargs=clap_kwargs,
-            compute=pool(cfg.encoder_actors, gpus),
-            num_cpus=cfg.actor_cpus,
-        ), gpus)
-        ds = _gpus(ds.map_batches(
-            in_blocks(Captioner, cfg.captioner_batch), batch_size=None, batch_format="pyarrow",
-            fn_constructor_kwargs=captioner_kwargs,
-            compute=pool(cfg.captioner_actors, gpus),
-            num_cpus=cfg.actor_cpus,
-        ), gpus)
-    if not cfg.embeddings:
-        ds = ds.drop_columns(["audio_embedding"])
-    return _writer(cfg, ds, attempt)
+        ), place.gpus_fused)
+    from actors.captioner import Captioner
+    from actors.clap_embedder import ClapEmbedder
+    ds = _gpus(ds.map_batches(
+        in_blocks(ClapEmbedder, cfg.encoder_batch), batch_size=None, batch_format="pyarrow",
+        fn_constructor_kwargs=clap_kwargs,
+        compute=place.pool(cfg.encoder_actors, place.gpus),
+        num_cpus=cfg.actor_cpus,
+    ), place.gpus)
+    return _gpus(ds.map_batches(
+        in_blocks(Captioner, cfg.captioner_batch), batch_size=None, batch_format="pyarrow",
+        fn_constructor_kwargs=captioner_kwargs,
+        compute=place.pool(cfg.captioner_actors, place.gpus),
+        num_cpus=cfg.actor_cpus,
+    ), place.gpus)
 
 
 def _gpus(ds, gpus: float):
