@@ -137,10 +137,42 @@ def source_windows(uri: str, version: str, *, window_s: float, hop_s: float | No
                            n_windows)
 
     started = time.monotonic()  # the decode deadline covers opening too
+    got = yield from _open_source(uri, version, located, vuri)
+    if got is None:
+        return
+    f, opened = got
+    if timeout_s is not None:
+        # a slow open spends the same budget; a tiny positive rest still times out cleanly
+        timeout_s = max(timeout_s - (time.monotonic() - started), 1e-6)
+    span = {} if located is None else dict(start_s=located.start_s, end_s=located.end_s)
+    got = yield from _decoded(f, uri, version, vuri, opened, window_row, dict(
+        window_s=window_s, hop_s=hop_s, min_window_s=min_window_s,
+        max_duration_s=max_duration_s, timeout_s=timeout_s, **span))
+    if got is None:
+        return
+    pending, count = got
+    if pending is None:
+        yield failure_row(uri, version, "decode", "no_audio_samples", "no audio decoded")
+        return
+    now = current_version(vuri) if version else opened
+    if now != opened:
+        # The object was rewritten while we read it: the windows may mix two versions.
+        # Retryable, so the sink discards them and a rerun captions the new version whole.
+        yield window_row(pending)
+        yield failure_row(uri, version, "read", "changed",
+                          f"source changed while being read (version {opened} -> {now})",
+                          windows_kept=count)
+        return
+    yield window_row(pending, n_windows=count)
+
+
+def _open_source(uri: str, version: str, located: Located | None, vuri: str):
+    """Open one source for ``source_windows``: returns (IOGuard, the version actually opened),
+    or yields the source's failure row and returns None."""
     refused = refuse_source(uri)
     if refused:
         yield failure_row(uri, version, "read", *refused)
-        return
+        return None
     try:
         f = IOGuard(storage.open_input(uri) if located is None else located.open())
         # what was actually opened (a link's target, the object's own version): compared with
@@ -149,25 +181,27 @@ def source_windows(uri: str, version: str, *, window_s: float, hop_s: float | No
         opened = current_version(vuri) if version else ""
     except MediaError as e:  # a layout source the listing/group read found unreadable
         yield failure_row(uri, version, "read", e.error_type, e.message)
-        return
+        return None
     except storage.NotARegularFile as e:
         yield failure_row(uri, version, "read", "not_a_file", str(e))
-        return
+        return None
     except Exception as e:  # permissions, missing object, network: worth a retry later
         yield failure_row(uri, version, "read", "read_error", f"cannot open: {type(e).__name__}: {e}")
-        return
-    if timeout_s is not None:
-        # a slow open spends the same budget; a tiny positive rest still times out cleanly
-        timeout_s = max(timeout_s - (time.monotonic() - started), 1e-6)
-    pending = None  # one-window lookahead so the last window can carry n_windows
+        return None
+    return f, opened
+
+
+def _decoded(f: IOGuard, uri: str, version: str, vuri: str, opened: str, window_row,
+             decode_kwargs: dict):
+    """Decode an opened source (closing it): yields each window's row once the next window is
+    decoded (a one-window lookahead, so the last can carry n_windows) and returns (last window
+    or None, windows decoded); on a failure yields the windows so far and the failure row, and
+    returns None."""
+    pending = None
     count = 0
     try:
         with f:
-            for w in decode_windows(f, window_s=window_s, hop_s=hop_s, min_window_s=min_window_s,
-                                    max_duration_s=max_duration_s,
-                                    timeout_s=timeout_s,
-                                    **({} if located is None else dict(start_s=located.start_s,
-                                                                       end_s=located.end_s))):
+            for w in decode_windows(f, **decode_kwargs):
                 if pending is not None:
                     yield window_row(pending)
                 pending = w
@@ -186,14 +220,14 @@ def source_windows(uri: str, version: str, *, window_s: float, hop_s: float | No
                               f"decoder said: {e}", windows_kept=count)
         else:
             yield failure_row(uri, version, "decode", e.error_type, str(e), windows_kept=count)
-        return
+        return None
     except (OSError, IOError) as e:  # the object store went away mid-read
         if pending is not None:
             yield window_row(pending)
         yield failure_row(uri, version, "read", "read_error",
                           f"read failed after {count} windows: {type(e).__name__}: {e}",
                           windows_kept=count)
-        return
+        return None
     except Exception as e:  # a decoder bug must not stop the job; record it
         if pending is not None:
             yield window_row(pending)
@@ -202,20 +236,8 @@ def source_windows(uri: str, version: str, *, window_s: float, hop_s: float | No
         yield failure_row(uri, version, "decode", "out_of_memory" if oom else "corrupt",
                           f"unexpected {type(e).__name__} after {count} windows: {e}",
                           windows_kept=count)
-        return
-    if pending is None:
-        yield failure_row(uri, version, "decode", "no_audio_samples", "no audio decoded")
-        return
-    now = current_version(vuri) if version else opened
-    if now != opened:
-        # The object was rewritten while we read it: the windows may mix two versions.
-        # Retryable, so the sink discards them and a rerun captions the new version whole.
-        yield window_row(pending)
-        yield failure_row(uri, version, "read", "changed",
-                          f"source changed while being read (version {opened} -> {now})",
-                          windows_kept=count)
-        return
-    yield window_row(pending, n_windows=count)
+        return None
+    return pending, count
 
 
 def current_version(uri: str) -> str:

@@ -6,7 +6,7 @@
 Stages (Ray Data, streaming; nothing materialises the whole archive):
     sources (driver, jobs/sources.py: take the output lease, list folders/prefixes/manifests/
              shards in chunks, skip done (an Arrow anti-join), spill the todo list to Parquet;
-             then pack sources into numbered decode blocks)
+             then pack sources into numbered decode blocks: jobs/blocks.py)
     -> decode_sources  [CPU tasks: a block's windows, leaving as ONE block]
     -> ClapCaptioner   [one autoscaling actor pool, GPU if any: CLAP embedding + caption decoding
                         + confidence, whole blocks in micro-batches; --no-fuse-models: ClapEmbedder
@@ -43,11 +43,18 @@ import overheard
 from jobs.caption_config import (ASSETS, DEFAULT_MODEL, TINY_MODEL, CaptionConfig,  # noqa: F401
                                  refuse_for_model)
 from jobs.config_cli import (OptionError, check, exit_bad_option, flat_dict, flatten_saved,
-                             init_ray, parse, to_json)
+                             parse, to_json)
+# decode-block packing and pool sizing live in jobs/blocks.py and jobs/pools.py; imported here
+# so `from jobs.caption import pack_sources` (pool_size, ray_ui, ...) keeps working
+from jobs.blocks import (BLOCK_BYTES, BLOCK_SOURCES, MAX_BLOCKS, SOURCE_TYPE,  # noqa: F401
+                         _container_order, _layout_blocks, decode_blocks, pack_sources,
+                         sources_table)
 from jobs.lease import LeaseHeld, OutputLease
+from jobs.pools import (CPUS_PER_CPU_ACTOR, Placement, cluster_gpus, placement,  # noqa: F401
+                        pool_size, ray_init, ray_ui)
 from jobs.sink import commit, quarantine_damaged, remove_uncommitted
 from jobs.sources import open_listing, plan_sources
-from overheard import layouts, storage
+from overheard import storage
 from overheard.confidence import LOW
 
 # below this a window counts as low-confidence in the summary (overheard.confidence.LOW: beyond the
@@ -141,51 +148,6 @@ def validate_models(clap: str, decoder: str) -> None:
     gc.collect()
 
 
-# Source packing for the decode stage. A Ray Data task per source costs ~0.05-0.1 CPU-s of
-# scheduling, Arrow and object-store work (measured: bench/throughput.py --clips 600, README
-# "Performance"), as much as decoding a 10-s clip; but several large files in one task decode
-# serially on one core while others idle. So: small files share a block up to BLOCK_BYTES
-# (4 MB ~ 4 min of 128-kbit AAC ~ 1-2 CPU-s of decoding) or BLOCK_SOURCES, a file of unknown
-# or larger size is alone, and blocks are dealt largest first so hour-long files start early
-# instead of forming the run's tail. Sources of unknown size (a manifest without sizes) are
-# packed BLOCK_SOURCES to a block too (dealt first, as they may be large): one task per such
-# source cost ~8 ms of framework per source (20k missing files: 126 sources/s, bench/scale.py).
-# A block stays whole until its part is written (actors/part_writer.py), so a decode task holds
-# its block's windows: ~23 MB of float32 per 4 MB of 16-kHz wav, a source's own size when alone.
-BLOCK_BYTES = 4 << 20
-BLOCK_SOURCES = 32
-MAX_BLOCKS = 10_000
-
-
-def pack_sources(sources: list[tuple[str, str, int]], block_bytes: int = BLOCK_BYTES,
-                 block_sources: int = BLOCK_SOURCES, max_blocks: int = MAX_BLOCKS,
-                 unknown_sources: int | None = None) -> list[list[tuple[str, str]]]:
-    """(uri, version, size) -> blocks of (uri, version), largest block first. Every source is
-    in exactly one block; sizes <= 0 (unknown) share blocks of ``unknown_sources`` (default
-    ``block_sources``), dealt first."""
-    unknown = sorted((u, v) for u, v, n in sources if n <= 0)
-    per = unknown_sources or block_sources
-    big = [(u, v) for u, v, n in sorted(sources, key=lambda s: (-s[2], s[0])) if n >= block_bytes]
-    small = sorted(((u, v, n) for u, v, n in sources if 0 < n < block_bytes),
-                   key=lambda s: (-s[2], s[0]))
-    blocks = [unknown[i:i + per] for i in range(0, len(unknown), per)]
-    blocks += [[s] for s in big]
-    cur: list[tuple[str, str]] = []
-    used = 0
-    for u, v, n in small:
-        if cur and (used + n > block_bytes or len(cur) >= block_sources):
-            blocks.append(cur)
-            cur, used = [], 0
-        cur.append((u, v))
-        used += n
-    if cur:
-        blocks.append(cur)
-    if len(blocks) > max_blocks:  # millions of sources: merge neighbours evenly
-        step = -(-len(blocks) // max_blocks)
-        blocks = [[s for b in blocks[i:i + step] for s in b] for i in range(0, len(blocks), step)]
-    return blocks
-
-
 def effective_windows(cfg: CaptionConfig) -> CaptionConfig:
     """--whole-clip S is --window S --hop S: a source up to S s gives one window whose valid
     length is the source's (decode_windows: a clip shorter than the window is one window), and
@@ -203,38 +165,6 @@ def windowing_text(cfg: CaptionConfig) -> str:
     return f"{cfg.window:g}-s windows, hop {cfg.hop or cfg.window:g} s"
 
 
-def _layout_blocks(sources: list[tuple], pack: bool,
-                   unknown_sources: int | None = None) -> list[pa.Table]:
-    """Decode-input blocks when archive layouts are present: the sources of one group (a .tar.gz
-    shard: one stream; a Parquet row group: one read) become one row and one block of their own;
-    the rest (loose files, tar members, spans) are packed like loose files. Each row carries its
-    locator (null for loose files)."""
-    groups: dict[str, list[tuple]] = {}
-    single: list[tuple] = []
-    for s in sources:
-        loc = s[3] if len(s) == 4 else None
-        key = layouts.group_key(loc)
-        (groups.setdefault(key, []) if key else single).append(s)
-    locs = {s[0]: (s[3] if len(s) == 4 else None) for s in single}
-    sized = [(u, v, n) for u, v, n, *_ in single]
-    blocks = (pack_sources(sized, unknown_sources=unknown_sources) if pack
-              else [[(u, v)] for u, v, _ in sized])
-    # groups first: a whole shard / row group is the largest unit, and large blocks start first
-    # (see pack_sources) so they do not form the run's tail
-    rows = [[layouts.group_row(sorted(g, key=_container_order))] for _, g in sorted(groups.items())]
-    rows += [[(u, v, locs[u]) for u, v in b] for b in blocks]
-    return [pa.table({"source_uri": pa.array([u for u, _, _ in b], pa.string()),
-                      "source_version": pa.array([v for _, v, _ in b], pa.string()),
-                      "locator": pa.array([loc for _, _, loc in b], layouts.LOCATOR_TYPE)})
-            for b in rows]
-
-
-def _container_order(s: tuple):
-    """Members of a group in the order their container holds them (tar order / row order)."""
-    loc = s[3]
-    return loc["length"] if loc["kind"] == "hf" else loc["offset"]
-
-
 def _preflight(what: str, uri: str, fn):
     try:
         return fn()
@@ -245,89 +175,8 @@ def _preflight(what: str, uri: str, fn):
             "S3_ENDPOINT_URL.") from None
 
 
-def ray_ui(cfg: CaptionConfig) -> bool:
-    """Whether Ray's own progress bars / dashboard are on: ``--ray-progress``, where auto means
-    "on a cluster" (an address given, or set by ``ray job submit``)."""
-    if cfg.ray_progress not in ("auto", "on", "off"):
-        raise ValueError(f"--ray-progress must be auto, on or off, got {cfg.ray_progress!r}")
-    if cfg.ray_progress == "auto":
-        return bool(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
-    return cfg.ray_progress == "on"
-
-
-def _ray_init(cfg: CaptionConfig):
-    import logging
-
-    # quiet: the token set-up and "Started a local Ray instance" notices (jobs/quiet.py)
-    return init_ray(cfg.ray_address, include_dashboard=ray_ui(cfg), log_to_driver=True,
-                    logging_level=logging.INFO if cfg.verbose else logging.ERROR)
-
-
-# CPU-only clusters: one model actor per this many CPUs. Measured on 2 cores (README
-# "Performance"): per 10-s window the models cost 0.014 CPU-s against 0.031-0.057 for decoding,
-# so the models are ~20-30% of the work: one single-threaded actor per 4 CPUs keeps both busy.
-CPUS_PER_CPU_ACTOR = 4
-
-
-def cluster_gpus(ray) -> float:
-    """GPUs the cluster can offer: those present now, or what its autoscaler may launch
-    (cluster.yaml's GPU workers start at 0 nodes; asking for GPU actors is what launches them)."""
-    now = float(ray.cluster_resources().get("GPU", 0))
-    try:
-        from ray._private.state import state
-        most = (state.get_max_resources_from_cluster_config() or {}).get("GPU", 0)
-    except Exception:  # no autoscaler config (a local or hand-started cluster)
-        most = 0
-    return max(now, float(most or 0))
-
-
-def pool_size(requested: int, minimum: int, gpus_total: float, gpus_per_actor: float,
-              cpus_total: float) -> tuple[int, int]:
-    """(min, max) actors of a model pool: ``requested`` > 0 caps it; 0 = one actor per GPU share
-    the cluster can offer, or one per ``CPUS_PER_CPU_ACTOR`` CPUs without GPUs."""
-    if requested > 0:
-        most = requested
-    elif gpus_per_actor > 0:
-        most = int(gpus_total // gpus_per_actor)
-    else:
-        most = int(cpus_total // CPUS_PER_CPU_ACTOR)
-    most = max(1, most)
-    return max(1, min(minimum, most)), most
-
-
-SOURCE_TYPE = pa.schema([("source_uri", pa.string()), ("source_version", pa.string()),
-                         ("size", pa.int64()), ("locator", layouts.LOCATOR_TYPE)])
 # CPUs per part-writer task: Parquet encoding (zstd) and one PUT per file, mostly I/O
 WRITER_CPUS = 0.25
-
-
-def sources_table(sources: list[tuple]) -> pa.Table:
-    """A listing as (uri, version[, size[, locator]]) tuples -> the Arrow rows ``build`` takes:
-    source_uri, source_version, size (int64; 0 or -1 = unknown), locator (null: a loose file)."""
-    return pa.table({
-        "source_uri": pa.array([s[0] for s in sources], pa.string()),
-        "source_version": pa.array([s[1] or "" for s in sources], pa.string()),
-        "size": pa.array([int(s[2]) if len(s) > 2 and s[2] else 0 for s in sources], pa.int64()),
-        "locator": pa.array([s[3] if len(s) > 3 else None for s in sources],
-                            layouts.LOCATOR_TYPE)}, schema=SOURCE_TYPE)
-
-
-def decode_blocks(sources: pa.Table | list, pack: bool = True,
-                  unknown_sources: int | None = None) -> list[pa.Table]:
-    """Sources (Arrow rows as ``sources_table``, one table or several) -> the decode stage's
-    input blocks, numbered: each block's rows carry ``block`` (int64, its index), which names its
-    part (actors/part_writer.py)."""
-    if isinstance(sources, list):
-        sources = pa.concat_tables(sources) if sources else SOURCE_TYPE.empty_table()
-    locs = (sources.column("locator").to_pylist() if "locator" in sources.column_names
-            else [None] * sources.num_rows)
-    sizes = (sources.column("size").to_pylist() if "size" in sources.column_names
-             else [0] * sources.num_rows)
-    rows = [(u, v or "", max(int(n or 0), 0)) + ((loc,) if loc is not None else ())
-            for u, v, n, loc in zip(sources.column("source_uri").to_pylist(),
-                                    sources.column("source_version").to_pylist(), sizes, locs)]
-    return [b.append_column("block", pa.repeat(pa.scalar(i, pa.int64()), b.num_rows))
-            for i, b in enumerate(_layout_blocks(rows, pack, unknown_sources))]
 
 
 def build(cfg: CaptionConfig, sources, clap: str, decoder: str, dali: str = "",
@@ -337,44 +186,26 @@ def build(cfg: CaptionConfig, sources, clap: str, decoder: str, dali: str = "",
     the written parts' metadata (actors/part_writer.py), one per decode block. ``attempt`` (8 hex
     digits) names this run attempt's parts. With ``dali`` (a DALI checkpoint) one DaliCaptioner
     pool replaces the CLAP + decoder pools."""
-    ray = _ray_init(cfg)
-    import ray.data
-    from ray.data import ActorPoolStrategy
-
-    from actors.captioner import Captioner
-    from actors.clap_embedder import ClapEmbedder
-    from actors.part_writer import in_blocks
-
-    ctx = ray.data.DataContext.get_current()
-    # the driver prints its own files/windows progress; Ray Data's bars are for cluster runs
-    ctx.enable_progress_bars = ray_ui(cfg)
-    # No block shaping: a map task's output is ONE block per input block, never merged with
-    # another or sliced (128 MiB default: a 1-h source's 690 MB of windows would be cut in 4),
-    # so a decode block reaches its part writer whole.
-    ctx.target_max_block_size = None
-    gpus = gpus_fused = cfg.gpus_per_actor
-    gpus_total = cluster_gpus(ray)
-    if gpus < 0:
-        # two small pools share a card; a DALI or fused CLAP+decoder actor takes a whole one
-        # (LLaVA-7B: 14 GB bf16)
-        has_gpu = gpus_total > 0
-        gpus = (1.0 if dali else 0.5) if has_gpu else 0.0
-        gpus_fused = 1.0 if has_gpu else 0.0
-    device = "cuda" if gpus > 0 else "cpu"
-    cpus_total = float(ray.cluster_resources().get("CPU", 0))
-
-    def pool(requested: int, gpus_each: float) -> ActorPoolStrategy:
-        lo, hi = pool_size(requested, cfg.min_actors, gpus_total, gpus_each, cpus_total)
-        # starts at its maximum: an archive job has work for every actor, and asking for them
-        # all at once is what makes an autoscaling cluster launch its GPU workers now rather than
-        # one ramp-up step at a time; Ray Data shrinks an idle pool down to --min-actors
-        return ActorPoolStrategy(min_size=lo, max_size=hi, initial_size=hi)
-
+    place = placement(cfg, ray_init(cfg), dali)
     cfg = effective_windows(cfg)
+    ds = _decode_stage(cfg, sources, frame_size, attempt)
+    if dali:
+        ds = _dali_stage(cfg, ds, dali, place)
+    else:
+        ds = _model_stages(cfg, ds, clap, decoder, place)
+    if not cfg.embeddings:
+        ds = ds.drop_columns(["audio_embedding"])
+    return _writer(cfg, ds, attempt)
+
+
+def _decode_stage(cfg: CaptionConfig, sources, frame_size: int, attempt: str):
+    """The first stage: decode blocks in, each block's windows out as one block (CPU tasks)."""
+    import ray.data
+
     if isinstance(sources, list) and (not sources or isinstance(sources[0], tuple)):
         sources = sources_table(sources)
     ds = ray.data.from_arrow(decode_blocks(sources, cfg.pack_sources, cfg.unknown_size_sources))
-    ds = ds.map_batches(
+    return ds.map_batches(
         decode_sources_here, batch_size=None, batch_format="pyarrow",
         fn_kwargs=dict(part=dict(output=cfg.output, run_id=cfg.run_id, attempt=attempt),
                        window_s=cfg.window, hop_s=cfg.hop or None, min_window_s=cfg.min_window,
@@ -391,50 +222,58 @@ def build(cfg: CaptionConfig, sources, clap: str, decoder: str, dali: str = "",
         # passing it is deprecated in Ray 2.60.) Decode tasks whose worker died are retried.
         memory=0,
     )
-    if dali:
-        from actors.dali_captioner import DaliCaptioner
-        ds = _gpus(ds.map_batches(
-            in_blocks(DaliCaptioner, cfg.captioner_batch), batch_size=None,
-            batch_format="pyarrow",
-            fn_constructor_kwargs=dict(model_path=dali, dali=cfg.dali, window_s=cfg.window,
-                                       device=device, resources=cfg.resources),
-            compute=pool(cfg.captioner_actors, gpus),
-            num_cpus=cfg.actor_cpus,
-        ), gpus)
-        return _writer(cfg, ds.drop_columns(["audio_embedding"]) if not cfg.embeddings else ds,
-                       attempt)
+
+
+def _dali_stage(cfg: CaptionConfig, ds, dali: str, place: Placement):
+    """A DALI model: one DaliCaptioner pool (audio, and frames in audio+image mode)."""
+    from actors.dali_captioner import DaliCaptioner
+    from actors.part_writer import in_blocks
+
+    return _gpus(ds.map_batches(
+        in_blocks(DaliCaptioner, cfg.captioner_batch), batch_size=None,
+        batch_format="pyarrow",
+        fn_constructor_kwargs=dict(model_path=dali, dali=cfg.dali, window_s=cfg.window,
+                                   device=place.device, resources=cfg.resources),
+        compute=place.pool(cfg.captioner_actors, place.gpus),
+        num_cpus=cfg.actor_cpus,
+    ), place.gpus)
+
+
+def _model_stages(cfg: CaptionConfig, ds, clap: str, decoder: str, place: Placement):
+    """CLAP + decoder: one fused ClapCaptioner pool, or (--no-fuse-models) a ClapEmbedder pool
+    then a Captioner pool."""
+    from actors.part_writer import in_blocks
+
     # each actor takes the option groups it reads (jobs/caption_config.py): a new option is
     # one field there and the line in the actor that reads it, nothing here
-    clap_kwargs = dict(clap_path=clap, window_s=cfg.window, device=device,
+    clap_kwargs = dict(clap_path=clap, window_s=cfg.window, device=place.device,
                        resources=cfg.resources)
     captioner_kwargs = dict(decoder_path=decoder, decoding=cfg.decoding, scoring=cfg.scoring,
-                            clap_path=clap, device=device, resources=cfg.resources)
+                            clap_path=clap, device=place.device, resources=cfg.resources)
     if cfg.fuse_models:
         from actors.clap_captioner import ClapCaptioner
-        ds = _gpus(ds.map_batches(
+        return _gpus(ds.map_batches(
             in_blocks(ClapCaptioner, cfg.captioner_batch), batch_size=None,
             batch_format="pyarrow",
             fn_constructor_kwargs=dict(clap_kwargs=clap_kwargs, captioner_kwargs=captioner_kwargs,
                                        encoder_batch=cfg.encoder_batch),
-            compute=pool(cfg.captioner_actors, gpus_fused),
+            compute=place.pool(cfg.captioner_actors, place.gpus_fused),
             num_cpus=cfg.actor_cpus,
-        ), gpus_fused)
-    else:
-        ds = _gpus(ds.map_batches(
-            in_blocks(ClapEmbedder, cfg.encoder_batch), batch_size=None, batch_format="pyarrow",
-            fn_constructor_kwargs=clap_kwargs,
-            compute=pool(cfg.encoder_actors, gpus),
-            num_cpus=cfg.actor_cpus,
-        ), gpus)
-        ds = _gpus(ds.map_batches(
-            in_blocks(Captioner, cfg.captioner_batch), batch_size=None, batch_format="pyarrow",
-            fn_constructor_kwargs=captioner_kwargs,
-            compute=pool(cfg.captioner_actors, gpus),
-            num_cpus=cfg.actor_cpus,
-        ), gpus)
-    if not cfg.embeddings:
-        ds = ds.drop_columns(["audio_embedding"])
-    return _writer(cfg, ds, attempt)
+        ), place.gpus_fused)
+    from actors.captioner import Captioner
+    from actors.clap_embedder import ClapEmbedder
+    ds = _gpus(ds.map_batches(
+        in_blocks(ClapEmbedder, cfg.encoder_batch), batch_size=None, batch_format="pyarrow",
+        fn_constructor_kwargs=clap_kwargs,
+        compute=place.pool(cfg.encoder_actors, place.gpus),
+        num_cpus=cfg.actor_cpus,
+    ), place.gpus)
+    return _gpus(ds.map_batches(
+        in_blocks(Captioner, cfg.captioner_batch), batch_size=None, batch_format="pyarrow",
+        fn_constructor_kwargs=captioner_kwargs,
+        compute=place.pool(cfg.captioner_actors, place.gpus),
+        num_cpus=cfg.actor_cpus,
+    ), place.gpus)
 
 
 def _gpus(ds, gpus: float):

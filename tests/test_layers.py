@@ -60,11 +60,8 @@ def test_training_imports_nothing_from_actors_or_jobs_but_the_cli_helper():
 
 
 # Product functions stay under 80 lines (issue 14). Training loops may stay long when they read top
-# to bottom (nanoGPT-style); the two below belong to files other work owns this round (jobs/caption.py
-# build: 99 lines, actors/windows.py source_windows: 91, measured 2026-12-02) and are tolerated only
-# while they are still over: the coordinator decides their split.
+# to bottom (nanoGPT-style); nothing else is exempt.
 MAX_FUNCTION_LINES = 80
-LONG_ALLOWED = {("jobs/caption.py", "build"), ("actors/windows.py", "source_windows")}
 
 
 def _functions():
@@ -83,5 +80,5 @@ def test_no_product_function_over_80_lines_but_training_loops():
     funcs = list(_functions())
     assert len(funcs) > 500 and ("jobs/serve.py", "make_app") in {(r, f) for r, f, _ in funcs}
     bad = [f"{rel}:{name} ({n} lines)" for rel, name, n in funcs if n > MAX_FUNCTION_LINES
-           and name != "train_loop" and (rel, name) not in LONG_ALLOWED]
+           and name != "train_loop"]
     assert not bad, bad

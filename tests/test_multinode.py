@@ -52,7 +52,7 @@ SCRIPT = textwrap.dedent(r'''
         try:
             cluster.add_node(num_cpus=0, include_dashboard=False)
             # 4 logical CPUs each (on a 2-core machine): 8 in all, so the auto-sized model pool
-            # may grow to 2 actors (one per 4 CPUs on CPU-only clusters, jobs/caption.pool_size)
+            # may grow to 2 actors (one per 4 CPUs on CPU-only clusters, jobs/pools.pool_size)
             workers = [cluster.add_node(num_cpus=4, resources={"zone_a": 1}),
                        cluster.add_node(num_cpus=4, resources={"zone_b": 1})]
             cluster.wait_for_nodes()
@@ -162,6 +162,6 @@ def test_caption_job_spreads_over_nodes(tmp_path):
     assert len(busy) == 2, f"work seen on {len(busy)} node(s): {per_node}\n{r['seen']}"
     decode_nodes = [nid for nid, w in per_node.items() if "decode_sources" in w]
     assert decode_nodes, per_node
-    # the model pool follows the cluster: 8 CPUs -> 2 actors (jobs/caption.pool_size), both started
+    # the model pool follows the cluster: 8 CPUs -> 2 actors (jobs/pools.pool_size), both started
     assert len(r["model_actors"]) >= 2, r["model_actors"]
     print(f"per node: {per_node}; job wall {r['wall']:.1f} s")

@@ -1,4 +1,4 @@
-"""How the caption job deals sources into decode tasks (jobs.caption.pack_sources), and the sizes
+"""How the caption job deals sources into decode tasks (jobs.blocks.pack_sources), and the sizes
 the listing (jobs.sources) gives them."""
 
 from __future__ import annotations
