@@ -52,6 +52,8 @@ from jobs.blocks import (BLOCK_BYTES, BLOCK_SOURCES, MAX_BLOCKS, SOURCE_TYPE,  #
 from jobs.lease import LeaseHeld, OutputLease
 from jobs.pools import (CPUS_PER_CPU_ACTOR, Placement, cluster_gpus, placement,  # noqa: F401
                         pool_size, ray_init, ray_ui)
+from jobs.pipeline import (WRITER_CPUS, build, decode_sources_here,  # noqa: F401
+                           effective_windows, write_part_here)
 from jobs.sink import commit, quarantine_damaged, remove_uncommitted
 from jobs.sources import open_listing, plan_sources
 from overheard import storage
@@ -148,16 +150,6 @@ def validate_models(clap: str, decoder: str) -> None:
     gc.collect()
 
 
-def effective_windows(cfg: CaptionConfig) -> CaptionConfig:
-    """--whole-clip S is --window S --hop S: a source up to S s gives one window whose valid
-    length is the source's (decode_windows: a clip shorter than the window is one window), and
-    the CLAP actor averages that window's model-length chunks (overheard.media.model_input),
-    so a 25-s Clotho clip is embedded as the normalised mean of its 0-10, 10-20, 20-25 s chunks."""
-    if cfg.whole_clip > 0:
-        return dataclasses.replace(cfg, window=cfg.whole_clip, hop=cfg.whole_clip)
-    return cfg
-
-
 def windowing_text(cfg: CaptionConfig) -> str:
     """How the run cut sources into windows, as recorded in its manifest."""
     if cfg.whole_clip > 0:
@@ -173,152 +165,6 @@ def _preflight(what: str, uri: str, fn):
             f"cannot {what} at {uri}: access denied ({e}). Check the credentials "
             "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance role) and "
             "S3_ENDPOINT_URL.") from None
-
-
-# CPUs per part-writer task: Parquet encoding (zstd) and one PUT per file, mostly I/O
-WRITER_CPUS = 0.25
-
-
-def build(cfg: CaptionConfig, sources, clap: str, decoder: str, dali: str = "",
-          frame_size: int = 0, attempt: str = "00000000"):
-    """The streaming Ray Data pipeline over ``sources`` (Arrow rows as ``sources_table`` makes,
-    or a list of (uri, version[, size[, locator]])); returns the Dataset (lazy) whose rows are
-    the written parts' metadata (actors/part_writer.py), one per decode block. ``attempt`` (8 hex
-    digits) names this run attempt's parts. With ``dali`` (a DALI checkpoint) one DaliCaptioner
-    pool replaces the CLAP + decoder pools."""
-    place = placement(cfg, ray_init(cfg), dali)
-    cfg = effective_windows(cfg)
-    ds = _decode_stage(cfg, sources, frame_size, attempt)
-    if dali:
-        ds = _dali_stage(cfg, ds, dali, place)
-    else:
-        ds = _model_stages(cfg, ds, clap, decoder, place)
-    if not cfg.embeddings:
-        ds = ds.drop_columns(["audio_embedding"])
-    return _writer(cfg, ds, attempt)
-
-
-def _decode_stage(cfg: CaptionConfig, sources, frame_size: int, attempt: str):
-    """The first stage: decode blocks in, each block's windows out as one block (CPU tasks)."""
-    import ray.data
-
-    if isinstance(sources, list) and (not sources or isinstance(sources[0], tuple)):
-        sources = sources_table(sources)
-    ds = ray.data.from_arrow(decode_blocks(sources, cfg.pack_sources, cfg.unknown_size_sources))
-    return ds.map_batches(
-        decode_sources_here, batch_size=None, batch_format="pyarrow",
-        fn_kwargs=dict(part=dict(output=cfg.output, run_id=cfg.run_id, attempt=attempt),
-                       window_s=cfg.window, hop_s=cfg.hop or None, min_window_s=cfg.min_window,
-                       pad_mode=cfg.pad_mode, max_duration_s=cfg.max_duration or None,
-                       timeout_s=cfg.decode_timeout or None,
-                       frame_size=frame_size if cfg.mode == "audio+image" else 0),
-        # fractional CPUs: on a 2-core node whole-CPU actors would leave no CPU for the
-        # reader and Ray Data waits forever (see README, "Resources")
-        num_cpus=cfg.decode_cpus,
-        # memory=0 reserves nothing (as unset) but makes the remote args differ from the model
-        # actors', which keeps Ray Data from fusing decoding into them when both ask for the same
-        # CPUs: fused, all decoding would run serially inside the model actors instead of
-        # scaling apart. (max_retries=-1 did this before; it is Ray Data's default for tasks and
-        # passing it is deprecated in Ray 2.60.) Decode tasks whose worker died are retried.
-        memory=0,
-    )
-
-
-def _dali_stage(cfg: CaptionConfig, ds, dali: str, place: Placement):
-    """A DALI model: one DaliCaptioner pool (audio, and frames in audio+image mode)."""
-    from actors.dali_captioner import DaliCaptioner
-    from actors.part_writer import in_blocks
-
-    return _gpus(ds.map_batches(
-        in_blocks(DaliCaptioner, cfg.captioner_batch), batch_size=None,
-        batch_format="pyarrow",
-        fn_constructor_kwargs=dict(model_path=dali, dali=cfg.dali, window_s=cfg.window,
-                                   device=place.device, resources=cfg.resources),
-        compute=place.pool(cfg.captioner_actors, place.gpus),
-        num_cpus=cfg.actor_cpus,
-    ), place.gpus)
-
-
-def _model_stages(cfg: CaptionConfig, ds, clap: str, decoder: str, place: Placement):
-    """CLAP + decoder: one fused ClapCaptioner pool, or (--no-fuse-models) a ClapEmbedder pool
-    then a Captioner pool."""
-    from actors.part_writer import in_blocks
-
-    # each actor takes the option groups it reads (jobs/caption_config.py): a new option is
-    # one field there and the line in the actor that reads it, nothing here
-    clap_kwargs = dict(clap_path=clap, window_s=cfg.window, device=place.device,
-                       resources=cfg.resources)
-    captioner_kwargs = dict(decoder_path=decoder, decoding=cfg.decoding, scoring=cfg.scoring,
-                            clap_path=clap, device=place.device, resources=cfg.resources)
-    if cfg.fuse_models:
-        from actors.clap_captioner import ClapCaptioner
-        return _gpus(ds.map_batches(
-            in_blocks(ClapCaptioner, cfg.captioner_batch), batch_size=None,
-            batch_format="pyarrow",
-            fn_constructor_kwargs=dict(clap_kwargs=clap_kwargs, captioner_kwargs=captioner_kwargs,
-                                       encoder_batch=cfg.encoder_batch),
-            compute=place.pool(cfg.captioner_actors, place.gpus_fused),
-            num_cpus=cfg.actor_cpus,
-        ), place.gpus_fused)
-    from actors.captioner import Captioner
-    from actors.clap_embedder import ClapEmbedder
-    ds = _gpus(ds.map_batches(
-        in_blocks(ClapEmbedder, cfg.encoder_batch), batch_size=None, batch_format="pyarrow",
-        fn_constructor_kwargs=clap_kwargs,
-        compute=place.pool(cfg.encoder_actors, place.gpus),
-        num_cpus=cfg.actor_cpus,
-    ), place.gpus)
-    return _gpus(ds.map_batches(
-        in_blocks(Captioner, cfg.captioner_batch), batch_size=None, batch_format="pyarrow",
-        fn_constructor_kwargs=captioner_kwargs,
-        compute=place.pool(cfg.captioner_actors, place.gpus),
-        num_cpus=cfg.actor_cpus,
-    ), place.gpus)
-
-
-def _gpus(ds, gpus: float):
-    """Ask for ``gpus`` per actor of the stage just added. Set on the operator after
-    ``map_batches``, which refuses ``num_gpus`` with ``batch_size=None`` (Ray 2.60: "You must
-    provide batch_size ... when requesting GPUs"); whole blocks are the point here (the actor
-    batches inside, ``in_blocks``), and an integer batch size lets Ray Data slice a block across
-    two actor calls (its bundler cuts bundles to the batch size), splitting sources."""
-    if gpus > 0:
-        ds._logical_plan.dag.ray_remote_args["num_gpus"] = gpus
-    return ds
-
-
-def _writer(cfg: CaptionConfig, ds, attempt: str):
-    """The last stage: each block written as one part by a worker, one metadata row out."""
-    from actors.part_writer import EXIT_HOOK
-
-    extra = {}
-    if os.environ.get(EXIT_HOOK):  # fault injection (tests/test_faults.py) reaches the workers
-        extra["runtime_env"] = {"env_vars": {EXIT_HOOK: os.environ[EXIT_HOOK]}}
-    return ds.map_batches(write_part_here, batch_size=None, batch_format="pyarrow",
-                          fn_kwargs=dict(output=cfg.output, run_id=cfg.run_id, attempt=attempt),
-                          num_cpus=WRITER_CPUS, **extra)
-
-
-def _node() -> str:
-    import ray
-
-    return ray.get_runtime_context().get_node_id()
-
-
-def write_part_here(batch: pa.Table, **kwargs) -> pa.Table:
-    """``actors.part_writer.write_part``, recording the Ray node that wrote the part: the proof
-    that output is written where the work is."""
-    from actors.part_writer import write_part
-
-    return write_part(batch, node=_node(), **kwargs)
-
-
-def decode_sources_here(batch: pa.Table, *, part: dict, **kwargs):
-    """``actors.part_writer.decode_sources_in_blocks``, recording the node (a failure-only block
-    is written by its decode task)."""
-    from actors.part_writer import decode_sources_in_blocks
-
-    yield from decode_sources_in_blocks(batch, part=dict(part, node=_node()), **kwargs)
 
 
 def run(cfg: CaptionConfig) -> dict:
