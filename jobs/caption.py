@@ -34,9 +34,6 @@ import sys
 import time
 import uuid
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
 import overheard
 # the options live in jobs/caption_config.py; imported here so `from jobs.caption import
 # CaptionConfig` (and DEFAULT_MODEL, TINY_MODEL) keep working

@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from jobs.config_cli import parse
-from jobs.index import captions_dir, list_parts, window_key
+from jobs.index import list_parts, window_key
 from overheard import storage
 
 DOC_FIELDS = ["source_uri", "source_version", "window_index", "start_s", "end_s", "caption",

@@ -24,7 +24,6 @@ embeddings.  Filed under training/: it is the first step of ``training.decoder``
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
