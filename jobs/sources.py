@@ -464,8 +464,8 @@ class Plan:
                     yield pa.Table.from_batches([b])
 
     def rows(self) -> list[tuple]:
-        """The todo list as (uri, version, size[, locator]) tuples: the caption job's build()
-        input of today (one Python tuple per source: small runs only)."""
+        """The todo list as (uri, version, size[, locator]) tuples, for tests and benches (one
+        Python tuple per source: small lists only; the caption job reads ``tables()``)."""
         out = []
         for t in self.tables():
             for u, v, n, loc in zip(*(t.column(c).to_pylist() for c in SOURCE_SCHEMA.names)):
