@@ -319,6 +319,10 @@ def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0, lease=Non
         manifest.setdefault("first_output_at", time.time())
         pending.clear()
         publish_manifest(cfg, manifest)
+        if bar is not None:  # committed counts, after every commit (the last one included)
+            el = max(time.time() - t_start, 1e-9)
+            bar.set_postfix(windows=manifest["windows"], win_s=f"{manifest['windows'] / el:.1f}",
+                            failed=manifest["sources_failed"], refresh=False)
 
     try:
         for meta in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -336,11 +340,6 @@ def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0, lease=Non
             if pending and (state["seq"] == 0 or waiting >= cfg.rows_per_part
                             or time.monotonic() - state["last"] >= cfg.flush_interval):
                 commit_pending()
-                if bar is not None:
-                    el = max(time.time() - t_start, 1e-9)
-                    bar.set_postfix(windows=manifest["windows"],
-                                    win_s=f"{manifest['windows'] / el:.1f}",
-                                    failed=manifest["sources_failed"], refresh=False)
     except KeyboardInterrupt:
         manifest["status_final"] = "interrupted"
     finally:
