@@ -363,12 +363,13 @@ def _not_done(chunks, done: pa.Array, counts: _Counts):
     for t, bound in chunks:
         if len(done) and t.num_rows:
             at = pc.index_in(t.column("source_uri"), value_set=done)  # done is distinct
-            hits = np.asarray(pc.drop_null(at).to_numpy(), np.int64)
-            first = np.unique(hits)
-            new = first[~met[first]]
-            met[new] = True
-            counts.skipped_done += len(new)
-            counts.duplicate += len(hits) - len(new)
+            hits = pc.drop_null(at).to_numpy()
+            met[hits] = True
+            # count_nonzero, not np.unique: 0.66 CPU-s per 1M hits for the sort (load ~40),
+            # ~1 ms for the mask; chunks are >= len(done) rows, so this stays linear
+            seen = int(np.count_nonzero(met))
+            counts.duplicate += len(hits) - (seen - counts.skipped_done)
+            counts.skipped_done = seen
             t = t.filter(pc.is_null(at))
         yield t, bound
 
