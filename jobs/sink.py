@@ -6,9 +6,9 @@ driver has listed it in the output's commit log, ``OUTPUT/_commits/<run>-<attemp
 (``commit``; each file written atomically). ``part_files`` is the ONE place that decides which
 files count: every reader (``read_table_dir``: index, serve, show, search, timeline, export,
 golden; ``done_uris``: resume; ``failed_sources``: status and the caption job's failure report)
-goes through it. So a part whose writer was killed mid-way,
-or whose run died before committing it, is never read, and its sources are redone by the next
-run (``remove_uncommitted`` deletes such leftovers under the output lease). Parts named
+goes through it. So a part whose writer was killed mid-way, or whose run died before committing
+it, is never read, and its sources are redone by the next run (``remove_uncommitted`` deletes
+such leftovers under the output lease). Parts named
 otherwise (written before the commit log, e.g. tests/data/golden) always count.
 """
 
