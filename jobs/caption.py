@@ -209,7 +209,8 @@ def _run_leased(cfg, t0, dali, clap, decoder, frame_size, lease, sources) -> dic
     manifest = dict(run_id=cfg.run_id, status="running", started_at=t0, input=cfg.input,
                     output=cfg.output, clap=clap, decoder=decoder,
                     overheard_version=overheard.__version__,
-                    sources_listed=plan.listed, sources_skipped_done=plan.skipped_done,
+                    sources_listed=plan.listed, sources_duplicate=plan.duplicate,
+                    sources_skipped_done=plan.skipped_done,
                     sources_todo=plan.count, sources_captioned=0, sources_failed=0,
                     windows=0, window_failures=0, audio_hours=0.0, failures_by_type={},
                     model_ids=[], parts=[], windows_scored=0, windows_low_confidence=0,
@@ -378,8 +379,10 @@ def _count(manifest: dict, m: dict) -> None:
 
 
 def summary_text(m: dict) -> str:
+    dup = m.get("sources_duplicate", 0)  # a manifest naming a URI twice: one source
     text = (f"run {m['run_id']} {m['status']}: {m['sources_captioned']} files captioned, "
-            f"{m['sources_failed']} failed, {m['sources_skipped_done']} already done; "
+            f"{m['sources_failed']} failed, {m['sources_skipped_done']} already done"
+            + (f" ({dup} duplicate listing entries ignored)" if dup else "") + "; "
             f"{m['windows']} windows ({m['audio_hours']:.3f} h of audio) in {m['wall_s']:.1f} s "
             f"= {m['windows_per_s']:.2f} windows/s; failures: {m['failures_by_type'] or 'none'}")
     scored, low = m.get("windows_scored", 0), m.get("windows_low_confidence", 0)
@@ -418,9 +421,27 @@ def main(argv: list[str] | None = None) -> int:
               f"with other settings ({d}); they were skipped, not redone: use a new OUTPUT to "
               "caption them with these settings", file=sys.stderr)
     print(summary_text(m))
+    if m["sources_failed"] or m["window_failures"]:
+        print(failures_text(cfg.output, m["run_id"]))
     print(f"captions: {storage.join(cfg.output, 'captions')}  "
           f"manifest: {storage.join(cfg.output, 'runs', m['run_id'], 'manifest.json')}")
     return 0 if m["status"] == "completed" else 1
+
+
+# failed sources named at the end of a run; the rest are one command away
+SHOW_FAILED = 5
+
+
+def failures_text(output: str, run_id: str) -> str:
+    """The run's failed sources by type (the first SHOW_FAILED with their messages), where all
+    failure rows are, and the command that lists them: read from the run's own failure parts."""
+    from jobs.sink import failed_sources
+    from jobs.status import format_failures
+
+    f = failed_sources(output, run_id, later=False)
+    return (f"failed sources of this run ({f.num_rows}):\n{format_failures(f, SHOW_FAILED)}\n"
+            f"all failure rows: {storage.join(output, 'failures')}; list them: overheard status "
+            f"{output} --failures --run-id {run_id}")
 
 
 if __name__ == "__main__":

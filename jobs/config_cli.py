@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import functools
 import json
 import math
@@ -159,6 +160,34 @@ def changed(cfg) -> list[str]:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: a user's typo gets the one line that names it (and
+    ``--help`` for the rest), not the whole usage block (60 lines for the caption job)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+    def options(self) -> list[str]:
+        return [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+
+
+def _unknown(p: _Parser, extra: list[str]) -> typing.NoReturn:
+    """One line for what argparse could not place: the first unknown option, with the closest
+    known one (difflib), or the first surplus argument."""
+    opt = next((a for a in extra if a.startswith("-") and a != "-"), None)
+    if opt is None:
+        print(f"{p.prog}: unexpected argument {extra[0]!r} (see {p.prog} --help)",
+              file=sys.stderr)
+        raise SystemExit(2)
+    name = opt.split("=", 1)[0]
+    close = difflib.get_close_matches(name, p.options(), n=1, cutoff=0.6)
+    print(f"{p.prog}: unknown option {name}"
+          + (f" (did you mean {close[0]}?)" if close else f" (see {p.prog} --help)"),
+          file=sys.stderr)
+    raise SystemExit(2)
+
+
 class _RawDefaultsFormatter(argparse.RawDescriptionHelpFormatter,
                             argparse.ArgumentDefaultsHelpFormatter):
     """Defaults in the help, description and epilog as written (for an epilog of examples)."""
@@ -197,9 +226,9 @@ def parser_for(cls, prog: str, description: str, epilog: str | None = None
     positionals = [f.name.upper() for _, f in leaf_fields(cls)
                    if _default(f) is dataclasses.MISSING]
     usage = " ".join(["%(prog)s [options]"] + positionals) if grouped else None
-    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, usage=usage,
-                                formatter_class=_RawDefaultsFormatter if epilog
-                                else argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog=prog, description=description, epilog=epilog, usage=usage,
+                formatter_class=_RawDefaultsFormatter if epilog
+                else argparse.ArgumentDefaultsHelpFormatter)
     _flat_map(cls)  # leaf names unique
     for f in dataclasses.fields(cls):
         if not f.init:
@@ -253,8 +282,12 @@ def check(cfg) -> None:
 
 
 def parse(cls, argv, prog: str, description: str, epilog: str | None = None):
-    """argv -> a checked config; a bad option exits 2 with one line on stderr."""
-    args = vars(parser_for(cls, prog, description, epilog).parse_args(argv))
+    """argv -> a checked config; a bad or unknown option exits 2 with one line on stderr."""
+    p = parser_for(cls, prog, description, epilog)
+    ns, extra = p.parse_known_args(argv)
+    if extra:
+        _unknown(p, extra)
+    args = vars(ns)
     try:
         # grouped configs take their leaves flat (init_grouped); plain ones are flat anyway
         cfg = cls(**args)

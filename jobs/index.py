@@ -338,10 +338,13 @@ def _record_claps(cfg: IndexConfig, meta: dict, run_ids: set, clap_ids: set) -> 
 def run(cfg: IndexConfig) -> dict:
     """Ingest the caption parts not yet in the index; returns a summary (also printed by main)."""
     t0 = time.time()
+    # listed before connect() creates INDEX: a mistyped or empty OUTPUT must leave nothing behind
+    listed = list_parts(cfg.captions)
+    if not listed and not storage.exists(cfg.index):
+        raise FileNotFoundError(f"no committed caption parts under {cfg.captions}")
     db = connect(cfg.index)
     meta = read_meta(cfg.index)
     done = ingested_parts(db)
-    listed = list_parts(cfg.captions)
     new = [(u, v) for u, v in listed if done.get(u) != v]
     if cfg.limit_parts:
         new = new[:cfg.limit_parts]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -32,12 +33,24 @@ def read_captions(output: str, run_id: str | None = None) -> pa.Table:
     return t.sort_by([("source_uri", "ascending"), ("window_index", "ascending")])
 
 
+def display_width(s: str) -> int:
+    """Terminal columns of ``s``: East Asian wide/fullwidth characters (CJK, most emoji) take
+    two, combining marks and zero-width characters none (``len`` counts each as one)."""
+    return sum(0 if unicodedata.combining(c) or unicodedata.category(c) in ("Mn", "Me", "Cf")
+               else 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1 for c in s)
+
+
+def pad(s: str, width: int) -> str:
+    """``s`` left-aligned in ``width`` terminal columns (``f"{s:<width}"`` by display width)."""
+    return s + " " * max(0, width - display_width(s))
+
+
 def format_rows(t: pa.Table, limit: int = 20) -> str:
     lines = []
     for r in t.slice(0, limit).to_pylist():
         name = r["source_uri"].rsplit("/", 1)[-1]
         text = r["caption"] if r["caption"] is not None else f"({r['decoding']})"  # withheld
-        lines.append(f"{name:<32} {r['start_s']:8.2f}-{r['end_s']:8.2f}s  {text}")
+        lines.append(f"{pad(name, 32)} {r['start_s']:8.2f}-{r['end_s']:8.2f}s  {text}")
     if t.num_rows > limit:
         lines.append(f"... {t.num_rows - limit} more rows")
     return "\n".join(lines)

@@ -5,9 +5,10 @@ whole sources only, under a name fixed by run, block and run attempt). A part co
 driver has listed it in the output's commit log, ``OUTPUT/_commits/<run>-<attempt>-<seq>.json``
 (``commit``; each file written atomically). ``part_files`` is the ONE place that decides which
 files count: every reader (``read_table_dir``: index, serve, show, search, timeline, export,
-golden; ``done_uris``: resume) goes through it. So a part whose writer was killed mid-way,
-or whose run died before committing it, is never read, and its sources are redone by the next
-run (``remove_uncommitted`` deletes such leftovers under the output lease). Parts named
+golden; ``done_uris``: resume; ``failed_sources``: status and the caption job's failure report)
+goes through it. So a part whose writer was killed mid-way, or whose run died before committing
+it, is never read, and its sources are redone by the next run (``remove_uncommitted`` deletes
+such leftovers under the output lease). Parts named
 otherwise (written before the commit log, e.g. tests/data/golden) always count.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -156,3 +158,49 @@ def done_uris(output: str) -> pa.Array:
         perm = t.filter(pc.invert(t.column("retryable")))
         found.append(pc.unique(perm.column("source_uri").combine_chunks()))
     return pc.unique(pa.concat_arrays([pc.cast(a, pa.string()) for a in found]))
+
+
+FAILURE_COLUMNS = ["source_uri", "error_type", "message", "retryable", "run_id"]
+
+
+def read_failures(output: str, run_id: str = "") -> pa.Table:
+    """The committed failure rows of OUTPUT (FAILURE_COLUMNS, in part order), or of one run:
+    then only that run's parts are read (their names carry the run id; parts named otherwise
+    are read and filtered on ``run_id``). Failure parts are few and small: one per block that
+    had a failure."""
+    files = part_files(storage.join(output, "failures"))
+    if run_id:
+        files = [f for f in files if not PART_RE.match(f.rsplit("/", 1)[-1])
+                 or f.rsplit("/", 1)[-1].startswith(f"part-{run_id}-b")]
+    fs = storage.get_fs(output)[0]
+    tables = [pq.read_table(f, columns=FAILURE_COLUMNS, filesystem=fs) for f in files]
+    t = pa.concat_tables(tables, promote_options="default") if tables else None
+    if t is None:
+        return pa.table({c: pa.array([], pa.bool_() if c == "retryable" else pa.string())
+                         for c in FAILURE_COLUMNS})
+    return t.filter(pc.equal(t.column("run_id"), run_id)) if run_id else t
+
+
+def failed_sources(output: str, run_id: str = "", later: bool = True) -> pa.Table:
+    """One row per source with a failure row (``read_failures``): its last failure row (part
+    order: run, then block), plus ``still_failing``: False only for a source whose failures were
+    all retryable and that a later run captioned (a retryable failure keeps no windows, so any
+    caption row of it is a later run's). Caption parts are read (``source_uri`` only, as
+    ``done_uris`` does) only when there are such retryable failures, and ``later`` is True
+    (False: ``still_failing`` is True throughout, and no caption part is read)."""
+    t = read_failures(output, run_id)
+    t = t.append_column("__i", pa.array(np.arange(t.num_rows, dtype=np.int64)))
+    g = t.group_by("source_uri").aggregate([("__i", "max"), ("retryable", "min")])
+    g = g.take(pc.sort_indices(g, sort_keys=[("__i_max", "ascending")]))
+    last = t.take(g.column("__i_max")).drop_columns(["__i"])
+    only_retry = g.column("retryable_min").to_numpy(zero_copy_only=False).astype(bool)
+    retry = last.column("source_uri").filter(pa.array(only_retry)).combine_chunks()
+    captioned = np.zeros(len(retry), bool)
+    fs = storage.get_fs(output)[0]
+    for f in part_files(storage.join(output, "captions")) if len(retry) and later else []:
+        col = pq.read_table(f, columns=["source_uri"], filesystem=fs).column("source_uri")
+        captioned |= pc.is_in(retry, value_set=col.combine_chunks()).to_numpy(
+            zero_copy_only=False)
+    resolved = np.zeros(last.num_rows, bool)
+    resolved[np.flatnonzero(only_retry)] = captioned
+    return last.append_column("still_failing", pa.array(~resolved))

@@ -1,8 +1,14 @@
-"""``overheard status OUTPUT``: what a caption run did, or is doing, from its manifest.
+"""``overheard status OUTPUT``: what a caption run did, or is doing, from its manifest, and what
+OUTPUT holds over all its runs.
 
 The caption job rewrites ``OUTPUT/runs/<run>/manifest.json`` atomically when it starts, after every
 committed part, and at the end (``jobs.caption.publish_manifest``), so this works while a run is
 going, on a finished run, and on local or s3:// outputs alike. No Ray needed.
+
+The "output total" block sums the runs' manifests (captioned sources, windows, hours: each
+manifest counts exactly its committed parts) and reads the committed failure parts (few and
+small) for failed sources by type and those still failing (``jobs.sink.failed_sources``);
+``--failures`` lists them.
 """
 
 from __future__ import annotations
@@ -12,7 +18,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from jobs.config_cli import parse
+from jobs.sink import failed_sources
 from overheard import storage
 
 # A running manifest is rewritten at least every --flush-interval (default 60 s) once output
@@ -26,6 +36,9 @@ class StatusConfig:
     run_id: str = field(default="", metadata={"help": "this run (empty: the latest)"})
     all: bool = field(default=False, metadata={"help": "every run, oldest first"})
     json: bool = field(default=False, metadata={"help": "print the manifest(s) as JSON"})
+    failures: bool = field(default=False, metadata={
+        "help": "list the failed sources (all runs, or --run-id's) by error type, with their "
+                "messages and whether a later run captioned them"})
 
 
 def read_manifests(output: str) -> list[dict]:
@@ -70,7 +83,9 @@ def format_status(m: dict, now: float | None = None) -> str:
              f"  input {m.get('input')} -> output {m.get('output')}",
              f"  sources: {done}/{todo} done ({m.get('sources_captioned', 0)} captioned, "
              f"{m.get('sources_failed', 0)} failed), {m.get('sources_skipped_done', 0)} already "
-             f"done before this run, {m.get('sources_listed', 0)} listed",
+             f"done before this run, {m.get('sources_listed', 0)} listed"
+             + (f" (+{m['sources_duplicate']} duplicate entries)"
+                if m.get("sources_duplicate") else ""),
              f"  windows: {m.get('windows', 0)} ({m.get('audio_hours', 0.0):.3f} h of audio), "
              f"{m.get('windows_per_s', 0.0):.2f} windows/s over {_duration(m.get('wall_s', 0.0))}",
              f"  failures: {m.get('failures_by_type') or 'none'}",
@@ -82,20 +97,79 @@ def format_status(m: dict, now: float | None = None) -> str:
     return "\n".join(lines)
 
 
+def _by_type(t: pa.Table) -> dict:
+    """{error_type: sources} of a failed_sources table, most frequent first."""
+    if t.num_rows == 0:
+        return {}
+    c = t.column("error_type").value_counts().to_pylist()
+    return {d["values"]: d["counts"] for d in sorted(c, key=lambda d: (-d["counts"], d["values"]))}
+
+
+def output_total(output: str, ms: list[dict]) -> str:
+    """What OUTPUT holds over every run: captioned sources, windows and hours from the manifests
+    ``ms`` (all runs), failed and still-failing sources by type from the failure parts."""
+    f = failed_sources(output)
+    still = f.filter(f.column("still_failing"))
+    hours = sum(float(m.get("audio_hours") or 0.0) for m in ms)
+    lines = [f"output total over {len(ms)} run{'s' * (len(ms) != 1)}:",
+             f"  sources: {sum(m.get('sources_captioned', 0) for m in ms)} captioned, "
+             f"{f.num_rows} failed {_by_type(f) or ''}".rstrip()
+             + f", {still.num_rows} still failing {_by_type(still) or ''}".rstrip(),
+             f"  windows: {sum(m.get('windows', 0) for m in ms)} ({hours:.3f} h of audio)"]
+    if f.num_rows:
+        lines.append(f"  failure rows: {storage.join(output, 'failures')} (list the sources: "
+                     f"overheard status {output} --failures)")
+    return "\n".join(lines)
+
+
+def _one_line(text: str, width: int = 160) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def format_failures(t: pa.Table, limit: int | None = None) -> str:
+    """Failed sources (a failed_sources table) grouped by error type, most frequent first: one
+    line each, URI and message (``limit``: at most that many lines in all)."""
+    lines, shown = [], 0
+    for kind, n in _by_type(t).items():
+        rows = t.filter(pc.equal(t.column("error_type"), kind))
+        still = pc.sum(rows.column("still_failing")).as_py() or 0
+        lines.append(f"{kind} ({n} source{'s' * (n != 1)}"
+                     + (f", {n - still} captioned by a later run)" if still < n else ")"))
+        for r in rows.to_pylist():
+            if limit is not None and shown >= limit:
+                break
+            later = "" if r["still_failing"] else " [captioned by a later run]"
+            lines.append(f"  {r['source_uri']}: {_one_line(r['message'])}{later}")
+            shown += 1
+    if limit is not None and t.num_rows > shown:
+        lines.append(f"  ... {t.num_rows - shown} more")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse(StatusConfig, argv, "overheard status", __doc__.split("\n\n")[0])
     ms = read_manifests(a.output)
-    if a.run_id:
-        ms = [m for m in ms if m.get("run_id") == a.run_id]
-    if not ms:
+    chosen = [m for m in ms if m.get("run_id") == a.run_id] if a.run_id else ms
+    if not chosen:
         print(f"overheard status: no run{' ' + a.run_id if a.run_id else ''} under "
               f"{storage.join(a.output, 'runs')}", file=sys.stderr)
         return 1
-    ms = ms if a.all else ms[-1:]
+    if a.failures:
+        f = failed_sources(a.output, a.run_id)
+        if a.json:
+            print(json.dumps(f.to_pylist(), indent=2))
+        else:
+            print(format_failures(f) if f.num_rows else
+                  f"no failed sources in {a.output}" + (f" run {a.run_id}" if a.run_id else ""))
+        return 0
+    chosen = chosen if a.all else chosen[-1:]
     if a.json:
-        print(json.dumps(ms if a.all else ms[0], indent=2))
+        print(json.dumps(chosen if a.all else chosen[0], indent=2))
     else:
-        print("\n\n".join(format_status(m) for m in ms))
+        # the latest run alone may say "failures: none" after a no-op resume: the total says
+        # what earlier runs left
+        print("\n\n".join([format_status(m) for m in chosen] + [output_total(a.output, ms)]))
     return 0
 
 

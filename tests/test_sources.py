@@ -58,7 +58,8 @@ def test_manifest_folder_of_parquet_csv_and_jsonl_parts(tmp_path, monkeypatch):
     p = sources.plan_sources(sources.open_listing(str(parts), output=str(out)), str(out),
                              str(out / "runs" / "r" / "todo"))
     assert [u for u, _ in _todo(p)] == [u for u in t["source_uri"].to_pylist()]
-    assert p.listed == 9  # entries: 3 Parquet rows with a URI, 3 CSV rows, 3 JSONL lines
+    # 9 entries (3 Parquet rows with a URI, 3 CSV rows, 3 JSONL lines) naming 6 sources
+    assert (p.listed, p.duplicate) == (6, 3)
     # a folder holding media as well is a media folder: its Parquet URI tables are not sources
     (parts / "z.wav").write_bytes(b"RIFF")
     assert sources.open_listing(str(parts)).kind == "files"
@@ -90,13 +91,20 @@ def test_dedup_across_chunks_and_spill_buckets_keeps_the_first_entry(tmp_path, m
     monkeypatch.setattr(sources, "CHUNK_ROWS", 64)
     held = _plan(str(man), tmp_path / "o1")
     assert _todo(held) == sorted(first.items())  # in memory: sorted by URI
-    assert (held.count, held.listed, held.skipped_done) == (600, n, 0)
+    # sources counted once each; the 1,400 repeats apart (a new user read 7 "listed" of 5)
+    assert (held.count, held.listed, held.skipped_done, held.duplicate) == (600, 600, 0, n - 600)
     monkeypatch.setattr(sources, "SPILL_ROWS", 100)
     monkeypatch.setattr(sources, "BUCKETS", 8)
     monkeypatch.setattr(sources, "TODO_PART_ROWS", 128)
     spilled = _plan(str(man), tmp_path / "o2")
     assert sorted(_todo(spilled)) == sorted(first.items())
     assert spilled.count == 600 and len(spilled.parts) == 5  # 600 rows in parts of 128
+    assert (spilled.listed, spilled.duplicate) == (600, n - 600)  # counted bucket by bucket
+    # done sources met many times over many chunks count once: 200 done, each listed 3-4 times
+    _parts(tmp_path / "o4", captions=[f"s3://b/k{i:04d}.wav" for i in range(0, 600, 3)])
+    part_done = _plan(str(man), tmp_path / "o4")
+    assert (part_done.listed, part_done.skipped_done, part_done.count,
+            part_done.duplicate) == (600, 200, 400, n - 600)
     again = _plan(str(man), tmp_path / "o3")
     assert _todo(again) == _todo(spilled)  # deterministic order: bucket, then URI
     b = sources._bucket_ids(pa.array([u for u, _ in _todo(spilled)]), 8)
@@ -130,8 +138,8 @@ def test_anti_join_rules_captions_and_permanent_failures_are_done(tmp_path):
     man.write_text("uri\n" + "\n".join(f"s3://b/{c}.wav" for c in "edcba") + "\ns3://b/c.wav\n")
     p = _plan(str(man), out)
     assert [u for u, _ in _todo(p)] == ["s3://b/b.wav", "s3://b/e.wav"]
-    # entries counted: c listed twice is skipped twice
-    assert (p.listed, p.skipped_done, p.count) == (6, 4, 2)
+    # sources counted, not entries: c listed twice is one done source and one duplicate
+    assert (p.listed, p.skipped_done, p.count, p.duplicate) == (5, 3, 2, 1)
     assert done_uris(str(tmp_path / "nothing")).to_pylist() == []
 
 
@@ -151,7 +159,10 @@ def test_limit_takes_the_first_sources_by_uri_from_any_order(tmp_path, monkeypat
     for i, u in enumerate(uris):
         first.setdefault(u, str(i))
     assert [v for _, v in _todo(p)] == [first[u] for u in want]
-    assert p.complete and p.listed == 800  # a manifest is read to its end
+    assert p.complete  # a manifest is read to its end
+    # the repeats of the 2 done and of the 5 kept are found; the 393 beyond the 5th are never
+    # deduplicated (a running top-N holds N rows, not every URI), so they count as listed
+    assert (p.listed, p.skipped_done, p.duplicate) == (800 - 7, 2, 7)
 
 
 def test_limit_stops_listing_an_ordered_folder_early(tmp_path, monkeypatch):
