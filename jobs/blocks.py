@@ -30,6 +30,10 @@ from overheard import layouts
 # source cost ~8 ms of framework per source (20k missing files: 126 sources/s, bench/scale.py).
 # A block stays whole until its part is written (actors/part_writer.py), so a decode task holds
 # its block's windows: ~23 MB of float32 per 4 MB of 16-kHz wav, a source's own size when alone.
+# MAX_BLOCKS caps one pack_table call, i.e. one todo part of 100k sources (jobs/sources.py): 4-MB
+# blocks of 160-KB files are ~3.8k per part, so it binds only on parts of many large files or a
+# small --unknown-size-sources (a whole-run cap merged a 1M-source run's blocks 4 to 1; the
+# driver no longer holds the blocks, so nothing asks for fewer).
 BLOCK_BYTES = 4 << 20
 BLOCK_SOURCES = 32
 MAX_BLOCKS = 10_000

@@ -5,9 +5,10 @@
 
 Stages (Ray Data, streaming; nothing materialises the whole archive):
     sources (driver, jobs/sources.py: take the output lease, list folders/prefixes/manifests/
-             shards in chunks, skip done (an Arrow anti-join), spill the todo list to Parquet;
-             then pack sources into numbered decode blocks: jobs/blocks.py)
-    -> decode_sources  [CPU tasks: a block's windows, leaving as ONE block]
+             shards in chunks, skip done (an Arrow anti-join), spill the todo list to Parquet,
+             each part packed into numbered decode blocks as it is written: jobs/blocks.py)
+    -> read            [CPU tasks, jobs/todo_source.py: a todo part, one row per decode block]
+    -> decode_sources  [CPU tasks: one block's windows, leaving as ONE block]
     -> ClapCaptioner   [one autoscaling actor pool, GPU if any: CLAP embedding + caption decoding
                         + confidence, whole blocks in micro-batches; --no-fuse-models: ClapEmbedder
                         then Captioner pools; a DALI model: DaliCaptioner]
@@ -22,7 +23,8 @@ Output layout under OUTPUT:
     failures/part-<run>-b<block>-<attempt>.parquet   one row per failed source or window
     _commits/<run>-<attempt>-<seq>.json               the parts that count (jobs.sink)
     runs/<run>/config.json, runs/<run>/manifest.json
-    runs/<run>/todo/part-*.parquet      the run's todo list (jobs.sources.Plan), removed at its end
+    runs/<run>/todo/part-*.parquet      the run's todo list, packed (jobs.sources.Plan), removed at
+                                        its end
 """
 
 from __future__ import annotations

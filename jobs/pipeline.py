@@ -62,9 +62,9 @@ def packing(cfg: CaptionConfig) -> dict:
     return dict(pack=cfg.pack_sources, unknown_sources=cfg.unknown_size_sources)
 
 
-# CPUs per read task (one packed todo part: a Parquet read of <= ~100k sources, then a table
-# per block). Not decode_cpus: remote arguments that differ keep Ray Data from fusing the read
-# into the decode stage, which would decode all of a part's blocks serially in one task.
+# CPUs per read task (one packed todo part: a Parquet read of ~100k sources, then one row per
+# block) and per repartition task. Not decode_cpus: remote arguments that differ keep Ray Data
+# from fusing them into the decode stage, which would decode a part's blocks serially.
 READ_CPUS = 0.25
 
 
@@ -90,8 +90,11 @@ def decode_input(cfg: CaptionConfig, sources):
     # read task per part: when Ray Data wants more blocks than read tasks it splits their
     # output (additional_split_factor), at rows, i.e. between decode blocks, which is harmless.
     ds = ray.data.read_datasource(PackedTodo(parts), override_num_blocks=len(parts),
-                                  num_cpus=READ_CPUS)
-    return ds.repartition(target_num_rows_per_block=1)
+                                  num_cpus=READ_CPUS).repartition(target_num_rows_per_block=1)
+    # a repartition task yields a part's blocks as the decode tasks take them, so it lives as
+    # long as its part is being decoded: it must not hold a whole CPU (the default) meanwhile
+    ds._logical_plan.dag.ray_remote_args["num_cpus"] = READ_CPUS
+    return ds
 
 
 def _decode_stage(cfg: CaptionConfig, sources, frame_size: int, attempt: str):

@@ -31,8 +31,11 @@ objects):
   at the first page that sorts after the N-th source.
 
 A URI listed twice is one source, the first entry winning (its version and size). The todo list
-is written to ``todo_dir`` as Parquet parts of TODO_PART_ROWS rows (``plan.path``: Ray Data can
-read it back with ``ray.data.read_parquet``; ``plan.tables()`` streams it).
+is written to ``todo_dir`` as Parquet parts of about TODO_PART_ROWS rows (a part ends between two
+archive containers; ``plan.tables()`` streams it); with ``packing``, each part is packed into
+decode blocks as it is written (``jobs.blocks.pack_table``: rows ordered by block, a ``block``
+column, numbers running on across parts), which the caption job's read tasks take as they are
+(jobs/todo_source.py).
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ CHUNK_ROWS = 65_536
 SPILL_ROWS = 500_000
 # Hash buckets of a spilled listing: 10M todo sources -> ~160k rows (~25 MB) per bucket.
 BUCKETS = 64
-# Rows per todo Parquet part (a few MB each).
+# Rows per todo Parquet part (a few MB each), packed into decode blocks one part at a time.
 TODO_PART_ROWS = 100_000
 
 
@@ -448,7 +451,7 @@ class _Spill:
 @dataclass
 class Plan:
     """The sources a run will caption, spilled to Parquet parts under ``path`` (SOURCE_SCHEMA,
-    in todo order). ``listed``/``skipped_done`` count listing entries (a URI listed twice in a
+    in todo order; packed: + ``block``, in block order). ``listed``/``skipped_done`` count listing entries (a URI listed twice in a
     manifest counts twice); ``complete`` is False when --limit stopped the listing early."""
 
     count: int
