@@ -195,15 +195,6 @@ def test_todo_in_several_packed_parts(ray_local, tiny_model, tmp_path, monkeypat
     assert got == want
 
 
-def _record_call(batch: pa.Table) -> pa.Table:
-    """One row per decode-stage call: the blocks it got and their sources."""
-    from jobs.blocks import unpack_blocks
-
-    tables = list(unpack_blocks(batch))
-    return pa.table({"blocks": [sorted({t["block"][0].as_py() for t in tables})],
-                     "uris": [sorted(u for t in tables for u in t["source_uri"].to_pylist())]})
-
-
 def test_decode_calls_get_one_whole_block(ray_local, tmp_path, monkeypatch):
     """The decode stage's input (jobs.pipeline.decode_input: packed todo parts read by Ray
     tasks, cut into one-row blocks) gives each decode call exactly one decode block, whole,
@@ -225,9 +216,17 @@ def test_decode_calls_get_one_whole_block(ray_local, tmp_path, monkeypatch):
                           packing=packing(cfg))
     want = _todo_blocks(plan)
     assert len(plan.parts) == 5 and len(want) > 20
+
+    def record_call(batch: pa.Table) -> pa.Table:  # one row per call: its blocks and sources
+        from jobs.blocks import unpack_blocks
+
+        tables = list(unpack_blocks(batch))
+        return pa.table({"blocks": [sorted({t["block"][0].as_py() for t in tables})],
+                         "uris": [sorted(u for t in tables for u in t["source_uri"].to_pylist())]})
+
     for sources in (plan.parts, S.list_sources(man)):
         calls = decode_input(cfg, sources).map_batches(
-            _record_call, batch_size=None, batch_format="pyarrow", num_cpus=0.5,
+            record_call, batch_size=None, batch_format="pyarrow", num_cpus=0.5,
             memory=0).take_all()
         assert all(len(c["blocks"]) == 1 for c in calls)
         got = {c["blocks"][0]: c["uris"] for c in calls}
