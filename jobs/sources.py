@@ -471,7 +471,7 @@ class Plan:
 
     def rows(self) -> list[tuple]:
         """The todo list as (uri, version, size[, locator]) tuples, for tests and benches (one
-        Python tuple per source: small lists only; the caption job reads ``tables()``)."""
+        Python tuple per source: small lists only; the caption job hands ``parts`` to Ray)."""
         out = []
         for t in self.tables():
             for u, v, n, loc in zip(*(t.column(c).to_pylist() for c in SOURCE_SCHEMA.names)):
