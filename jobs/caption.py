@@ -46,8 +46,7 @@ from jobs.config_cli import (OptionError, check, exit_bad_option, flat_dict, fla
 # decode-block packing and pool sizing live in jobs/blocks.py and jobs/pools.py; imported here
 # so `from jobs.caption import pack_sources` (pool_size, ray_ui, ...) keeps working
 from jobs.blocks import (BLOCK_BYTES, BLOCK_SOURCES, MAX_BLOCKS, SOURCE_TYPE,  # noqa: F401
-                         _layout_blocks, decode_blocks, pack_sources, pack_table,
-                         sources_table)
+                         _layout_blocks, decode_blocks, pack_sources, sources_table)
 from jobs.lease import LeaseHeld, OutputLease
 from jobs.pools import (CPUS_PER_CPU_ACTOR, Placement, cluster_gpus, placement,  # noqa: F401
                         pool_size, ray_init, ray_ui)

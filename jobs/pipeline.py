@@ -1,8 +1,9 @@
 """The caption job's Ray Data pipeline (``build``): decode stage, model stage(s), part writer.
 
-    packed todo parts (jobs/sources.py, jobs/blocks.py) -> read [CPU tasks, jobs/todo_source.py:
-      a part's decode blocks, one Ray Data block each] -> decode_sources_here [CPU tasks, one
-      block each]
+    packed todo parts (jobs/sources.py, jobs/blocks.py)
+      -> read [CPU tasks, jobs/todo_source.py: a part as one row per decode block]
+      -> repartition [CPU tasks: one-row Ray Data blocks, i.e. one decode block each]
+      -> decode_sources_here [CPU tasks, one decode block each]
       -> DaliCaptioner | ClapCaptioner | ClapEmbedder + Captioner [actor pools, whole blocks]
       -> write_part_here [CPU tasks: one atomic Parquet part per block, one metadata row out]
 
