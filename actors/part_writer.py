@@ -1,7 +1,7 @@
 """The caption job's last stages, run by Ray workers: whole blocks through the models, then one
 Parquet part per block (captions and failures), written where the block is.
 
-A decode block (a packed group of sources, ``jobs.blocks.pack_sources``) stays ONE block from
+A decode block (a packed group of sources, ``jobs.blocks.pack_table``) stays ONE block from
 decode to sink: the decode task emits all its sources' windows as one block, the model actors
 take it whole (``in_blocks``: micro-batches inside the actor), and ``write_part`` writes it as
 ``captions/part-<run>-b<block>-<attempt>.parquet`` (+ ``failures/...``). A part therefore holds

@@ -13,9 +13,15 @@
 (c) and (d): the listing + planning path (``jobs/sources.py``), each size in a fresh process (peak
     RSS, wall and CPU s): (c) a 1M-row vs a 2k-row manifest with ``--limit 2000``; (d) a rerun
     deciding what is left with 1M captioned sources in OUTPUT.
+(e) what the driver does before the first decode: plan (list, dedup, spill the todo list) + pack
+    it into decode blocks + build the decode stage's input Dataset (``jobs.pipeline.decode_input``,
+    with a local Ray of 2 CPUs), for manifests of N sources with sizes, each in a fresh process:
+    seconds and the driver's peak RSS. ``--e-root DIR`` runs the same in another checkout (e.g.
+    main before streaming packing: the todo list read back, ``decode_blocks``, ``from_arrow``).
 
     .venv/bin/python bench/scale.py [--windows 200000] [--per-source 1,8] [--missing 20000]
     .venv/bin/python bench/scale.py --only c,d [--manifest-rows 1000000] [--done 1000000]
+    .venv/bin/python bench/scale.py --only e [--pack-rows 1000000,5000000] [--e-root /work/main]
 
 Prints a table per part and the command. (a) pins itself to CPU 0; its stream is built before
 timing; parts go to a temp dir. ``--missing 0`` skips (b); ``--windows 0`` skips (a).
@@ -185,6 +191,70 @@ def _plan_child(inp: str, output: str, limit: int) -> None:
                           peak_mib=_peak_rss_mib())))
 
 
+def _pack_child(manifest: str, work: str, root: str = "") -> None:
+    """(e) in a fresh process, with this checkout's ``jobs`` (or ``root``'s): plan ``manifest``,
+    pack it and build the decode input Dataset as the caption job does; print one JSON line."""
+    import inspect
+    import json
+
+    if root:
+        sys.path.insert(0, root)
+
+    import ray
+
+    from jobs.caption import CaptionConfig
+    from jobs.sources import open_listing, plan_sources
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    cfg = CaptionConfig(input=manifest, output=os.path.join(work, "out"))
+    rss0 = _peak_rss_mib()
+    t0, c0 = time.perf_counter(), time.process_time()
+    streaming = "packing" in inspect.signature(plan_sources).parameters
+    if streaming:  # packed as spilled; the Dataset reads the parts
+        from jobs.pipeline import decode_input, packing
+
+        plan = plan_sources(open_listing(manifest), cfg.output, os.path.join(work, "todo"),
+                            packing=packing(cfg))
+        t_plan = time.perf_counter() - t0
+        ds = decode_input(cfg, plan.parts)
+        blocks = None  # not known to the driver: read where they are decoded
+    else:  # the todo list read back, packed in one piece, every block put by the driver
+        import ray.data
+
+        from jobs.blocks import decode_blocks
+
+        plan = plan_sources(open_listing(manifest), cfg.output, os.path.join(work, "todo"))
+        t_plan = time.perf_counter() - t0
+        todo = list(plan.tables())
+        blocks = decode_blocks(todo, cfg.pack_sources, cfg.unknown_size_sources)
+        ds = ray.data.from_arrow(blocks)
+        blocks = len(blocks)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(json.dumps(dict(mode="streaming" if streaming else "driver", todo=plan.count,
+                          parts=len(plan.parts), blocks=blocks, plan_s=t_plan, wall_s=wall,
+                          cpu_s=cpu, ds=type(ds).__name__, peak_mib=_peak_rss_mib(),
+                          ray_mib=rss0)))
+    ray.shutdown()
+
+
+def measure_packing(rows: list[int], root: str = "") -> list[dict]:
+    """(e): one fresh process per manifest size (this checkout, or ``root``'s)."""
+    import json
+    import subprocess
+
+    out = []
+    with tempfile.TemporaryDirectory(prefix="ohpack-") as d:
+        for n in rows:
+            man = write_manifest(os.path.join(d, f"m{n}.parquet"), n)
+            r = subprocess.run([sys.executable, os.path.abspath(__file__), "--pack-child", man,
+                                os.path.join(d, f"w{n}-{len(out)}"), root],
+                               capture_output=True, text=True)
+            if r.returncode:
+                raise RuntimeError(r.stderr[-3000:])
+            out.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    return out
+
+
 def _peak_rss_mib() -> float:
     """This process's peak RSS (VmHWM: reset at exec, unlike ru_maxrss, which a child started
     by fork + exec inherits from the parent's image)."""
@@ -239,12 +309,21 @@ def main(argv=None) -> int:
     p.add_argument("--done", type=int, default=1_000_000, help="(d): captioned sources in OUTPUT")
     p.add_argument("--all-rows", type=int, default=0,
                    help="(c): also plan a manifest of this many new sources without --limit")
+    p.add_argument("--pack-rows", default="1000000",
+                   help="(e): manifest sizes (sources with sizes), comma-separated")
+    p.add_argument("--e-root", default="", help="(e): run in this checkout instead (before/after)")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--pack-child", nargs=3, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
         _plan_child(a.child[0], a.child[1], int(a.child[2]))
         return 0
+    if a.pack_child:
+        _pack_child(*a.pack_child)
+        return 0
     parts = set(a.only.split(","))
+    if "e" in parts:
+        print_packing(a)
     if parts & {"c", "d"}:
         print_listing(a)
     if "a" not in parts:
@@ -280,10 +359,27 @@ def main(argv=None) -> int:
             print(f"| {r['sources']} | {k} | {r['status']} | {r['failed']} | "
                   f"{r['first_output_s']:.1f} | {r['sources_per_s']:,.0f} | {r['wall_s']:.1f} | "
                   f"{r['commits']} | {r['parts']} | {r['rss_mib']:.0f} |")
+    if not (a.windows or a.missing):
+        return 0
     print(f"\nreproduce: RAY_TMPDIR=/tmp/ray-scale .venv/bin/python bench/scale.py --windows "
           f"{a.windows} --per-source {a.per_source} --sources-per-block {a.sources_per_block} "
           f"--missing {a.missing} --unknown-size-sources {a.unknown_size_sources}")
     return 0
+
+
+def print_packing(a) -> None:
+    rows = measure_packing([int(x) for x in a.pack_rows.split(",")], a.e_root)
+    print(f"# bench/scale.py (e): plan + pack + build the decode input Dataset, manifest with "
+          f"sizes, local Ray 2 CPUs, a fresh process each; checkout "
+          f"{a.e_root or 'this one'}; load avg {os.getloadavg()[0]:.1f}")
+    print("| sources | path | todo parts | plan s | plan + pack + build s | CPU s | "
+          "driver peak RSS MiB | of which Ray started MiB |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['todo']:,} | {r['mode']} | {r['parts']} | {r['plan_s']:.1f} | "
+              f"{r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_mib']:.0f} | {r['ray_mib']:.0f} |")
+    print(f"reproduce: RAY_TMPDIR=/tmp/ray-scale .venv/bin/python bench/scale.py --only e "
+          f"--pack-rows {a.pack_rows}" + (f" --e-root {a.e_root}" if a.e_root else "") + "\n")
 
 
 def print_listing(a) -> None:

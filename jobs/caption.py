@@ -5,9 +5,10 @@
 
 Stages (Ray Data, streaming; nothing materialises the whole archive):
     sources (driver, jobs/sources.py: take the output lease, list folders/prefixes/manifests/
-             shards in chunks, skip done (an Arrow anti-join), spill the todo list to Parquet;
-             then pack sources into numbered decode blocks: jobs/blocks.py)
-    -> decode_sources  [CPU tasks: a block's windows, leaving as ONE block]
+             shards in chunks, skip done (an Arrow anti-join), spill the todo list to Parquet,
+             each part packed into numbered decode blocks as it is written: jobs/blocks.py)
+    -> read            [CPU tasks, jobs/todo_source.py: a todo part, one row per decode block]
+    -> decode_sources  [CPU tasks: one block's windows, leaving as ONE block]
     -> ClapCaptioner   [one autoscaling actor pool, GPU if any: CLAP embedding + caption decoding
                         + confidence, whole blocks in micro-batches; --no-fuse-models: ClapEmbedder
                         then Captioner pools; a DALI model: DaliCaptioner]
@@ -22,7 +23,8 @@ Output layout under OUTPUT:
     failures/part-<run>-b<block>-<attempt>.parquet   one row per failed source or window
     _commits/<run>-<attempt>-<seq>.json               the parts that count (jobs.sink)
     runs/<run>/config.json, runs/<run>/manifest.json
-    runs/<run>/todo/part-*.parquet      the run's todo list (jobs.sources.Plan), removed at its end
+    runs/<run>/todo/part-*.parquet      the run's todo list, packed (jobs.sources.Plan), removed at
+                                        its end
 """
 
 from __future__ import annotations
@@ -44,13 +46,12 @@ from jobs.config_cli import (OptionError, check, exit_bad_option, flat_dict, fla
 # decode-block packing and pool sizing live in jobs/blocks.py and jobs/pools.py; imported here
 # so `from jobs.caption import pack_sources` (pool_size, ray_ui, ...) keeps working
 from jobs.blocks import (BLOCK_BYTES, BLOCK_SOURCES, MAX_BLOCKS, SOURCE_TYPE,  # noqa: F401
-                         _container_order, _layout_blocks, decode_blocks, pack_sources,
-                         sources_table)
+                         _layout_blocks, decode_blocks, pack_sources, sources_table)
 from jobs.lease import LeaseHeld, OutputLease
 from jobs.pools import (CPUS_PER_CPU_ACTOR, Placement, cluster_gpus, placement,  # noqa: F401
                         pool_size, ray_init, ray_ui)
 from jobs.pipeline import (WRITER_CPUS, build, decode_sources_here,  # noqa: F401
-                           effective_windows, write_part_here)
+                           effective_windows, packing, write_part_here)
 from jobs.sink import commit, quarantine_damaged, remove_uncommitted
 from jobs.sources import open_listing, plan_sources
 from overheard import storage
@@ -202,10 +203,12 @@ def _run_leased(cfg, t0, dali, clap, decoder, frame_size, lease, sources) -> dic
     uncommitted = remove_uncommitted(cfg.output)
     damaged = quarantine_damaged(cfg.output)
     # listing, dedup, anti-join against OUTPUT, --limit (jobs/sources.py); todo spilled to
-    # runs/<run>/todo/ as Parquet, read back as Arrow tables for build() to pack
+    # runs/<run>/todo/ as Parquet parts packed into decode blocks, which Ray tasks read: the
+    # driver keeps only the parts' paths
     plan = _preflight("list the input", cfg.input, lambda: plan_sources(
-        sources, cfg.output, storage.join(run_dir, "todo"), limit=cfg.limit))
-    todo = list(plan.tables()) if plan.count else []
+        sources, cfg.output, storage.join(run_dir, "todo"), limit=cfg.limit,
+        packing=packing(cfg)))
+    todo = plan.parts if plan.count else []
     manifest = dict(run_id=cfg.run_id, status="running", started_at=t0, input=cfg.input,
                     output=cfg.output, clap=clap, decoder=decoder,
                     overheard_version=overheard.__version__,

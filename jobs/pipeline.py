@@ -1,6 +1,9 @@
 """The caption job's Ray Data pipeline (``build``): decode stage, model stage(s), part writer.
 
-    sources (Arrow rows, jobs/blocks.py) -> decode_sources_here [CPU tasks, one block each]
+    packed todo parts (jobs/sources.py, jobs/blocks.py)
+      -> read [CPU tasks, jobs/todo_source.py: a part as one row per decode block]
+      -> repartition [CPU tasks: one-row Ray Data blocks, i.e. one decode block each]
+      -> decode_sources_here [CPU tasks, one decode block each]
       -> DaliCaptioner | ClapCaptioner | ClapEmbedder + Captioner [actor pools, whole blocks]
       -> write_part_here [CPU tasks: one atomic Parquet part per block, one metadata row out]
 
@@ -15,7 +18,7 @@ import os
 
 import pyarrow as pa
 
-from jobs.blocks import decode_blocks, sources_table
+from jobs.blocks import pack_table, sources_table
 from jobs.caption_config import CaptionConfig
 from jobs.pools import Placement, placement, ray_init
 
@@ -36,11 +39,13 @@ WRITER_CPUS = 0.25
 
 def build(cfg: CaptionConfig, sources, clap: str, decoder: str, dali: str = "",
           frame_size: int = 0, attempt: str = "00000000"):
-    """The streaming Ray Data pipeline over ``sources`` (Arrow rows as ``sources_table`` makes,
-    or a list of (uri, version[, size[, locator]])); returns the Dataset (lazy) whose rows are
-    the written parts' metadata (actors/part_writer.py), one per decode block. ``attempt`` (8 hex
-    digits) names this run attempt's parts. With ``dali`` (a DALI checkpoint) one DaliCaptioner
-    pool replaces the CLAP + decoder pools."""
+    """The streaming Ray Data pipeline over ``sources``: the packed todo list's Parquet parts
+    (``jobs.sources.plan_sources(..., packing=packing(cfg))``: a list of paths), or Arrow rows
+    as ``sources_table`` makes (or a list of (uri, version[, size[, locator]])), packed here;
+    returns the Dataset (lazy) whose rows are the written parts' metadata
+    (actors/part_writer.py), one per decode block. ``attempt`` (8 hex digits) names this run
+    attempt's parts. With ``dali`` (a DALI checkpoint) one DaliCaptioner pool replaces the
+    CLAP + decoder pools."""
     place = placement(cfg, ray_init(cfg), dali)
     cfg = effective_windows(cfg)
     ds = _decode_stage(cfg, sources, frame_size, attempt)
@@ -53,14 +58,49 @@ def build(cfg: CaptionConfig, sources, clap: str, decoder: str, dali: str = "",
     return _writer(cfg, ds, attempt)
 
 
-def _decode_stage(cfg: CaptionConfig, sources, frame_size: int, attempt: str):
-    """The first stage: decode blocks in, each block's windows out as one block (CPU tasks)."""
+def packing(cfg: CaptionConfig) -> dict:
+    """``jobs.blocks.pack_table``'s options for this config."""
+    return dict(pack=cfg.pack_sources, unknown_sources=cfg.unknown_size_sources)
+
+
+# CPUs per read task (one packed todo part: a Parquet read of ~100k sources, then one row per
+# block) and per repartition task. Not decode_cpus: remote arguments that differ keep Ray Data
+# from fusing them into the decode stage, which would decode a part's blocks serially.
+READ_CPUS = 0.25
+
+
+def decode_input(cfg: CaptionConfig, sources):
+    """The decode stage's input Dataset: one Ray Data block of ONE row per decode block
+    (``jobs.blocks.block_rows``: block, sources), read by Ray tasks from the packed todo parts
+    (``sources``: a list of paths), or from ``sources`` (Arrow rows / tuples) packed here as
+    one part. The driver holds the list of parts, never the blocks."""
     import ray.data
 
-    if isinstance(sources, list) and (not sources or isinstance(sources[0], tuple)):
-        sources = sources_table(sources)
-    ds = ray.data.from_arrow(decode_blocks(sources, cfg.pack_sources, cfg.unknown_size_sources))
-    return ds.map_batches(
+    from jobs.todo_source import PackedTodo
+
+    if isinstance(sources, list) and sources and isinstance(sources[0], str):
+        parts = sources
+    else:
+        if isinstance(sources, list):
+            sources = (sources_table(sources) if not sources or isinstance(sources[0], tuple)
+                       else pa.concat_tables(sources))
+        parts = [pack_table(sources, **packing(cfg))]
+    # A read task's yields leave as one Ray Data block (no block shaping, jobs/pools.py), so a
+    # part is one block of block rows, which the streaming repartition cuts into one-row blocks:
+    # a decode block per decode task, streamed (read tasks are backpressured), never cut. One
+    # read task per part: when Ray Data wants more blocks than read tasks it splits their
+    # output (additional_split_factor), at rows, i.e. between decode blocks, which is harmless.
+    ds = ray.data.read_datasource(PackedTodo(parts), override_num_blocks=len(parts),
+                                  num_cpus=READ_CPUS).repartition(target_num_rows_per_block=1)
+    # a repartition task yields a part's blocks as the decode tasks take them, so it lives as
+    # long as its part is being decoded: it must not hold a whole CPU (the default) meanwhile
+    ds._logical_plan.dag.ray_remote_args["num_cpus"] = READ_CPUS
+    return ds
+
+
+def _decode_stage(cfg: CaptionConfig, sources, frame_size: int, attempt: str):
+    """The first stage: decode blocks in, each block's windows out as one block (CPU tasks)."""
+    return decode_input(cfg, sources).map_batches(
         decode_sources_here, batch_size=None, batch_format="pyarrow",
         fn_kwargs=dict(part=dict(output=cfg.output, run_id=cfg.run_id, attempt=attempt),
                        window_s=cfg.window, hop_s=cfg.hop or None, min_window_s=cfg.min_window,
@@ -169,8 +209,11 @@ def write_part_here(batch: pa.Table, **kwargs) -> pa.Table:
 
 
 def decode_sources_here(batch: pa.Table, *, part: dict, **kwargs):
-    """``actors.part_writer.decode_sources_in_blocks``, recording the node (a failure-only block
-    is written by its decode task)."""
+    """``actors.part_writer.decode_sources_in_blocks`` on each decode block of ``batch`` (block
+    rows, ``jobs.blocks.block_rows``: one per call in the caption job), recording the node (a
+    failure-only block is written by its decode task)."""
     from actors.part_writer import decode_sources_in_blocks
+    from jobs.blocks import unpack_blocks
 
-    yield from decode_sources_in_blocks(batch, part=dict(part, node=_node()), **kwargs)
+    for block in unpack_blocks(batch):
+        yield from decode_sources_in_blocks(block, part=dict(part, node=_node()), **kwargs)

@@ -31,9 +31,11 @@ objects):
   at the first page that sorts after the N-th source.
 
 A URI listed twice is one source, the first entry winning (its version and size); the repeats
-are counted (``Plan.duplicate``), never as sources. The todo list
-is written to ``todo_dir`` as Parquet parts of TODO_PART_ROWS rows (``plan.path``: Ray Data can
-read it back with ``ray.data.read_parquet``; ``plan.tables()`` streams it).
+are counted (``Plan.duplicate``), never as sources. The todo list is written to ``todo_dir`` as
+Parquet parts of about TODO_PART_ROWS rows (a part ends between two archive containers;
+``plan.tables()`` streams it); with ``packing``, each part is packed into decode blocks as it is
+written (``jobs.blocks.pack_table``: rows ordered by block, a ``block`` column, numbers running
+on across parts), which the caption job's read tasks take as they are (jobs/todo_source.py).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ CHUNK_ROWS = 65_536
 SPILL_ROWS = 500_000
 # Hash buckets of a spilled listing: 10M todo sources -> ~160k rows (~25 MB) per bucket.
 BUCKETS = 64
-# Rows per todo Parquet part (a few MB each).
+# Rows per todo Parquet part (a few MB each), packed into decode blocks one part at a time.
 TODO_PART_ROWS = 100_000
 
 
@@ -430,7 +432,10 @@ class _Spill:
         if t.num_rows == 0:
             return
         t = _normal(t, locator=True).cast(self.schema)
-        b = _bucket_ids(t.column("source_uri"), self.buckets)
+        # hashed on the URI up to '#': a tar / Parquet file's members ("<container>#<member>")
+        # land in one bucket, so the todo list keeps an archive group together (jobs/blocks.py)
+        b = _bucket_ids(pc.replace_substring_regex(t.column("source_uri"), "#.*", ""),
+                        self.buckets)
         order = np.argsort(b, kind="stable")
         t = t.take(pa.array(order))
         counts = np.bincount(b, minlength=self.buckets)
@@ -457,12 +462,12 @@ class _Spill:
 @dataclass
 class Plan:
     """The sources a run will caption, spilled to Parquet parts under ``path`` (SOURCE_SCHEMA,
-    in todo order). ``listed``/``skipped_done`` count distinct sources; ``duplicate`` the
-    entries that repeat a URI listed before (a manifest naming a URI 3 times: 1 listed, 2
-    duplicate). With --limit, only duplicates of done sources and of the N kept are found (the
-    rest are never deduplicated: that is what bounds its memory), so ``listed`` may count a
-    duplicate beyond the N-th as a source. ``complete`` is False when --limit stopped the
-    listing early."""
+    in todo order; packed: + ``block``, in block order). ``listed``/``skipped_done`` count
+    distinct sources; ``duplicate`` the entries that repeat a URI listed before (a manifest
+    naming a URI 3 times: 1 listed, 2 duplicate). With --limit, only duplicates of done sources
+    and of the N kept are found (the rest are never deduplicated: that is what bounds its
+    memory), so ``listed`` may count a duplicate beyond the N-th as a source. ``complete`` is
+    False when --limit stopped the listing early."""
 
     count: int
     listed: int
@@ -482,7 +487,7 @@ class Plan:
 
     def rows(self) -> list[tuple]:
         """The todo list as (uri, version, size[, locator]) tuples, for tests and benches (one
-        Python tuple per source: small lists only; the caption job reads ``tables()``)."""
+        Python tuple per source: small lists only; the caption job hands ``parts`` to Ray)."""
         out = []
         for t in self.tables():
             for u, v, n, loc in zip(*(t.column(c).to_pylist() for c in SOURCE_SCHEMA.names)):
@@ -498,16 +503,26 @@ class Plan:
 
 
 class _TodoWriter:
-    def __init__(self, path: str):
+    """Writes the todo list as Parquet parts of about TODO_PART_ROWS rows (a part ends between
+    two archive containers, never inside one), each packed into decode blocks as it is written
+    when ``packing`` is given (``jobs.blocks.pack_table``'s options; block numbers continue from
+    part to part), so the driver holds one part at a time and never the run's blocks."""
+
+    def __init__(self, path: str, packing: dict | None = None):
         self.path, self.parts, self.buf, self.rows, self.count = path, [], [], 0, 0
+        self.packing, self.blocks = packing, 0
 
     def add(self, t: pa.Table) -> None:
         self.buf.append(t)
         self.rows += t.num_rows
         while self.rows >= TODO_PART_ROWS:
             t = _concat(self.buf)
-            self._write(t.slice(0, TODO_PART_ROWS))
-            rest = t.slice(TODO_PART_ROWS)
+            cut = _container_end(t, TODO_PART_ROWS)
+            if cut == t.num_rows:
+                self.buf = [t]
+                break  # the container may go on in the next table: wait for its end
+            self._write(t.slice(0, cut))
+            rest = t.slice(cut)
             self.buf, self.rows = [rest], rest.num_rows
 
     def close(self) -> None:
@@ -517,6 +532,12 @@ class _TodoWriter:
 
     def _write(self, t: pa.Table) -> None:
         t = _normal(t, locator=True).select(SOURCE_SCHEMA.names).cast(SOURCE_SCHEMA)
+        if self.packing is not None:
+            from jobs.blocks import pack_table
+
+            t = pack_table(t, first=self.blocks, **self.packing)
+            if t.num_rows:
+                self.blocks = t.column("block")[-1].as_py() + 1
         buf = io.BytesIO()
         pq.write_table(t, buf, compression="zstd")
         uri = storage.join(self.path, f"part-{len(self.parts):05d}.parquet")
@@ -525,12 +546,31 @@ class _TodoWriter:
         self.count += t.num_rows
 
 
+def _container_end(t: pa.Table, n: int) -> int:
+    """The first row at or after ``n`` that does not continue row n-1's archive container (a
+    .tar.gz shard or Parquet file whose members are grouped, overheard.layouts.group_key): the
+    todo list is in URI order within a hash bucket and members are "<container>#...", so a
+    container's members are consecutive. len(t) when the container runs to the end."""
+    if n >= t.num_rows or "locator" not in t.column_names:
+        return min(n, t.num_rows)
+    from jobs.blocks import group_containers
+
+    con = group_containers(t.column("locator").slice(n - 1))
+    if not con[0].is_valid:
+        return n
+    same = pc.fill_null(pc.equal(con, con[0]), False).to_numpy(zero_copy_only=False)
+    ends = np.flatnonzero(~same)
+    return n - 1 + int(ends[0]) if len(ends) else t.num_rows
+
+
 def plan_sources(listing: Listing, output: str, todo_dir: str, limit: int = 0,
-                 done: pa.Array | None = None) -> Plan:
+                 done: pa.Array | None = None, packing: dict | None = None) -> Plan:
     """List ``listing``, leave out OUTPUT's own files and the sources ``done`` holds (default:
     ``jobs.sink.done_uris(output)``), deduplicate, keep the first ``limit`` by URI (0: all) and
     write the todo list to ``todo_dir``. Order: by URI (beyond SPILL_ROWS todo sources without
-    --limit: by hash bucket, then URI)."""
+    --limit: by hash bucket, then URI). ``packing`` (``jobs.blocks.pack_table``'s keyword
+    arguments, e.g. ``{}``): each part is written packed, ordered by decode block with a
+    ``block`` column (the caption job's decode input, jobs/pipeline.py); None: unpacked."""
     if done is None:
         from jobs.sink import done_uris
         done = done_uris(output)
@@ -540,7 +580,7 @@ def plan_sources(listing: Listing, output: str, todo_dir: str, limit: int = 0,
     # --limit small chunks let an ordered listing stop soon after the n-th source
     chunks = _not_done(_merged(chunks, max(len(done), min(CHUNK_ROWS, limit) if limit
                                            else CHUNK_ROWS)), done, counts)
-    writer = _TodoWriter(todo_dir)
+    writer = _TodoWriter(todo_dir, packing)
     if limit:
         top = _first_n(chunks, limit, listing.ordered, counts)
         if top is not None:

@@ -150,6 +150,94 @@ def test_manifest_csv_input_and_limit(ray_local, tiny_model, archive, tmp_path):
     assert len(set(caps["source_uri"].to_pylist())) == 3
 
 
+def _todo_blocks(plan) -> dict:
+    """{block: sorted URIs} of a packed todo list."""
+    out: dict = {}
+    for t in plan.tables():
+        for u, b in zip(t["source_uri"].to_pylist(), t["block"].to_pylist()):
+            out.setdefault(b, []).append(u)
+    return {b: sorted(u) for b, u in out.items()}
+
+
+def test_todo_in_several_packed_parts(ray_local, tiny_model, tmp_path, monkeypatch):
+    """A todo list spilled (and packed) in several parts, TODO_PART_ROWS forced to 4: every
+    source is captioned exactly once, block numbers run on across parts, and each part written
+    holds exactly the sources of one todo block (blocks arrive whole at the part writer)."""
+    import re
+
+    from jobs import sources as S
+
+    monkeypatch.setattr(S, "TODO_PART_ROWS", 4)
+    d = tmp_path / "clips"
+    d.mkdir()
+    uris = []
+    for i in range(11):
+        uris.append(str(mf.make_tone(str(d / f"c{i:02d}.wav"), seconds=1.0 + 0.25 * i,
+                                     sr=16000, freq=300 + 40 * i)))
+    # sizes for 8 (packed by size), none for 3 (unknown: unknown_size_sources=2 to a block)
+    sizes = [os.path.getsize(u) if i < 8 else 0 for i, u in enumerate(uris)]
+    man = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"uri": uris, "size": sizes}), man)
+    out = str(tmp_path / "out")
+    m = run_job(dict(input=man, output=out, model=tiny_model, progress=False,
+                     unknown_size_sources=2))
+    assert m["status"] == "completed" and m["sources_captioned"] == 11
+    caps = read_dir(os.path.join(out, "captions"))
+    assert sorted(caps["source_uri"].to_pylist()) == sorted(uris)  # one 10-s window each
+    want = _todo_blocks(S.plan_sources(S.open_listing(man), str(tmp_path / "empty"),
+                                       str(tmp_path / "todo"),
+                                       packing=dict(pack=True, unknown_sources=2)))
+    assert sorted(want) == [0, 1, 2, 3]  # c00-03 | c04-07 | c08 c09 | c10
+    got = {}
+    for f in os.listdir(os.path.join(out, "captions")):
+        b = int(re.search(r"-b(\d{6,})-", f).group(1))
+        got[b] = sorted(pq.read_table(os.path.join(out, "captions", f))["source_uri"].to_pylist())
+    assert got == want
+
+
+def test_decode_calls_get_one_whole_block(ray_local, tmp_path, monkeypatch):
+    """The decode stage's input (jobs.pipeline.decode_input: packed todo parts read by Ray
+    tasks, cut into one-row blocks) gives each decode call exactly one decode block, whole,
+    from spilled parts and from an in-memory table alike."""
+    from jobs import sources as S
+    from jobs.caption import CaptionConfig
+    from jobs.pipeline import decode_input, packing
+    from jobs.pools import placement
+
+    monkeypatch.setattr(S, "TODO_PART_ROWS", 60)
+    rng = np.random.default_rng(5)
+    n = 300
+    man = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"uri": [f"{tmp_path}/x/f{i:04d}.wav" for i in range(n)],
+                             "size": rng.integers(-1, 3 << 20, n)}), man)
+    cfg = CaptionConfig(input=man, output=str(tmp_path / "out"), unknown_size_sources=3)
+    placement(cfg, ray_local, "")  # the job's Ray Data context (no block shaping)
+    plan = S.plan_sources(S.open_listing(man), cfg.output, str(tmp_path / "todo"),
+                          packing=packing(cfg))
+    want = _todo_blocks(plan)
+    assert len(plan.parts) == 5 and len(want) > 20
+
+    def record_call(batch: pa.Table) -> pa.Table:  # one row per call: its blocks and sources
+        from jobs.blocks import unpack_blocks
+
+        tables = list(unpack_blocks(batch))
+        return pa.table({"blocks": [sorted({t["block"][0].as_py() for t in tables})],
+                         "uris": [sorted(u for t in tables for u in t["source_uri"].to_pylist())]})
+
+    for sources in (plan.parts, S.list_sources(man)):
+        calls = decode_input(cfg, sources).map_batches(
+            record_call, batch_size=None, batch_format="pyarrow", num_cpus=0.5,
+            memory=0).take_all()
+        assert all(len(c["blocks"]) == 1 for c in calls)
+        got = {c["blocks"][0]: c["uris"] for c in calls}
+        assert len(got) == len(calls)  # a block in one call only
+        if sources is plan.parts:
+            assert got == want
+        else:  # packed in one piece: the same sources, fewer (fuller) blocks
+            assert sorted(u for v in got.values() for u in v) == sorted(
+                u for v in want.values() for u in v)
+
+
 def test_missing_input_fails_before_work(tiny_model, tmp_path):
     with pytest.raises(FileNotFoundError, match="input not found"):
         run_job(dict(input=str(tmp_path / "nope"), output=str(tmp_path / "o"), model=tiny_model))
