@@ -18,12 +18,18 @@ from overheard import layouts
 # (4 MB ~ 4 min of 128-kbit AAC ~ 1-2 CPU-s of decoding) or BLOCK_SOURCES, a file of unknown
 # or larger size is alone, and blocks are dealt largest first so hour-long files start early
 # instead of forming the run's tail. Sources of unknown size (a manifest without sizes) are
-# packed BLOCK_SOURCES to a block too (dealt first, as they may be large): one task per such
-# source cost ~8 ms of framework per source (20k missing files: 126 sources/s, bench/scale.py).
+# packed UNKNOWN_SOURCES to a block (dealt first, as they may be large): one task per such
+# source cost ~8 ms of framework per source (20k missing files: 126 sources/s, bench/scale.py),
+# and Ray Data's per-block cost still capped 32-source blocks at ~550 sources/s (128: ~1.8k/s).
+# Such a block is safe although its files may be hour-long: its decode task stats them first
+# and decodes only up to UNKNOWN_BLOCK_BYTES of them (the first always), deferring the rest to
+# the job's next round, where their sizes are known (actors/windows.stat_unknown).
 # A block stays whole until its part is written (actors/part_writer.py), so a decode task holds
 # its block's windows: ~23 MB of float32 per 4 MB of 16-kHz wav, a source's own size when alone.
 BLOCK_BYTES = 4 << 20
 BLOCK_SOURCES = 32
+UNKNOWN_SOURCES = 128
+UNKNOWN_BLOCK_BYTES = 4 * BLOCK_BYTES
 MAX_BLOCKS = 10_000
 
 
@@ -70,15 +76,18 @@ def _layout_blocks(sources: list[tuple], pack: bool,
         (groups.setdefault(key, []) if key else single).append(s)
     locs = {s[0]: (s[3] if len(s) == 4 else None) for s in single}
     sized = [(u, v, n) for u, v, n, *_ in single]
+    size_of = {u: n for u, _, n in sized}
     blocks = (pack_sources(sized, unknown_sources=unknown_sources) if pack
               else [[(u, v)] for u, v, _ in sized])
     # groups first: a whole shard / row group is the largest unit, and large blocks start first
     # (see pack_sources) so they do not form the run's tail
-    rows = [[layouts.group_row(sorted(g, key=_container_order))] for _, g in sorted(groups.items())]
-    rows += [[(u, v, locs[u]) for u, v in b] for b in blocks]
-    return [pa.table({"source_uri": pa.array([u for u, _, _ in b], pa.string()),
-                      "source_version": pa.array([v for _, v, _ in b], pa.string()),
-                      "locator": pa.array([loc for _, _, loc in b], layouts.LOCATOR_TYPE)})
+    rows = [[layouts.group_row(sorted(g, key=_container_order)) + (0,)]
+            for _, g in sorted(groups.items())]
+    rows += [[(u, v, locs[u], size_of[u]) for u, v in b] for b in blocks]
+    return [pa.table({"source_uri": pa.array([r[0] for r in b], pa.string()),
+                      "source_version": pa.array([r[1] for r in b], pa.string()),
+                      "locator": pa.array([r[2] for r in b], layouts.LOCATOR_TYPE),
+                      "size": pa.array([r[3] for r in b], pa.int64())})
             for b in rows]
 
 
@@ -107,7 +116,7 @@ def decode_blocks(sources: pa.Table | list, pack: bool = True,
                   unknown_sources: int | None = None) -> list[pa.Table]:
     """Sources (Arrow rows as ``sources_table``, one table or several) -> the decode stage's
     input blocks, numbered: each block's rows carry ``block`` (int64, its index), which names its
-    part (actors/part_writer.py)."""
+    part (actors/part_writer.py), and ``size`` (int64, 0: unknown, stat'ed by the decode task)."""
     if isinstance(sources, list):
         sources = pa.concat_tables(sources) if sources else SOURCE_TYPE.empty_table()
     locs = (sources.column("locator").to_pylist() if "locator" in sources.column_names
