@@ -311,7 +311,9 @@ def stat_unknown(batch: pa.Table, budget: int) -> tuple[pa.Table, dict, list[dic
     sizes = batch.column("size").to_pylist()
     locs = (batch.column("locator").is_null().to_pylist() if "locator" in batch.column_names
             else [True] * len(uris))
-    ask = [i for i, (n, loose) in enumerate(zip(sizes, locs)) if loose and (n or 0) <= 0]
+    # a URL refuse_source refuses (http://, chained "zip::") is never touched, not even stat'ed
+    ask = [i for i, (n, loose) in enumerate(zip(sizes, locs)) if loose and (n or 0) <= 0
+           and storage.protocol_of(uris[i]) in SOURCE_PROTOCOLS and "::" not in uris[i]]
     remote = any(storage.protocol_of(uris[i]) != "file" for i in ask)
     if remote and len(ask) > 1:
         from concurrent.futures import ThreadPoolExecutor

@@ -6,10 +6,11 @@
     embeddings, captions, scores), on one core. 1 and 8 windows per source, 32 sources per block
     (the packing default for small files).
 (b) the caption job on a manifest of N missing files (default 20k; no sizes, so every source is of
-    unknown size and ends as one read_error row): what is left of the job when decoding costs
-    nothing: listing, packing, scheduling, the actor hop, writing, committing. First output (s from
-    the start of run()), sources/s after it, the driver's peak RSS. A local Ray with 2 CPUs, the
-    tiny random model; the job's --unknown-size-sources 32 (default) and 128.
+    unknown size, stat'ed by its decode task and ends as one not_found row): what is left of the
+    job when decoding costs nothing: listing, packing, scheduling, the stat, the actor hop,
+    writing, committing. First output (s from the start of run()), sources/s after it, the
+    driver's peak RSS. A local Ray with 2 CPUs, the tiny random model; the job's
+    --unknown-size-sources 32 and 128 (the default).
 (c) and (d): the listing + planning path (``jobs/sources.py``), each size in a fresh process (peak
     RSS, wall and CPU s): (c) a 1M-row vs a 2k-row manifest with ``--limit 2000``; (d) a rerun
     deciding what is left with 1M captioned sources in OUTPUT.
