@@ -10,7 +10,7 @@
     job when decoding costs nothing: listing, packing, scheduling, the stat, the actor hop,
     writing, committing. First output (s from the start of run()), sources/s after it, the
     driver's peak RSS. A local Ray with 2 CPUs, the tiny random model; the job's
-    --unknown-size-sources 32 and 128 (the default).
+    --unknown-size-sources 32, 128 and 512 (the default).
 (c) and (d): the listing + planning path (``jobs/sources.py``), each size in a fresh process (peak
     RSS, wall and CPU s): (c) a 1M-row vs a 2k-row manifest with ``--limit 2000``; (d) a rerun
     deciding what is left with 1M captioned sources in OUTPUT.
@@ -233,7 +233,7 @@ def main(argv=None) -> int:
     p.add_argument("--per-source", default="1,8")
     p.add_argument("--sources-per-block", type=int, default=32)
     p.add_argument("--missing", type=int, default=20_000)
-    p.add_argument("--unknown-size-sources", default="32,128",
+    p.add_argument("--unknown-size-sources", default="32,128,512",
                    help="(b): the job's --unknown-size-sources values to run")
     p.add_argument("--only", default="a,b,c,d", help="parts to run: a, b, c, d")
     p.add_argument("--manifest-rows", type=int, default=1_000_000, help="(c): the big manifest")

@@ -19,16 +19,18 @@ from overheard import layouts
 # or larger size is alone, and blocks are dealt largest first so hour-long files start early
 # instead of forming the run's tail. Sources of unknown size (a manifest without sizes) are
 # packed UNKNOWN_SOURCES to a block (dealt first, as they may be large): one task per such
-# source cost ~8 ms of framework per source (20k missing files: 126 sources/s, bench/scale.py),
-# and Ray Data's per-block cost still capped 32-source blocks at ~550 sources/s (128: ~1.8k/s).
+# source cost ~8 ms of framework per source (20k missing files: 126 sources/s, bench/scale.py
+# (b)), and Ray Data's per-block cost (3 stages) still capped blocks of 32 at ~400-550
+# sources/s; 128: 1.1-1.8k/s, 512: 2.2k/s (first output 43 / 24 / 14 s at load average 11-19).
 # Such a block is safe although its files may be hour-long: its decode task stats them first
 # and decodes only up to UNKNOWN_BLOCK_BYTES of them (the first always), deferring the rest to
-# the job's next round, where their sizes are known (actors/windows.stat_unknown).
+# the job's next round, where their sizes are known (actors/windows.stat_unknown); so with
+# real audio the first round is mostly a stat pass and the second decodes normal blocks.
 # A block stays whole until its part is written (actors/part_writer.py), so a decode task holds
 # its block's windows: ~23 MB of float32 per 4 MB of 16-kHz wav, a source's own size when alone.
 BLOCK_BYTES = 4 << 20
 BLOCK_SOURCES = 32
-UNKNOWN_SOURCES = 128
+UNKNOWN_SOURCES = 512
 UNKNOWN_BLOCK_BYTES = 4 * BLOCK_BYTES
 MAX_BLOCKS = 10_000
 
