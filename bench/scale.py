@@ -117,7 +117,7 @@ def missing_run(n: int, unknown: int = 32, cpus: int = 2) -> dict:
     return dict(sources=n, status=m["status"], failed=m["sources_failed"],
                 first_output_s=first["committed_at"] - m["started_at"], wall_s=m["wall_s"],
                 sources_per_s=after / span if span > 0 else float("nan"),
-                commits=len(commits), parts=len(m["parts"]),
+                commits=len(commits), parts=m["parts"],
                 rss_mib=rss / 1024, rss_before_mib=rss0 / 1024)
 
 

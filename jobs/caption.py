@@ -216,7 +216,7 @@ def _run_leased(cfg, t0, dali, clap, decoder, frame_size, lease, sources) -> dic
                     sources_listed=plan.listed, sources_skipped_done=plan.skipped_done,
                     sources_todo=plan.count, sources_captioned=0, sources_failed=0,
                     windows=0, window_failures=0, audio_hours=0.0, failures_by_type={},
-                    model_ids=[], parts=[], windows_scored=0, windows_low_confidence=0,
+                    model_ids=[], parts=0, windows_scored=0, windows_low_confidence=0,
                     bundled_model=os.path.realpath(decoder).startswith(os.path.realpath(DEFAULT_MODEL)))
     manifest["damaged_parts"] = damaged  # renamed .damaged-*; their sources are redone
     if not plan.complete:
@@ -363,7 +363,9 @@ def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0, lease=Non
         for m in pending:
             _count(manifest, m)
             tally["committed"] += m["sources"]
-        manifest["parts"] += [storage.join(cfg.output, f) for f in files]
+        # a count: the files are in the commit log (a list here made every commit rewrite every
+        # part's path, O(parts^2) over a long run)
+        manifest["parts"] += len(files)
         manifest.setdefault("first_output_at", time.time())
         pending.clear()
         publish_manifest(cfg, manifest)
