@@ -14,7 +14,9 @@ Stages (Ray Data, streaming; nothing materialises the whole archive):
     -> write_part      [CPU tasks: the block's captions + failures as one atomic Parquet part;
                         returns one metadata row]
     -> driver: per-part metadata only: commits parts to OUTPUT/_commits (jobs.sink) and
-       republishes the run manifest at each commit. A block is whole sources from decode to sink,
+       republishes the run manifest at each commit. Sources of unknown size a decode task
+       deferred (past --unknown-block-bytes: actors/windows.stat_unknown) are listed in that
+       metadata and run in a second round, packed by their now known sizes (``_rounds``). A block is whole sources from decode to sink,
        and a part is read only once committed, so a source is in exactly one committed part or
        in none, across task retries, actor deaths, driver kills and reruns.
 Output layout under OUTPUT:
@@ -364,7 +366,7 @@ def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0, lease=Non
             _count(manifest, m)
             tally["committed"] += m["sources"]
         # a count: the files are in the commit log (a list here made every commit rewrite every
-        # part's path, O(parts^2) over a long run)
+        # part's path, O(parts^2) over a run: 7.7 MB and 34 ms of JSON per commit at 100k parts)
         manifest["parts"] += len(files)
         manifest.setdefault("first_output_at", time.time())
         pending.clear()
