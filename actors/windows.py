@@ -303,8 +303,9 @@ def stat_unknown(batch: pa.Table, budget: int) -> tuple[pa.Table, dict, list[dic
     Loose sources of unknown size are stat'ed (no open; STAT_THREADS at a time on an object
     store); a missing one stays in the block to become its ``not_found`` row, decided here. Then
     sources are kept in order while the block's known bytes fit ``budget`` (the first one
-    always; a smaller one later may still fit); the rest are deferred, as {source_uri, source_version, size} for the job's next
-    round, which packs them by their now known sizes. ``budget`` <= 0: nothing is stat'ed."""
+    always; a smaller one later may still fit); the rest are deferred, as {source_uri,
+    source_version, size} for the job's next round, which packs them by their now known sizes.
+    ``budget`` <= 0: nothing is stat'ed."""
     if budget <= 0 or "size" not in batch.column_names or not batch.num_rows:
         return batch, {}, []
     uris = batch.column("source_uri").to_pylist()

@@ -16,9 +16,10 @@ Stages (Ray Data, streaming; nothing materialises the whole archive):
     -> driver: per-part metadata only: commits parts to OUTPUT/_commits (jobs.sink) and
        republishes the run manifest at each commit. Sources of unknown size a decode task
        deferred (past --unknown-block-bytes: actors/windows.stat_unknown) are listed in that
-       metadata and run in a second round, packed by their now known sizes (``_rounds``). A block is whole sources from decode to sink,
-       and a part is read only once committed, so a source is in exactly one committed part or
-       in none, across task retries, actor deaths, driver kills and reruns.
+       metadata and run in a second round, packed by their now known sizes (``_rounds``). A
+       block is whole sources from decode to sink, and a part is read only once committed, so
+       a source is in exactly one committed part or in none, across task retries, actor
+       deaths, driver kills and reruns.
 Output layout under OUTPUT:
     captions/part-<run>-b<block>-<attempt>.parquet   one row per window (schema: overheard.schema)
     failures/part-<run>-b<block>-<attempt>.parquet   one row per failed source or window
@@ -219,6 +220,7 @@ def _run_leased(cfg, t0, dali, clap, decoder, frame_size, lease, sources) -> dic
                     sources_todo=plan.count, sources_captioned=0, sources_failed=0,
                     windows=0, window_failures=0, audio_hours=0.0, failures_by_type={},
                     model_ids=[], parts=0, windows_scored=0, windows_low_confidence=0,
+                    rounds=0, sources_deferred=0,
                     bundled_model=os.path.realpath(decoder).startswith(os.path.realpath(DEFAULT_MODEL)))
     manifest["damaged_parts"] = damaged  # renamed .damaged-*; their sources are redone
     if not plan.complete:
@@ -310,7 +312,7 @@ def _rounds(cfg, todo, clap, decoder, manifest, dali="", frame_size=0, lease=Non
                                         lease, bar, defer=rounds == 0, tally=tally)
             rounds += 1
             if deferred is not None:
-                manifest["sources_deferred"] = manifest.get("sources_deferred", 0) + len(deferred)
+                manifest["sources_deferred"] += len(deferred)
             if stopped or deferred is None:
                 break
             todo = [sources_table_of(deferred)]

@@ -45,7 +45,8 @@ def build(cfg: CaptionConfig, sources, clap: str, decoder: str, dali: str = "",
     the job's later rounds, whose sources all have known sizes."""
     place = placement(cfg, ray_init(cfg), dali)
     cfg = effective_windows(cfg)
-    ds = _decode_stage(cfg, sources, frame_size, attempt, cfg.unknown_block_bytes if defer else 0)
+    ds = _decode_stage(cfg, sources, frame_size, attempt,
+                       cfg.unknown_block_bytes if defer else 0)
     if dali:
         ds = _dali_stage(cfg, ds, dali, place)
     else:
@@ -65,7 +66,8 @@ def _decode_stage(cfg: CaptionConfig, sources, frame_size: int, attempt: str, bu
     return ds.map_batches(
         decode_sources_here, batch_size=None, batch_format="pyarrow",
         fn_kwargs=dict(part=dict(output=cfg.output, run_id=cfg.run_id, attempt=attempt),
-                       unknown_budget=budget, window_s=cfg.window, hop_s=cfg.hop or None, min_window_s=cfg.min_window,
+                       unknown_budget=budget, window_s=cfg.window, hop_s=cfg.hop or None,
+                       min_window_s=cfg.min_window,
                        pad_mode=cfg.pad_mode, max_duration_s=cfg.max_duration or None,
                        timeout_s=cfg.decode_timeout or None,
                        frame_size=frame_size if cfg.mode == "audio+image" else 0),

@@ -145,7 +145,8 @@ def index_shard(uri: str, version: str, size: int, suffixes: tuple[str, ...]) ->
         f = (open(path, "rb") if storage.protocol_of(uri) == "file"
              else fs.open(path, "rb", block_size=1 << 20, cache_type="readahead"))
     except Exception as e:  # noqa: BLE001
-        return [_fail(uri, version, read_error_type(e), f"cannot open shard: {type(e).__name__}: {e}")]
+        return [_fail(uri, version, read_error_type(e),
+                      f"cannot open shard: {type(e).__name__}: {e}")]
     with f:
         try:
             tf = tarfile.open(fileobj=f, mode="r|gz" if gz else "r:")
@@ -240,7 +241,8 @@ def index_hf_parquet(uri: str, version: str, size: int) -> list[tuple]:
                     row += 1
             return out
     except Exception as e:  # noqa: BLE001 - unreadable footer, truncated file, store error
-        etype = read_error_type(e) if _is_store_error(e) else ("empty_file" if size == 0 else "corrupt")
+        etype = read_error_type(e) if _is_store_error(e) else (
+            "empty_file" if size == 0 else "corrupt")
         return [_fail(uri, version, etype, f"unreadable Parquet file: {type(e).__name__}: {e}")]
 
 
