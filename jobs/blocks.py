@@ -20,9 +20,9 @@ from overheard import layouts
 # instead of forming the run's tail. Sources of unknown size (a manifest without sizes) are
 # packed UNKNOWN_SOURCES to a block (dealt first, as they may be large): one task per such
 # source cost ~8 ms of framework per source (20k missing files: 126 sources/s, bench/scale.py
-# (b)), and Ray Data's per-block cost (3 stages) still capped blocks of 32 at ~300-550
-# sources/s; 128: 1.1-1.8k/s, 512: 1.9-2.2k/s (first output 17-43 / 24-38 / 14-19 s at load
-# average 5-25; 15 / 9 s for 32 / 128 on the idle machine).
+# (b)), and Ray Data's per-block cost (3 stages) still capped blocks of 32 at ~300-700
+# sources/s; 128: 1.1-2.3k/s, 512: 1.9-3.2k/s (first output 17-43 / 8-38 / 9-19 s at load
+# average 3.5-25; at 3.5: 703 / 2,263 / 3,239 sources/s, 16.7 / 7.8 / 9.2 s).
 # Such a block is safe although its files may be hour-long: its decode task stats them first
 # and decodes only up to UNKNOWN_BLOCK_BYTES of them (the first always), deferring the rest to
 # the job's next round, where their sizes are known (actors/windows.stat_unknown); so with
