@@ -128,3 +128,22 @@ def test_deferred_sources_are_captioned_in_a_second_round(ray_local, tiny_model,
     m2 = run(cfg)
     assert m2["sources_todo"] == 3 and m2["sources_skipped_done"] == 7
     assert m2["sources_captioned"] == 1 and m2["failures_by_type"] == {"not_found": 2}
+
+
+def test_object_store_sources_are_stated_not_opened(s3_server, s3_bucket, tmp_path):
+    """On an object store the stat is a HEAD per source (STAT_THREADS at a time): a missing
+    object is not_found there and deferred ones come back with their sizes."""
+    from actors.windows import stat_unknown
+
+    mf.make_tone(str(tmp_path / "x.wav"), seconds=1.0, sr=16000, channels=1)
+    fs = s3_server.fs()
+    body = (tmp_path / "x.wav").read_bytes()
+    uris = [f"s3://{s3_bucket}/unk/{i}.wav" for i in range(4)] + [f"s3://{s3_bucket}/unk/gone.wav"]
+    for u in uris[:4]:
+        fs.pipe(u[len("s3://"):], body)
+    block = pa.table({"source_uri": uris, "source_version": [""] * 5,
+                      "size": pa.array([0] * 5, pa.int64())})
+    todo, gone, deferred = stat_unknown(block, budget=2 * len(body))
+    assert list(gone) == [uris[-1]] and "stat before opening" in gone[uris[-1]]
+    assert todo["source_uri"].to_pylist() == [uris[0], uris[1], uris[-1]]
+    assert deferred == [dict(source_uri=u, source_version="", size=len(body)) for u in uris[2:4]]
