@@ -14,12 +14,15 @@ committing it) is never read and its sources are redone by the next run.
 Columns in (``write_part``): the model actors' output (``actors.captioner``: window columns +
 audio_embedding (optional), caption, logprob, decoding, confidence, model_id, ...) plus
     block: int64       the decode block the rows came from (``decode_sources_in_blocks``)
-    part_meta: str     null; on a carrier row, the metadata of a part its decode task wrote
+    part_meta: str     null; on a carrier row, the metadata of a part its decode task wrote; on
+                       a block's first row, DEFERRED + the sources its decode task deferred
 Columns out: ONE row per part (metadata only; the rows stay in the part), ``META_SCHEMA``:
     part: str (file name), block: int64, files: list<str> (paths under OUTPUT), sources,
     captioned, failed, windows, window_failures, windows_scored, windows_low_confidence,
     windows_with_frames: int64, audio_s: float64, failures_by_type: str (JSON {type: n}),
-    model_ids: str (JSON list), writer: str (host:pid), node_id: str (Ray node, or "")
+    model_ids: str (JSON list), writer: str (host:pid), node_id: str (Ray node, or ""),
+    deferred: list<struct<source_uri: str, source_version: str, size: int64>> (the block's
+    sources its decode task deferred, in no part: ``decode_sources_in_blocks``)
 No Ray import: the caption job schedules these (``jobs/caption.py``).
 """
 
@@ -52,9 +55,15 @@ def part_name(run_id: str, block: int, attempt: str) -> str:
     return f"part-{run_id}-b{block:06d}-{attempt}.parquet"
 
 
-def decode_sources_in_blocks(batch: pa.Table, *, part: dict | None = None, **kwargs):
+def decode_sources_in_blocks(batch: pa.Table, *, part: dict | None = None,
+                             unknown_budget: int = 0, **kwargs):
     """``actors.windows.decode_sources`` over one decode block (input columns + ``block``: int64,
     the same on every row), every output row tagged with that ``block`` and ``part_meta`` (null).
+    First ``actors.windows.stat_unknown`` (``unknown_budget``: bytes, 0 = off) stats its sources
+    of unknown size: missing ones become ``not_found`` rows unopened, and those past the budget
+    are deferred: neither decoded nor written, listed in the part's metadata (``deferred``) for
+    the job's next round. They reach the writer on the block's first row, as ``part_meta`` =
+    DEFERRED + JSON {block, deferred}.
     The caption job runs it with block shaping off, so a task's tables leave as ONE block. With
     ``part`` (``write_part``'s keyword arguments), a block that decoded to failure rows only
     (missing, corrupt, refused sources) is written here, and what leaves is one carrier row: the
@@ -63,18 +72,33 @@ def decode_sources_in_blocks(batch: pa.Table, *, part: dict | None = None, **kwa
     So a block of failures costs no model work and no second write; a carrier (not a separate
     metadata table) because Ray Data joins the outputs of one task into one block, and tables of
     different columns would lose all but the common ones."""
-    from actors.windows import decode_sources
+    from actors.windows import decode_sources, stat_unknown
 
     block = batch.column("block")[0].as_py() if batch.num_rows else -1
-    tables = [_tag(t, block) for t in decode_sources(batch.drop_columns(["block"]), **kwargs)]
+    todo, gone, deferred = stat_unknown(batch.drop_columns(["block"]), unknown_budget)
+    tables = [_tag(t, block) for t in decode_sources(todo, gone=gone, **kwargs)]
     if part is not None and tables and not any(
             pc.any(pc.greater_equal(t.column("window_index"), 0)).as_py() for t in tables):
         rows = pa.concat_tables(tables, promote_options="default")
         meta = _write_block(rows.drop_columns(["block", "part_meta"]), block, **part)
-        yield rows.slice(0, 1).set_column(rows.column_names.index("part_meta"), "part_meta",
-                                          pa.array([json.dumps(meta)], pa.string()))
+        meta["deferred"] = deferred
+        yield _set_meta(rows.slice(0, 1), json.dumps(meta))
         return
+    if deferred and tables:
+        tables[0] = _set_meta(tables[0], DEFERRED + json.dumps(dict(block=block,
+                                                                    deferred=deferred)))
     yield from tables
+
+
+# part_meta of a block's first row when the block deferred sources (else part_meta is a
+# written part's metadata, JSON)
+DEFERRED = "deferred:"
+
+
+def _set_meta(t: pa.Table, text: str) -> pa.Table:
+    """``t`` with ``part_meta`` = ``text`` on its first row."""
+    meta = pa.array([text] + [None] * (t.num_rows - 1), pa.string())
+    return t.set_column(t.column_names.index("part_meta"), "part_meta", meta)
 
 
 def _tag(t: pa.Table, block: int) -> pa.Table:
@@ -247,14 +271,19 @@ def write_part(batch: pa.Table, *, output: str, run_id: str, attempt: str,
     Ray node id, recorded."""
     if "part_meta" not in batch.column_names:
         batch = batch.append_column("part_meta", pa.nulls(batch.num_rows, pa.string()))
-    carried = batch.column("part_meta").is_valid()
-    metas = [json.loads(m) for m in batch.column("part_meta").filter(carried).to_pylist()]
+    pm = batch.column("part_meta")
+    notes = pc.fill_null(pc.starts_with(pm, DEFERRED), False)
+    carried = pc.and_(pm.is_valid(), pc.invert(notes))
+    metas = [json.loads(m) for m in pm.filter(carried).to_pylist()]
+    deferred = {d["block"]: d["deferred"] for d in (
+        json.loads(m[len(DEFERRED):]) for m in pm.filter(notes).to_pylist())}
     rows = batch.filter(pc.invert(carried)) if metas else batch
     blocks = pc.unique(rows.column("block")).to_pylist()
     for b in blocks:
         one = rows if len(blocks) == 1 else rows.filter(pc.equal(rows.column("block"), b))
         metas.append(_write_block(one.drop_columns(["block", "part_meta"]), int(b), output,
                                   run_id, attempt, node))
+        metas[-1]["deferred"] = deferred.get(b, [])
     return pa.Table.from_pylist(metas, schema=META_SCHEMA)
 
 
@@ -265,6 +294,8 @@ META_SCHEMA = pa.schema([
     ("windows_low_confidence", pa.int64()), ("windows_with_frames", pa.int64()),
     ("audio_s", pa.float64()), ("failures_by_type", pa.string()), ("model_ids", pa.string()),
     ("writer", pa.string()), ("node_id", pa.string()),
+    ("deferred", pa.list_(pa.struct([("source_uri", pa.string()), ("source_version", pa.string()),
+                                     ("size", pa.int64())]))),
 ])
 
 

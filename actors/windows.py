@@ -33,7 +33,8 @@ import pyarrow as pa
 from overheard import storage
 from overheard.layouts import Located, iter_sources
 from overheard.media import MediaError, decode_windows
-from overheard.schema import failure_row, window_row as _window_row, window_table
+from overheard.schema import (failure_row, read_error_type, window_row as _window_row,
+                              window_table)
 
 # Windows per yielded table: 8 x 10 s x 48 kHz x 4 B = 15 MB (at most 15 windows, 29 MB, when
 # short sources precede a long one), well under Ray Data's 128 MiB block target, so a 2-hour
@@ -186,7 +187,8 @@ def _open_source(uri: str, version: str, located: Located | None, vuri: str):
         yield failure_row(uri, version, "read", "not_a_file", str(e))
         return None
     except Exception as e:  # permissions, missing object, network: worth a retry later
-        yield failure_row(uri, version, "read", "read_error", f"cannot open: {type(e).__name__}: {e}")
+        yield failure_row(uri, version, "read", read_error_type(e),
+                          f"cannot open: {type(e).__name__}: {e}")
         return None
     return f, opened
 
@@ -210,7 +212,7 @@ def _decoded(f: IOGuard, uri: str, version: str, vuri: str, opened: str, window_
         if pending is not None:
             yield window_row(pending)
         if f.error is not None:  # the store failed, not the media
-            yield failure_row(uri, version, "read", "read_error",
+            yield failure_row(uri, version, "read", read_error_type(f.error),
                               f"read failed after {count} windows: {type(f.error).__name__}: "
                               f"{f.error}", windows_kept=count)
         elif version and (now := current_version(vuri)) != opened:
@@ -224,7 +226,7 @@ def _decoded(f: IOGuard, uri: str, version: str, vuri: str, opened: str, window_
     except (OSError, IOError) as e:  # the object store went away mid-read
         if pending is not None:
             yield window_row(pending)
-        yield failure_row(uri, version, "read", "read_error",
+        yield failure_row(uri, version, "read", read_error_type(e),
                           f"read failed after {count} windows: {type(e).__name__}: {e}",
                           windows_kept=count)
         return None
@@ -275,16 +277,80 @@ def refuse_source(uri: str) -> tuple[str, str] | None:
     return None
 
 
+# Object-store stats run this many at a time (a HEAD request each, ~10-50 ms of waiting).
+STAT_THREADS = 8
+
+
+def _size_of(uri: str) -> int:
+    """Bytes of one loose source (following links); FileNotFoundError when it does not exist."""
+    if storage.protocol_of(uri) == "file":
+        return storage.local_stat(uri).st_size
+    fs, path = storage.get_fs(uri)
+    return int(fs.info(path).get("size") or 0)
+
+
+def _stat(uri: str):
+    try:
+        return _size_of(uri)
+    except Exception as e:  # noqa: BLE001 - FileNotFoundError or the store failing
+        return e
+
+
+def stat_unknown(batch: pa.Table, budget: int) -> tuple[pa.Table, dict, list[dict]]:
+    """Split a decode block before any source is opened: (the rows to decode now, {uri: message}
+    of the missing ones among them, the deferred sources). Columns in: source_uri,
+    source_version, size (int64, <= 0: unknown; absent: all known), locator (optional).
+    Loose sources of unknown size are stat'ed (no open; STAT_THREADS at a time on an object
+    store); a missing one stays in the block to become its ``not_found`` row, decided here. Then
+    sources are kept in order while the block's known bytes fit ``budget`` (the first one
+    always; a smaller one later may still fit); the rest are deferred, as {source_uri,
+    source_version, size} for the job's next round, which packs them by their now known sizes.
+    ``budget`` <= 0: nothing is stat'ed."""
+    if budget <= 0 or "size" not in batch.column_names or not batch.num_rows:
+        return batch, {}, []
+    uris = batch.column("source_uri").to_pylist()
+    sizes = batch.column("size").to_pylist()
+    locs = (batch.column("locator").is_null().to_pylist() if "locator" in batch.column_names
+            else [True] * len(uris))
+    # a URL refuse_source refuses (http://, chained "zip::") is never touched, not even stat'ed
+    ask = [i for i, (n, loose) in enumerate(zip(sizes, locs)) if loose and (n or 0) <= 0
+           and storage.protocol_of(uris[i]) in SOURCE_PROTOCOLS and "::" not in uris[i]]
+    remote = any(storage.protocol_of(uris[i]) != "file" for i in ask)
+    if remote and len(ask) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(min(STAT_THREADS, len(ask))) as pool:
+            got = list(pool.map(_stat, [uris[i] for i in ask]))
+    else:
+        got = [_stat(uris[i]) for i in ask]
+    gone = {}
+    for i, g in zip(ask, got):
+        if isinstance(g, FileNotFoundError):
+            gone[uris[i]] = f"no such file (stat before opening): {g}"
+        elif isinstance(g, int):
+            sizes[i] = g
+    keep, deferred, used = [], [], 0
+    versions = batch.column("source_version").to_pylist()
+    for i, u in enumerate(uris):
+        n = 0 if u in gone else max(sizes[i] or 0, 0)
+        if u in gone or not keep or used + n <= budget:  # a missing one fails here, now
+            keep.append(i)
+            used += n
+        else:
+            deferred.append(dict(source_uri=u, source_version=versions[i] or "", size=n))
+    return (batch.take(keep) if deferred else batch), gone, deferred
+
+
 def decode_sources(batch: pa.Table, *, window_s: float = 10.0, hop_s: float | None = None,
                    min_window_s: float = 0.5, pad_mode: str = "repeatpad",
-                   max_duration_s: float | None = None,
-                   timeout_s: float | None = None, frame_size: int = 0) -> Iterator[pa.Table]:
+                   max_duration_s: float | None = None, timeout_s: float | None = None,
+                   frame_size: int = 0, gone: dict | None = None) -> Iterator[pa.Table]:
     """Ray Data generator UDF (batch_format="pyarrow"): sources in, window tables out,
     ``WINDOWS_PER_YIELD`` windows at a time so memory stays flat for hour-long files; short
     sources of one input batch share a table (whole sources only: a source is split only when
     it alone has ``WINDOWS_PER_YIELD`` windows), so 60 packed 10-s clips are a few blocks for
     Ray Data to move, not 60. ``frame_size`` > 0 adds each window's midpoint frame (see the
-    module docstring)."""
+    module docstring). ``gone``: {uri: message} of sources known missing (``stat_unknown``):
+    each becomes its ``not_found`` row without being opened."""
     pending: list[dict] = []  # whole sources (or full groups of a long one) not yet yielded
     for uri, version, located in _sources(batch):
         rows: list[dict] = []
@@ -296,11 +362,14 @@ def decode_sources(batch: pa.Table, *, window_s: float = 10.0, hop_s: float | No
             pending.extend(rows)
             rows.clear()
 
+        source = (iter([failure_row(uri, version or "", "read", "not_found", gone[uri])])
+                  if gone and uri in gone else
+                  source_windows(uri, version or "", window_s=window_s, hop_s=hop_s,
+                                 min_window_s=min_window_s, pad_mode=pad_mode,
+                                 max_duration_s=max_duration_s, timeout_s=timeout_s,
+                                 located=located))
         try:
-            for row in source_windows(uri, version or "", window_s=window_s, hop_s=hop_s,
-                                      min_window_s=min_window_s, pad_mode=pad_mode,
-                                      max_duration_s=max_duration_s, timeout_s=timeout_s,
-                                      located=located):
+            for row in source:
                 row["source_meta"] = located.meta if located is not None else None
                 rows.append(row)
                 if len(rows) >= WINDOWS_PER_YIELD:
@@ -332,4 +401,4 @@ def _sources(batch: pa.Table) -> Iterator[tuple[str, str, Located | None]]:
 
 _table = window_table  # the name tests/test_faults.py imports
 
-__all__ = ["decode_sources", "source_windows", "failure_row"]
+__all__ = ["decode_sources", "source_windows", "failure_row", "stat_unknown"]

@@ -6,10 +6,11 @@
     embeddings, captions, scores), on one core. 1 and 8 windows per source, 32 sources per block
     (the packing default for small files).
 (b) the caption job on a manifest of N missing files (default 20k; no sizes, so every source is of
-    unknown size and ends as one read_error row): what is left of the job when decoding costs
-    nothing: listing, packing, scheduling, the actor hop, writing, committing. First output (s from
-    the start of run()), sources/s after it, the driver's peak RSS. A local Ray with 2 CPUs, the
-    tiny random model; the job's --unknown-size-sources 32 (default) and 128.
+    unknown size, stat'ed by its decode task and ends as one not_found row): what is left of the
+    job when decoding costs nothing: listing, packing, scheduling, the stat, the actor hop,
+    writing, committing. First output (s from the start of run()), sources/s after it, the
+    driver's peak RSS. A local Ray with 2 CPUs, the tiny random model; the job's
+    --unknown-size-sources 32, 128 and 512 (the default).
 (c) and (d): the listing + planning path (``jobs/sources.py``), each size in a fresh process (peak
     RSS, wall and CPU s): (c) a 1M-row vs a 2k-row manifest with ``--limit 2000``; (d) a rerun
     deciding what is left with 1M captioned sources in OUTPUT.
@@ -122,7 +123,7 @@ def missing_run(n: int, unknown: int = 32, cpus: int = 2) -> dict:
     return dict(sources=n, status=m["status"], failed=m["sources_failed"],
                 first_output_s=first["committed_at"] - m["started_at"], wall_s=m["wall_s"],
                 sources_per_s=after / span if span > 0 else float("nan"),
-                commits=len(commits), parts=len(m["parts"]),
+                commits=len(commits), parts=m["parts"],
                 rss_mib=rss / 1024, rss_before_mib=rss0 / 1024)
 
 
@@ -302,7 +303,7 @@ def main(argv=None) -> int:
     p.add_argument("--per-source", default="1,8")
     p.add_argument("--sources-per-block", type=int, default=32)
     p.add_argument("--missing", type=int, default=20_000)
-    p.add_argument("--unknown-size-sources", default="32,128",
+    p.add_argument("--unknown-size-sources", default="32,128,512",
                    help="(b): the job's --unknown-size-sources values to run")
     p.add_argument("--only", default="a,b,c,d", help="parts to run: a, b, c, d")
     p.add_argument("--manifest-rows", type=int, default=1_000_000, help="(c): the big manifest")

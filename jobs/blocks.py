@@ -26,8 +26,15 @@ from overheard import layouts
 # (4 MB ~ 4 min of 128-kbit AAC ~ 1-2 CPU-s of decoding) or BLOCK_SOURCES, a file of unknown
 # or larger size is alone, and blocks are dealt largest first so hour-long files start early
 # instead of forming the run's tail. Sources of unknown size (a manifest without sizes) are
-# packed BLOCK_SOURCES to a block too (dealt first, as they may be large): one task per such
-# source cost ~8 ms of framework per source (20k missing files: 126 sources/s, bench/scale.py).
+# packed UNKNOWN_SOURCES to a block (dealt first, as they may be large): one task per such
+# source cost ~8 ms of framework per source (20k missing files: 126 sources/s, bench/scale.py
+# (b)), and Ray Data's per-block cost (3 stages) still capped blocks of 32 at ~300-700
+# sources/s; 128: 1.1-2.3k/s, 512: 1.9-3.2k/s (first output 17-43 / 8-38 / 9-19 s at load
+# average 3.5-25; at 3.5: 703 / 2,263 / 3,239 sources/s, 16.7 / 7.8 / 9.2 s).
+# Such a block is safe although its files may be hour-long: its decode task stats them first
+# and decodes only up to UNKNOWN_BLOCK_BYTES of them (the first always), deferring the rest to
+# the job's next round, where their sizes are known (actors/windows.stat_unknown); so with
+# real audio the first round is mostly a stat pass and the second decodes normal blocks.
 # A block stays whole until its part is written (actors/part_writer.py), so a decode task holds
 # its block's windows: ~23 MB of float32 per 4 MB of 16-kHz wav, a source's own size when alone.
 # MAX_BLOCKS caps one pack_table call, i.e. one todo part of 100k sources (jobs/sources.py): 4-MB
@@ -36,6 +43,8 @@ from overheard import layouts
 # driver no longer holds the blocks, so nothing asks for fewer).
 BLOCK_BYTES = 4 << 20
 BLOCK_SOURCES = 32
+UNKNOWN_SOURCES = 512
+UNKNOWN_BLOCK_BYTES = 4 * BLOCK_BYTES
 MAX_BLOCKS = 10_000
 
 
@@ -171,7 +180,7 @@ def block_rows(packed: pa.Table) -> pa.Table:
 
 def unpack_blocks(rows: pa.Table) -> Iterator[pa.Table]:
     """``block_rows`` rows -> the decode stage's input, one table per block (source_uri,
-    source_version, locator, block): loose files a row each, a group's members (all in one
+    source_version, locator, size, block): loose files a row each, a group's members (all in one
     block, container order) its one row (``layouts.group_row``). Runs in the decode task."""
     for i in range(rows.num_rows):
         block = rows.column("block")[i].as_py()
@@ -180,8 +189,10 @@ def unpack_blocks(rows: pa.Table) -> Iterator[pa.Table]:
             u, v, loc = layouts.group_row([(r["source_uri"], r["source_version"], r["size"],
                                             r["locator"]) for r in one.to_pylist()])
             one = pa.table({"source_uri": [u], "source_version": [v],
-                            "locator": pa.array([loc], layouts.LOCATOR_TYPE)})
-        yield one.select(["source_uri", "source_version", "locator"]).append_column(
+                            "locator": pa.array([loc], layouts.LOCATOR_TYPE),
+                            "size": pa.array([0], pa.int64())})
+        # size: 0 = unknown, stat'ed by the decode task (actors/windows.stat_unknown)
+        yield one.select(["source_uri", "source_version", "locator", "size"]).append_column(
             "block", pa.repeat(pa.scalar(block, pa.int64()), one.num_rows))
 
 
@@ -229,9 +240,10 @@ def decode_blocks(sources: pa.Table | list, pack: bool = True,
                   unknown_sources: int | None = None) -> list[pa.Table]:
     """Sources (Arrow rows as ``sources_table``, one table or several, or tuples) -> the decode
     stage's input blocks, each a table with ``block`` (int64), which names its part
-    (actors/part_writer.py). All blocks at once: for tests and small lists; the caption job
-    packs its todo list chunk by chunk as it spills it (jobs/sources.py) and reads the blocks
-    where they are decoded (jobs/pipeline.py)."""
+    (actors/part_writer.py), and ``size`` (int64, 0: unknown, stat'ed by the decode task). All
+    blocks at once: for tests and small lists; the caption job packs its todo list chunk by
+    chunk as it spills it (jobs/sources.py) and reads the blocks where they are decoded
+    (jobs/pipeline.py)."""
     if isinstance(sources, list):
         if sources and isinstance(sources[0], tuple):
             sources = sources_table(sources)

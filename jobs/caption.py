@@ -15,9 +15,12 @@ Stages (Ray Data, streaming; nothing materialises the whole archive):
     -> write_part      [CPU tasks: the block's captions + failures as one atomic Parquet part;
                         returns one metadata row]
     -> driver: per-part metadata only: commits parts to OUTPUT/_commits (jobs.sink) and
-       republishes the run manifest at each commit. A block is whole sources from decode to sink,
-       and a part is read only once committed, so a source is in exactly one committed part or
-       in none, across task retries, actor deaths, driver kills and reruns.
+       republishes the run manifest at each commit. Sources of unknown size a decode task
+       deferred (past --unknown-block-bytes: actors/windows.stat_unknown) are listed in that
+       metadata and run in a second round, packed by their now known sizes (``_rounds``). A
+       block is whole sources from decode to sink, and a part is read only once committed, so
+       a source is in exactly one committed part or in none, across task retries, actor
+       deaths, driver kills and reruns.
 Output layout under OUTPUT:
     captions/part-<run>-b<block>-<attempt>.parquet   one row per window (schema: overheard.schema)
     failures/part-<run>-b<block>-<attempt>.parquet   one row per failed source or window
@@ -35,6 +38,9 @@ import os
 import sys
 import time
 import uuid
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 import overheard
 # the options live in jobs/caption_config.py; imported here so `from jobs.caption import
@@ -56,6 +62,7 @@ from jobs.sink import commit, quarantine_damaged, remove_uncommitted
 from jobs.sources import open_listing, plan_sources
 from overheard import storage
 from overheard.confidence import LOW
+from overheard.layouts import LOCATOR_TYPE
 
 # below this a window counts as low-confidence in the summary (overheard.confidence.LOW: beyond the
 # 95th percentile of held-out in-world distances)
@@ -216,7 +223,8 @@ def _run_leased(cfg, t0, dali, clap, decoder, frame_size, lease, sources) -> dic
                     sources_skipped_done=plan.skipped_done,
                     sources_todo=plan.count, sources_captioned=0, sources_failed=0,
                     windows=0, window_failures=0, audio_hours=0.0, failures_by_type={},
-                    model_ids=[], parts=[], windows_scored=0, windows_low_confidence=0,
+                    model_ids=[], parts=0, windows_scored=0, windows_low_confidence=0,
+                    rounds=0, sources_deferred=0,
                     bundled_model=os.path.realpath(decoder).startswith(os.path.realpath(DEFAULT_MODEL)))
     manifest["damaged_parts"] = damaged  # renamed .damaged-*; their sources are redone
     if not plan.complete:
@@ -230,7 +238,7 @@ def _run_leased(cfg, t0, dali, clap, decoder, frame_size, lease, sources) -> dic
     manifest["windows_with_frames"] = 0
     publish_manifest(cfg, manifest)
     if todo:
-        _stream(cfg, todo, clap, decoder, manifest, dali, frame_size, lease)
+        _rounds(cfg, todo, clap, decoder, manifest, dali, frame_size, lease)
     plan.remove()
     manifest["status"] = manifest.get("status_final", "completed")
     manifest.pop("status_final", None)
@@ -288,25 +296,69 @@ def publish_manifest(cfg: CaptionConfig, manifest: dict) -> None:
         json.dumps(manifest, indent=2, default=str).encode())
 
 
-def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0, lease=None):
-    """Run the pipeline; the driver sees one metadata row per written part, never a window row.
-    Parts are committed (jobs.sink.commit: the manifest's counts then are exactly what the
-    commit log lists) as soon as the first one is written, then whenever ``rows_per_part``
-    caption rows or ``flush_interval`` seconds of parts wait, and at the end (an interrupt
-    included: written parts are whole). The parts this attempt wrote but never committed are
-    deleted at the end (and any run's at the next start)."""
-    attempt = uuid.uuid4().hex[:8]
-    ds = build(cfg, todo, clap, decoder, dali,
-               frame_size, attempt=attempt)
+def _rounds(cfg, todo, clap, decoder, manifest, dali="", frame_size=0, lease=None) -> None:
+    """Run the pipeline over ``todo`` (``_stream``), then once more over the sources its decode
+    tasks deferred (unknown sizes past --unknown-block-bytes: actors/windows.stat_unknown), now
+    packed by their known sizes (jobs/blocks.py: big files alone) under a new attempt id; that
+    round defers nothing. A deferred source is in no part of the round that deferred it, so
+    every source is still in exactly one committed part. The manifest counts, the progress bar
+    and ``sources_incomplete`` run across rounds."""
     bar = None
     if cfg.progress:
         from tqdm import tqdm
         bar = tqdm(total=manifest["sources_todo"], unit="file", file=sys.stderr, dynamic_ncols=True)
+    manifest.setdefault("nodes", {})
+    tally = dict(committed=0)  # sources committed, all rounds (kept when a round raises)
+    rounds = 0
+    try:
+        while todo:
+            deferred, stopped = _stream(cfg, todo, clap, decoder, manifest, dali, frame_size,
+                                        lease, bar, defer=rounds == 0, tally=tally)
+            rounds += 1
+            if deferred is not None:
+                manifest["sources_deferred"] += len(deferred)
+            if stopped or deferred is None:
+                break
+            todo = [sources_table_of(deferred)]
+    finally:
+        if bar is not None:
+            bar.close()
+        manifest["rounds"] = rounds
+        if "first_output_at" in manifest:
+            # start-up: listing, model checks, actors loading, the first block through
+            manifest["first_output_s"] = round(manifest["first_output_at"] - manifest["started_at"], 3)
+        # every todo source not committed, including those never started (an interrupt)
+        manifest["sources_incomplete"] = manifest["sources_todo"] - tally["committed"]
+        if manifest["sources_incomplete"] and "status_final" not in manifest:
+            manifest["status_final"] = "incomplete"
+
+
+def sources_table_of(deferred: pa.Table) -> pa.Table:
+    """Deferred sources (source_uri, source_version, size) -> the rows ``build`` takes."""
+    return pa.table({"source_uri": deferred.column("source_uri"),
+                     "source_version": deferred.column("source_version"),
+                     "size": deferred.column("size"),
+                     "locator": pa.nulls(deferred.num_rows, LOCATOR_TYPE)}, schema=SOURCE_TYPE)
+
+
+def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0, lease=None, bar=None,
+            defer=True, tally=None) -> tuple[pa.Table | None, bool]:
+    """Run the pipeline once; the driver sees one metadata row per written part, never a window
+    row. Parts are committed (jobs.sink.commit: the manifest's counts then are exactly what the
+    commit log lists) as soon as the first one is written, then whenever ``rows_per_part``
+    caption rows or ``flush_interval`` seconds of parts wait, and at the end (an interrupt
+    included: written parts are whole). The parts this attempt wrote but never committed are
+    deleted at the end (and any run's at the next start). Adds the sources it commits to
+    ``tally["committed"]``; returns (the sources its decode tasks deferred as Arrow rows
+    source_uri, source_version, size (None: none), stopped early)."""
+    attempt = uuid.uuid4().hex[:8]
+    ds = build(cfg, todo, clap, decoder, dali, frame_size, attempt=attempt, defer=defer)
     t_start = time.time()
     seen: set[int] = set()  # blocks whose part arrived (a block is committed once)
     pending: list[dict] = []
-    state = dict(seq=0, last=0.0, committed=0, lost=False)
-    manifest.setdefault("nodes", {})
+    deferred: list[pa.Array] = []
+    state = dict(seq=0, last=0.0, lost=False, stopped=False)
+    tally = tally if tally is not None else dict(committed=0)
 
     def commit_pending() -> None:
         if not pending:
@@ -318,8 +370,10 @@ def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0, lease=Non
         state["last"] = time.monotonic()
         for m in pending:
             _count(manifest, m)
-            state["committed"] += m["sources"]
-        manifest["parts"] += [storage.join(cfg.output, f) for f in files]
+            tally["committed"] += m["sources"]
+        # a count: the files are in the commit log (a list here made every commit rewrite every
+        # part's path, O(parts^2) over a run: 7.7 MB and 34 ms of JSON per commit at 100k parts)
+        manifest["parts"] += len(files)
         manifest.setdefault("first_output_at", time.time())
         pending.clear()
         publish_manifest(cfg, manifest)
@@ -333,9 +387,9 @@ def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0, lease=Non
             if lease is not None and lease.lost:
                 state["lost"] = True
                 raise RuntimeError(lease.lost)  # another run owns OUTPUT now: commit nothing more
-            for m in meta.to_pylist():  # one row per part
-                if m["block"] in seen:
-                    continue
+            new = [i for i, b in enumerate(meta.column("block").to_pylist()) if b not in seen]
+            deferred += pc.list_flatten(meta.column("deferred").take(new)).chunks
+            for m in meta.drop_columns(["deferred"]).take(new).to_pylist():  # one row per part
                 seen.add(m["block"])
                 pending.append(m)
                 if bar is not None:
@@ -346,21 +400,15 @@ def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0, lease=Non
                 commit_pending()
     except KeyboardInterrupt:
         manifest["status_final"] = "interrupted"
+        state["stopped"] = True
     finally:
         if not state["lost"]:
             commit_pending()
             # parts of this attempt written after the stream stopped (an interrupt) or never
             # reported: not committed, so not read; removed so plain Parquet readers agree
             remove_uncommitted(cfg.output, attempt)
-        if bar is not None:
-            bar.close()
-        if "first_output_at" in manifest:
-            # start-up: listing, model checks, actors loading, the first block through
-            manifest["first_output_s"] = round(manifest["first_output_at"] - manifest["started_at"], 3)
-        # every todo source not committed, including those never started (an interrupt)
-        manifest["sources_incomplete"] = manifest["sources_todo"] - state["committed"]
-        if manifest["sources_incomplete"] and "status_final" not in manifest:
-            manifest["status_final"] = "incomplete"
+    later = pa.Table.from_struct_array(pa.concat_arrays(deferred)) if deferred else None
+    return (later if later is not None and later.num_rows else None), state["stopped"]
 
 
 def _count(manifest: dict, m: dict) -> None:

@@ -26,6 +26,7 @@ import os
 from dataclasses import dataclass, field
 
 import overheard
+from jobs.blocks import UNKNOWN_BLOCK_BYTES, UNKNOWN_SOURCES
 from jobs.config_cli import OptionError, changed, flag, flat_get, init_grouped
 
 ASSETS = os.path.join(os.path.dirname(overheard.__file__), "assets")
@@ -192,12 +193,17 @@ class ResourceConfig:
     pack_sources: bool = field(default=True, metadata={
         "help": "decode small files several to a task (up to 4 MB / 32 files), largest first; "
                 "off: one task per file in listing order"})
-    unknown_size_sources: int = field(default=32, metadata={  # = BLOCK_SOURCES
+    unknown_size_sources: int = field(default=UNKNOWN_SOURCES, metadata={
         "min": 1,
-        "help": "sources of unknown size (a manifest without a 'size' column) per decode block: "
-                "a block is decoded by one task and its windows are held until its part is "
-                "written, so keep it small when such sources may be long; larger blocks cost "
-                "less framework per source (bench/scale.py (b))"})
+        "help": "sources of unknown size (a manifest without a 'size' column) per decode block; "
+                "larger blocks cost less framework per source (bench/scale.py (b)). Long files "
+                "are safe: the decode task stats the block's sources first (a missing one fails "
+                "as not_found unopened), decodes up to --unknown-block-bytes of them and defers "
+                "the rest to a second round that packs them by their now known sizes"})
+    unknown_block_bytes: int = field(default=UNKNOWN_BLOCK_BYTES, metadata={
+        "min": 1,
+        "help": "bytes of unknown-size sources a decode task decodes in the first round (the "
+                "first source always); the rest of its block is deferred to the next round"})
     fuse_models: bool = field(default=True, metadata={
         "help": "run CLAP and the decoder in one actor pool (captioner_actors actors, batches "
                 "of captioner_batch, CLAP in chunks of encoder_batch); off: two pools "

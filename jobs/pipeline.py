@@ -38,17 +38,20 @@ WRITER_CPUS = 0.25
 
 
 def build(cfg: CaptionConfig, sources, clap: str, decoder: str, dali: str = "",
-          frame_size: int = 0, attempt: str = "00000000"):
+          frame_size: int = 0, attempt: str = "00000000", defer: bool = True):
     """The streaming Ray Data pipeline over ``sources``: the packed todo list's Parquet parts
     (``jobs.sources.plan_sources(..., packing=packing(cfg))``: a list of paths), or Arrow rows
     as ``sources_table`` makes (or a list of (uri, version[, size[, locator]])), packed here;
     returns the Dataset (lazy) whose rows are the written parts' metadata
     (actors/part_writer.py), one per decode block. ``attempt`` (8 hex digits) names this run
     attempt's parts. With ``dali`` (a DALI checkpoint) one DaliCaptioner pool replaces the
-    CLAP + decoder pools."""
+    CLAP + decoder pools. ``defer``: decode tasks may defer sources of unknown size past
+    ``cfg.unknown_block_bytes`` (listed in the metadata rows' ``deferred``); off for the job's
+    later rounds, whose sources all have known sizes."""
     place = placement(cfg, ray_init(cfg), dali)
     cfg = effective_windows(cfg)
-    ds = _decode_stage(cfg, sources, frame_size, attempt)
+    ds = _decode_stage(cfg, sources, frame_size, attempt,
+                       cfg.unknown_block_bytes if defer else 0)
     if dali:
         ds = _dali_stage(cfg, ds, dali, place)
     else:
@@ -98,12 +101,13 @@ def decode_input(cfg: CaptionConfig, sources):
     return ds
 
 
-def _decode_stage(cfg: CaptionConfig, sources, frame_size: int, attempt: str):
+def _decode_stage(cfg: CaptionConfig, sources, frame_size: int, attempt: str, budget: int):
     """The first stage: decode blocks in, each block's windows out as one block (CPU tasks)."""
     return decode_input(cfg, sources).map_batches(
         decode_sources_here, batch_size=None, batch_format="pyarrow",
         fn_kwargs=dict(part=dict(output=cfg.output, run_id=cfg.run_id, attempt=attempt),
-                       window_s=cfg.window, hop_s=cfg.hop or None, min_window_s=cfg.min_window,
+                       unknown_budget=budget, window_s=cfg.window, hop_s=cfg.hop or None,
+                       min_window_s=cfg.min_window,
                        pad_mode=cfg.pad_mode, max_duration_s=cfg.max_duration or None,
                        timeout_s=cfg.decode_timeout or None,
                        frame_size=frame_size if cfg.mode == "audio+image" else 0),

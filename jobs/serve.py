@@ -227,7 +227,12 @@ class Archive:
     def _throughput(self, m: dict) -> list[list[float]]:
         """[[seconds since start, windows committed]]: one point per caption part of the run,
         at the part's modification time, with its row count from the Parquet footer."""
-        parts = [p for p in m.get("parts") or [] if "/captions/" in p.replace(os.sep, "/")]
+        parts = m.get("parts")
+        if not isinstance(parts, list):  # a count since issue 19: the files are in the commit log
+            from jobs.sink import committed_files
+            parts = [storage.join(self.root, f) for f in sorted(committed_files(
+                self.root, m.get("run_id")))]
+        parts = [p for p in parts if "/captions/" in p.replace(os.sep, "/")]
         pts = []
         for p in parts:
             try:

@@ -40,8 +40,9 @@ def commit(output: str, run_id: str, attempt: str, seq: int, files: list[str],
     return uri
 
 
-def committed_files(output: str) -> set[str]:
-    """Every file path (relative to OUTPUT) listed in the output's commit log."""
+def committed_files(output: str, run_id: str | None = None) -> set[str]:
+    """Every file path (relative to OUTPUT) listed in the output's commit log (with ``run_id``:
+    that run's only)."""
     fs, path = storage.get_fs(storage.join(output, COMMITS))
     try:
         names = [p for p in fs.ls(path, detail=False) if p.endswith(".json")
@@ -51,7 +52,9 @@ def committed_files(output: str) -> set[str]:
     out: set[str] = set()
     for p in names:
         with fs.open(p, "rb") as f:
-            out.update(json.loads(f.read())["files"])
+            rec = json.loads(f.read())
+        if run_id is None or rec.get("run_id") == run_id:
+            out.update(rec["files"])
     return out
 
 

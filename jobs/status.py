@@ -72,6 +72,13 @@ def _duration(s: float) -> str:
         f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
 
 
+def _parts(m: dict) -> int:
+    """Part files the run committed: a count since issue 19 (the files are in OUTPUT/_commits),
+    a list of their URIs in older manifests."""
+    p = m.get("parts") or 0
+    return len(p) if isinstance(p, list) else int(p)
+
+
 def format_status(m: dict, now: float | None = None) -> str:
     now = now or time.time()
     state = state_of(m, now)
@@ -89,7 +96,7 @@ def format_status(m: dict, now: float | None = None) -> str:
              f"  windows: {m.get('windows', 0)} ({m.get('audio_hours', 0.0):.3f} h of audio), "
              f"{m.get('windows_per_s', 0.0):.2f} windows/s over {_duration(m.get('wall_s', 0.0))}",
              f"  failures: {m.get('failures_by_type') or 'none'}",
-             f"  parts committed: {len(m.get('parts') or [])}"]
+             f"  parts committed: {_parts(m)}"]
     if state == "running" and m.get("eta_s") is not None:
         lines.append(f"  ETA: {_duration(m['eta_s'])} (at the rate since the first output)")
     if m.get("first_output_s") is not None:

@@ -50,6 +50,7 @@ import av.error
 import numpy as np
 
 from overheard.media import MediaError, _name, _open
+from overheard.schema import read_error_type
 
 # A Ray decode task holds one CPU: decode on one thread (as both libraries were benchmarked).
 _THREADS = 1
@@ -215,7 +216,7 @@ def read_frames(src, times_s: Sequence[float], size: int | None = None, *,
         except av.error.FFmpegError as e:
             raise MediaError("corrupt", f"{name}: video does not decode ({e.strerror or e})") from e
         except OSError as e:  # I/O error raised by a Python file object (s3fs network error, ...)
-            raise MediaError("read_error", f"{name}: read failed ({e})") from e
+            raise MediaError(read_error_type(e), f"{name}: read failed ({e})") from e
         except (ValueError, RuntimeError) as e:  # PyAV-level errors that are not FFmpegError
             raise MediaError("corrupt", f"{name}: {type(e).__name__}: {e}") from e
     finally:

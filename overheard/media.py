@@ -40,6 +40,8 @@ import av.error
 import av.filter
 import numpy as np
 
+from overheard.schema import read_error_type
+
 TARGET_SR = 48000  # CLAP's rate
 # what a folder/prefix listing takes as audio or video (the caption job, training.gap)
 MEDIA_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".mp4",
@@ -165,7 +167,7 @@ def _open(src) -> "av.container.InputContainer":
     try:
         size = _source_size(src)
     except FileNotFoundError as e:
-        raise MediaError("read_error", f"{name}: no such file") from e
+        raise MediaError("not_found", f"{name}: no such file") from e
     except OSError as e:
         raise MediaError("read_error", f"{name}: {e}") from e
     if size == 0:
@@ -187,7 +189,7 @@ def _open(src) -> "av.container.InputContainer":
                                         "other formats that open further files or URLs are "
                                         f"never followed ({e.strerror or e})") from e
     except FileNotFoundError as e:
-        raise MediaError("read_error", f"{name}: no such file") from e
+        raise MediaError("not_found", f"{name}: no such file") from e
     except PermissionError as e:
         raise MediaError("read_error", f"{name}: permission denied") from e
     except av.error.FFmpegError as e:
@@ -413,7 +415,7 @@ def _iter_audio(src, sr: int, chunk_s: float, deadline: float | None,
         except av.error.FFmpegError as e:
             yield from _decode_failed(e, out, name, where)
         except OSError as e:
-            raise MediaError("read_error", f"{where()}: read failed ({e})") from e
+            raise MediaError(read_error_type(e), f"{where()}: read failed ({e})") from e
         except (ValueError, RuntimeError) as e:  # PyAV-level errors that are not FFmpegError
             kind = "truncated" if out.total_n else "unsupported"
             raise MediaError(kind, f"{where()}: {type(e).__name__}: {e}") from e

@@ -16,7 +16,8 @@ SCHEMA_VERSION = "2"
 
 # Error types a failure row can carry; README lists them with their meaning.
 ERROR_TYPES = (
-    "read_error",        # object could not be opened/read (permissions, network, missing)
+    "read_error",        # object could not be opened/read (permissions, network)
+    "not_found",         # object does not exist (a missing file, a broken link): may appear later
     "changed",           # object changed between listing and the end of its decode
     "empty_file",        # zero bytes
     "corrupt",           # container/codec could not be parsed
@@ -32,7 +33,14 @@ ERROR_TYPES = (
     "out_of_memory",     # the decode worker ran out of memory: the worker's fault, retried next run
 )
 
-RETRYABLE = frozenset({"read_error", "timeout", "changed", "out_of_memory"})
+RETRYABLE = frozenset({"read_error", "not_found", "timeout", "changed", "out_of_memory"})
+
+
+def read_error_type(e: BaseException) -> str:
+    """The error type of the store failing with ``e``: ``not_found`` for a missing object
+    (FileNotFoundError: it may still appear, so it is retried like a read error), else
+    ``read_error``."""
+    return "not_found" if isinstance(e, FileNotFoundError) else "read_error"
 
 
 def caption_schema(embedding_dim: int | None) -> pa.Schema:

@@ -255,7 +255,7 @@ def _local_entry(p: str, info: dict) -> tuple[str, int, str]:
     # listed with size 0 and fails as not_a_file.
     try:
         st = os.stat(p)
-    except OSError:  # broken link / loop: listed, fails as read_error when opened
+    except OSError:  # broken link / loop: listed, fails as not_found / read_error when opened
         return uri_text(p), 0, version_of(info)
     return uri_text(p), (st.st_size if not special_file(st) else 0), stat_version(st)
 

@@ -179,7 +179,7 @@ def test_bad_files_raise_fast(tmp_path, red_then_blue, kind):
     assert time.monotonic() - t < 5.0
     with pytest.raises(MediaError) as e:
         read_frames(tmp_path / "missing.mp4", [0.0])
-    assert e.value.error_type == "read_error"
+    assert e.value.error_type == "not_found"
 
 
 def test_av_world_picture_predicts_sound(tmp_path):

@@ -424,7 +424,7 @@ def test_no_audio_samples(tmp_path):
 def test_missing_file_and_errors_never_leak(tmp_path):
     with pytest.raises(MediaError) as ei:
         list(iter_audio(str(tmp_path / "nope.wav")))
-    assert ei.value.error_type == "read_error"
+    assert ei.value.error_type == "not_found"
     (tmp_path / "junk.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
     with pytest.raises(MediaError) as ei:
         list(iter_audio(str(tmp_path / "junk.mp4")))

@@ -233,7 +233,7 @@ def test_failure_only_block_is_written_by_its_decode_task(tmp_path):
     [meta] = write_part(carrier, **part).to_pylist()
     assert meta["block"] == 7 and meta["sources"] == meta["failed"] == 5 and meta["windows"] == 0
     assert meta["files"] == ["failures/part-r-b000007-0123abcd.parquet"]
-    assert json.loads(meta["failures_by_type"]) == {"read_error": 5}
+    assert json.loads(meta["failures_by_type"]) == {"not_found": 5}
     fails = pq.read_table(os.path.join(out, meta["files"][0]))
     assert sorted(fails["source_uri"].to_pylist()) == sorted(block["source_uri"].to_pylist())
     assert not os.path.exists(os.path.join(out, "captions"))

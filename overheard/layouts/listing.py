@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from overheard import storage
+from overheard.schema import read_error_type
 
 
 TAR_SUFFIXES = (".tar",)
@@ -144,12 +145,13 @@ def index_shard(uri: str, version: str, size: int, suffixes: tuple[str, ...]) ->
         f = (open(path, "rb") if storage.protocol_of(uri) == "file"
              else fs.open(path, "rb", block_size=1 << 20, cache_type="readahead"))
     except Exception as e:  # noqa: BLE001
-        return [_fail(uri, version, "read_error", f"cannot open shard: {type(e).__name__}: {e}")]
+        return [_fail(uri, version, read_error_type(e),
+                      f"cannot open shard: {type(e).__name__}: {e}")]
     with f:
         try:
             tf = tarfile.open(fileobj=f, mode="r|gz" if gz else "r:")
         except Exception as e:  # noqa: BLE001 - not a tar / gzip at all, or empty
-            etype = "read_error" if _is_store_error(e) else (
+            etype = read_error_type(e) if _is_store_error(e) else (
                 "empty_file" if size == 0 else "corrupt")
             return [_fail(uri, version, etype, f"unreadable shard: {type(e).__name__}: {e}")]
         entries, err = _walk_tar(tf, lambda ti: ti.size <= COMPANION_MAX_BYTES, suffixes)
@@ -165,7 +167,7 @@ def index_shard(uri: str, version: str, size: int, suffixes: tuple[str, ...]) ->
                                                      container_size=size)))
     last = entries[-1][0].name if entries else "(none)"
     if err is not None:
-        etype = "read_error" if _is_store_error(err) else "corrupt"
+        etype = read_error_type(err) if _is_store_error(err) else "corrupt"
         out.append(_fail(uri, version, etype, f"shard unreadable after member {last} "
                          f"({len(entries)} members listed): {type(err).__name__}: {err}"))
     elif not gz and size and size - end > TAR_TAIL_BYTES:
@@ -239,7 +241,8 @@ def index_hf_parquet(uri: str, version: str, size: int) -> list[tuple]:
                     row += 1
             return out
     except Exception as e:  # noqa: BLE001 - unreadable footer, truncated file, store error
-        etype = "read_error" if _is_store_error(e) else ("empty_file" if size == 0 else "corrupt")
+        etype = read_error_type(e) if _is_store_error(e) else (
+            "empty_file" if size == 0 else "corrupt")
         return [_fail(uri, version, etype, f"unreadable Parquet file: {type(e).__name__}: {e}")]
 
 

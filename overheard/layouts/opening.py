@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from overheard import storage
 from overheard.layouts.listing import SPOOL_BYTES, _is_store_error, _open_parquet
 from overheard.media import MediaError
+from overheard.schema import read_error_type
 
 
 class SubFile(io.RawIOBase):
@@ -150,7 +151,7 @@ def _iter_tgz(shard: str, members: list[dict]) -> Iterator[tuple[str, Located]]:
         if err is None:
             et, msg = "corrupt", f"member {m['name']} not found when streaming the shard"
         else:
-            et = "read_error" if _is_store_error(err) else "truncated"
+            et = read_error_type(err) if _is_store_error(err) else "truncated"
             msg = f"shard stream failed before member {m['name']}: {type(err).__name__}: {err}"
         yield m["uri"], Located(_raiser(et, msg), shard, meta=m["meta"])
 
@@ -167,7 +168,7 @@ def _iter_hf(uri: str, rg: int, members: list[dict]) -> Iterator[tuple[str, Loca
             col = pq.ParquetFile(f).read_row_group(rg, columns=["audio"]).column("audio")
             rows = col.to_pylist()
     except Exception as e:  # noqa: BLE001 - a damaged row group: each of its rows fails once
-        et = "read_error" if _is_store_error(e) else "corrupt"
+        et = read_error_type(e) if _is_store_error(e) else "corrupt"
         for m in members:
             yield m["uri"], Located(_raiser(et, f"row group {rg} unreadable: "
                                                 f"{type(e).__name__}: {e}"), uri, meta=m["meta"])
