@@ -7,7 +7,7 @@ its sources; ``overheard show`` aligned for CJK/emoji names.
 Three real runs of ``overheard caption`` (in-process CLI, the suite's local Ray, the tiny model)
 on wav files made with sox, a corrupt .flac and a file the manifest names before it exists:
     r1: a manifest of 5 sources -> 3 captioned, corrupt.flac fails (corrupt, permanent),
-        late.wav fails (read_error, retryable)
+        late.wav fails (not_found, retryable)
     r2: late.wav now exists; the manifest names a.wav and late.wav twice more (7 rows, 5 sources)
         -> late.wav captioned, 4 already done, 2 duplicate rows
     r3: the same manifest again: nothing to do
@@ -66,7 +66,7 @@ def test_caption_names_the_failed_files_and_where_they_are(three_runs):
     rc, text = three_runs["runs"]["r1"]
     assert rc == 0 and "3 files captioned, 2 failed" in text
     block = text[text.index("failed sources of this run (2):"):]
-    assert "corrupt (1 source)" in block and "read_error (1 source)" in block
+    assert "corrupt (1 source)" in block and "not_found (1 source)" in block
     # each failed file by its URI, with its reason on the same line
     assert re.search(re.escape(uris[3]) + r": \S", block)
     assert re.search(re.escape(uris[4]) + r": \S", block)
@@ -82,7 +82,7 @@ def test_status_failures_lists_every_failed_source_by_type(three_runs):
     assert rc == 0
     lines = text.splitlines()
     assert "corrupt (1 source)" in lines
-    assert "read_error (1 source, 1 captioned by a later run)" in lines
+    assert "not_found (1 source, 1 captioned by a later run)" in lines
     late = next(ln for ln in lines if ln.startswith(f"  {uris[4]}: "))
     assert late.endswith("[captioned by a later run]")
     bad = next(ln for ln in lines if ln.startswith(f"  {uris[3]}: "))
@@ -106,7 +106,7 @@ def test_status_says_what_output_holds_over_all_runs(three_runs):
     assert latest.startswith("run r3: completed") and "failures: none" in latest
     # ... but OUTPUT holds two failed sources, one of them captioned since
     assert total.splitlines()[0] == " over 3 runs:"
-    assert ("  sources: 4 captioned, 2 failed {'corrupt': 1, 'read_error': 1}, "
+    assert ("  sources: 4 captioned, 2 failed {'corrupt': 1, 'not_found': 1}, "
             "1 still failing {'corrupt': 1}") in total
     windows = sum(m["windows"] for m in three_runs["man"].values())
     assert windows > 0 and f"  windows: {windows} (" in total
