@@ -4,6 +4,9 @@
       -> DaliCaptioner | ClapCaptioner | ClapEmbedder + Captioner [actor pools, whole blocks]
       -> write_part_here [CPU tasks: one atomic Parquet part per block, one metadata row out]
 
+or, with --decode-in-actors on a cluster without GPUs, one stage:
+    sources -> DecodeCaptionWrite [actor pool: decode, models, write; one metadata row out]
+
 Ray only here and in jobs/; the stages themselves are plain functions and classes in actors/.
 ``jobs.caption`` runs it (listing, lease, commits, manifest) and re-exports ``build``.
 """
