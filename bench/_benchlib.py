@@ -116,9 +116,12 @@ def role_of(title: str, pid: int, root: int) -> str:
         return "driver"
     if "bench/" in title:  # forked multiprocessing children of the benchmark itself
         return "pool process"
-    for key, role in (("ClapCaptioner", "ClapCaptioner actor"), ("ClapEmbedder", "ClapEmbedder actor"),
-                      ("Captioner", "Captioner actor"),
-                      ("decode_sources", "decode task worker"), ("ReadFromArrow", "decode task worker"),
+    for key, role in (("ClapCaptioner", "ClapCaptioner actor"),
+                      ("DecodeCaptionWrite", "DecodeCaptionWrite actor"),
+                      ("ClapEmbedder", "ClapEmbedder actor"), ("Captioner", "Captioner actor"),
+                      ("decode_sources", "decode task worker"),
+                      ("write_part", "part writer task worker"),
+                      ("ReadFromArrow", "decode task worker"),
                       ("FromArrow", "decode task worker"), ("ray::", "other ray worker"),
                       ("raylet", "ray system"), ("gcs_server", "ray system"), ("python", "ray system")):
         if key in title:

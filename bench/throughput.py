@@ -131,6 +131,7 @@ def models_batched(files: list[Path], model: str, n_windows: int, overrides: dic
     from actors.clap_captioner import ClapCaptioner
     from actors.windows import decode_sources
     from jobs.caption import CaptionConfig
+    from jobs.pipeline import model_kwargs
 
     cfg = dataclasses.replace(CaptionConfig(input="-", output="-", model=model), **overrides)
     tables, n = [], 0
@@ -149,12 +150,9 @@ def models_batched(files: list[Path], model: str, n_windows: int, overrides: dic
         if n >= n_windows:
             break
     rows = pa.concat_tables(tables).slice(0, n_windows)
-    actor = ClapCaptioner(
-        dict(clap_path=os.path.join(model, "clap"), window_s=cfg.window, device="cpu",
-             torch_threads=cfg.torch_threads),
-        dict(decoder_path=os.path.join(model, "decoder"), search=cfg.search,
-             num_beams=cfg.num_beams, device="cpu", torch_threads=cfg.torch_threads),
-        encoder_batch=cfg.encoder_batch)
+    actor = ClapCaptioner(*model_kwargs(cfg, os.path.join(model, "clap"),
+                                        os.path.join(model, "decoder"), "cpu"),
+                          encoder_batch=cfg.encoder_batch)
     actor(rows.slice(0, 2))  # warm-up
     s = B.ProcSampler().start()
     c0, t = time.process_time(), time.perf_counter()
@@ -191,11 +189,16 @@ def e2e(files_dir: Path, cores: int, overrides: dict, model: str) -> dict:
         cpu_after = s.sample()["cpu"]
         s.stop()
         # where the CPU went: each process's CPU during run(), by the roles it held
-        by_role: dict[str, float] = {}
+        # (CPU s, processes); "ray system" is also every worker before its first task
+        by_role: dict[str, list] = {}
         for p, r in s.procs.items():
-            roles = sorted(r["roles"] - {"other ray worker"}) or ["other ray worker"]
+            roles = sorted(r["roles"] - {"other ray worker", "ray system"}) or sorted(r["roles"])
             key = " + ".join(roles)
-            by_role[key] = by_role.get(key, 0.0) + r["cpu"] - base.get(p, 0.0)
+            acc = by_role.setdefault(key, [0.0, 0])
+            acc[0] += r["cpu"] - base.get(p, 0.0)
+            acc[1] += 1
+            if os.environ.get("OVERHEARD_BENCH_PROCS"):  # every process, for digging
+                print(f"  {r['cpu'] - base.get(p, 0.0):6.2f} CPU s  {key}: {r['title'][:120]}")
     finally:
         ray.shutdown()
         shutil.rmtree(out, ignore_errors=True)
@@ -331,8 +334,9 @@ def main(argv=None) -> int:
               f"model validation in the driver, listing, actor start-up and writing Parquet. Manifest: "
               f"{c['manifest']['windows']} windows, wall_s {c['manifest']['wall_s']}, "
               f"status {c['manifest']['status']}, failures {c['manifest']['failures_by_type'] or 'none'}.")
-        print("e2e CPU s during run() by process role: " + ", ".join(
-            f"{role} {v:.1f}" for role, v in sorted(c["cpu_by_role"].items(), key=lambda kv: -kv[1])
+        print("e2e CPU s during run() by process role (processes): " + ", ".join(
+            f"{role} {v:.1f} ({n})" for role, (v, n) in sorted(c["cpu_by_role"].items(),
+                                                              key=lambda kv: -kv[1][0])
             if v >= 0.05))
         print("e2e peak RSS by role (largest single process while in that role): " + ", ".join(
             f"{role} {B.mib(v)}" for role, v in sorted(c["sampler"].peak_by_role().items())))

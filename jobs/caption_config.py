@@ -208,6 +208,12 @@ class ResourceConfig:
         "help": "run CLAP and the decoder in one actor pool (captioner_actors actors, batches "
                 "of captioner_batch, CLAP in chunks of encoder_batch); off: two pools "
                 "(CLAP + decoder models)"})
+    decode_in_actors: bool = field(default=False, metadata={
+        "help": "on a cluster without GPUs, each model actor (--captioner-actors, 0 = one per "
+                "CPU) also decodes its blocks and writes their parts: no decode or writer "
+                "tasks, no windows through the object store (fewest CPU-s per window with few "
+                "actors, README 'Framework CPU per window'); ignored with GPUs, where decoding "
+                "stays a stage of CPU tasks (--decode-cpus each)"})
     captioner_actors: int = field(default=0, metadata={
         "min": 0,
         "help": "most model actors; the pool autoscales between --min-actors and this. 0 = auto: "
@@ -244,6 +250,9 @@ class ResourceConfig:
         if self.fuse_models and "encoder_actors" in changed(self):
             raise OptionError("--encoder-actors sizes the CLAP pool of --no-fuse-models; with "
                               "one fused pool use --captioner-actors")
+        if self.decode_in_actors and not self.fuse_models:
+            raise OptionError("--decode-in-actors decodes in the fused CLAP + decoder actor; "
+                              "drop --no-fuse-models")
 
 
 @dataclass(frozen=True)
@@ -307,7 +316,8 @@ class CaptionConfig:
 # Options that mean nothing to the other kind of model, besides its whole group. A DALI model
 # embeds and captions in one actor (no --encoder-batch/--encoder-actors/--no-fuse-models) and
 # names its own CLAP (no --clap/--decoder override).
-_NOT_FOR_DALI = ("clap", "decoder", "fuse_models", "encoder_actors", "encoder_batch")
+_NOT_FOR_DALI = ("clap", "decoder", "fuse_models", "encoder_actors", "encoder_batch",
+                 "decode_in_actors")
 
 
 def refuse_for_model(cfg: CaptionConfig, dali: str) -> None:

@@ -7,6 +7,9 @@
       -> DaliCaptioner | ClapCaptioner | ClapEmbedder + Captioner [actor pools, whole blocks]
       -> write_part_here [CPU tasks: one atomic Parquet part per block, one metadata row out]
 
+or, with --decode-in-actors on a cluster without GPUs, one stage:
+    sources -> DecodeCaptionWrite [actor pool: decode, models, write; one metadata row out]
+
 Ray only here and in jobs/; the stages themselves are plain functions and classes in actors/.
 ``jobs.caption`` runs it (listing, lease, commits, manifest) and re-exports ``build``.
 """
@@ -50,8 +53,10 @@ def build(cfg: CaptionConfig, sources, clap: str, decoder: str, dali: str = "",
     later rounds, whose sources all have known sizes."""
     place = placement(cfg, ray_init(cfg), dali)
     cfg = effective_windows(cfg)
-    ds = _decode_stage(cfg, sources, frame_size, attempt,
-                       cfg.unknown_block_bytes if defer else 0)
+    budget = cfg.unknown_block_bytes if defer else 0
+    if decodes_in_actors(cfg, place, dali):
+        return _decode_caption_write_stage(cfg, sources, clap, decoder, attempt, place, budget)
+    ds = _decode_stage(cfg, sources, frame_size, attempt, budget)
     if dali:
         ds = _dali_stage(cfg, ds, dali, place)
     else:
@@ -101,16 +106,57 @@ def decode_input(cfg: CaptionConfig, sources):
     return ds
 
 
+def decodes_in_actors(cfg: CaptionConfig, place: Placement, dali: str) -> bool:
+    """Whether each model actor decodes its own blocks and writes their parts
+    (``actors.decode_caption_write``): --decode-in-actors on a cluster without GPUs, with the
+    fused CLAP + decoder actor. With GPUs decoding stays a CPU stage of its own."""
+    return cfg.decode_in_actors and cfg.fuse_models and not dali and place.device == "cpu"
+
+
+def _decode_kwargs(cfg: CaptionConfig, frame_size: int) -> dict:
+    """``actors.windows.decode_sources``' keyword arguments for this job."""
+    return dict(window_s=cfg.window, hop_s=cfg.hop or None, min_window_s=cfg.min_window,
+                pad_mode=cfg.pad_mode, max_duration_s=cfg.max_duration or None,
+                timeout_s=cfg.decode_timeout or None,
+                frame_size=frame_size if cfg.mode == "audio+image" else 0)
+
+
+# CPUs per DecodeCaptionWrite actor: it decodes, runs the models and writes, one block at a
+# time on one core (torch_threads 1), so one actor per CPU keeps every core busy.
+DECODING_ACTOR_CPUS = 1.0
+
+
+def _decode_caption_write_stage(cfg: CaptionConfig, sources, clap: str, decoder: str,
+                                attempt: str, place: Placement, budget: int):
+    """The whole job in one actor pool (no GPUs): decode blocks in, one metadata row per part
+    out, as ``_writer``'s. Measured on the 130-min archive (README "Framework CPU per window")."""
+    from actors.decode_caption_write import DecodeCaptionWrite
+
+    clap_kwargs, captioner_kwargs = model_kwargs(cfg, clap, decoder, place.device)
+    from jobs.blocks import unpack_blocks
+
+    return decode_input(cfg, sources).map_batches(
+        DecodeCaptionWrite, batch_size=None, batch_format="pyarrow",
+        fn_constructor_kwargs=dict(
+            decode=dict(_decode_kwargs(cfg, 0), unknown_budget=budget),
+            part=_part_kwargs(cfg, attempt), unpack=unpack_blocks,
+            clap_kwargs=clap_kwargs, captioner_kwargs=captioner_kwargs,
+            encoder_batch=cfg.encoder_batch, captioner_batch=cfg.captioner_batch,
+            embeddings=cfg.embeddings, node=_node),
+        compute=place.pool(cfg.captioner_actors, 0.0, cpus_each=DECODING_ACTOR_CPUS),
+        num_cpus=DECODING_ACTOR_CPUS, **_fault_env())
+
+
+def _part_kwargs(cfg: CaptionConfig, attempt: str) -> dict:
+    return dict(output=cfg.output, run_id=cfg.run_id, attempt=attempt)
+
+
 def _decode_stage(cfg: CaptionConfig, sources, frame_size: int, attempt: str, budget: int):
     """The first stage: decode blocks in, each block's windows out as one block (CPU tasks)."""
     return decode_input(cfg, sources).map_batches(
         decode_sources_here, batch_size=None, batch_format="pyarrow",
-        fn_kwargs=dict(part=dict(output=cfg.output, run_id=cfg.run_id, attempt=attempt),
-                       unknown_budget=budget, window_s=cfg.window, hop_s=cfg.hop or None,
-                       min_window_s=cfg.min_window,
-                       pad_mode=cfg.pad_mode, max_duration_s=cfg.max_duration or None,
-                       timeout_s=cfg.decode_timeout or None,
-                       frame_size=frame_size if cfg.mode == "audio+image" else 0),
+        fn_kwargs=dict(part=_part_kwargs(cfg, attempt), unknown_budget=budget,
+                       **_decode_kwargs(cfg, frame_size)),
         # fractional CPUs: on a 2-core node whole-CPU actors would leave no CPU for the
         # reader and Ray Data waits forever (see README, "Resources")
         num_cpus=cfg.decode_cpus,
@@ -138,17 +184,23 @@ def _dali_stage(cfg: CaptionConfig, ds, dali: str, place: Placement):
     ), place.gpus)
 
 
+def model_kwargs(cfg: CaptionConfig, clap: str, decoder: str, device: str) -> tuple[dict, dict]:
+    """The ClapEmbedder's and the Captioner's constructor arguments (a ClapCaptioner takes both).
+    Each actor takes the option groups it reads (jobs/caption_config.py): a new option is one
+    field there and the line in the actor that reads it, nothing here."""
+    clap_kwargs = dict(clap_path=clap, window_s=cfg.window, device=device,
+                       resources=cfg.resources)
+    captioner_kwargs = dict(decoder_path=decoder, decoding=cfg.decoding, scoring=cfg.scoring,
+                            clap_path=clap, device=device, resources=cfg.resources)
+    return clap_kwargs, captioner_kwargs
+
+
 def _model_stages(cfg: CaptionConfig, ds, clap: str, decoder: str, place: Placement):
     """CLAP + decoder: one fused ClapCaptioner pool, or (--no-fuse-models) a ClapEmbedder pool
     then a Captioner pool."""
     from actors.part_writer import in_blocks
 
-    # each actor takes the option groups it reads (jobs/caption_config.py): a new option is
-    # one field there and the line in the actor that reads it, nothing here
-    clap_kwargs = dict(clap_path=clap, window_s=cfg.window, device=place.device,
-                       resources=cfg.resources)
-    captioner_kwargs = dict(decoder_path=decoder, decoding=cfg.decoding, scoring=cfg.scoring,
-                            clap_path=clap, device=place.device, resources=cfg.resources)
+    clap_kwargs, captioner_kwargs = model_kwargs(cfg, clap, decoder, place.device)
     if cfg.fuse_models:
         from actors.clap_captioner import ClapCaptioner
         return _gpus(ds.map_batches(
@@ -188,14 +240,18 @@ def _gpus(ds, gpus: float):
 
 def _writer(cfg: CaptionConfig, ds, attempt: str):
     """The last stage: each block written as one part by a worker, one metadata row out."""
+    return ds.map_batches(write_part_here, batch_size=None, batch_format="pyarrow",
+                          fn_kwargs=_part_kwargs(cfg, attempt), num_cpus=WRITER_CPUS,
+                          **_fault_env())
+
+
+def _fault_env() -> dict:
+    """Fault injection (tests/test_faults.py): the writer-exit hook reaches the workers."""
     from actors.part_writer import EXIT_HOOK
 
-    extra = {}
-    if os.environ.get(EXIT_HOOK):  # fault injection (tests/test_faults.py) reaches the workers
-        extra["runtime_env"] = {"env_vars": {EXIT_HOOK: os.environ[EXIT_HOOK]}}
-    return ds.map_batches(write_part_here, batch_size=None, batch_format="pyarrow",
-                          fn_kwargs=dict(output=cfg.output, run_id=cfg.run_id, attempt=attempt),
-                          num_cpus=WRITER_CPUS, **extra)
+    if os.environ.get(EXIT_HOOK):
+        return {"runtime_env": {"env_vars": {EXIT_HOOK: os.environ[EXIT_HOOK]}}}
+    return {}
 
 
 def _node() -> str:

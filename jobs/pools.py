@@ -50,15 +50,15 @@ def cluster_gpus(ray) -> float:
 
 
 def pool_size(requested: int, minimum: int, gpus_total: float, gpus_per_actor: float,
-              cpus_total: float) -> tuple[int, int]:
+              cpus_total: float, cpus_each: float = CPUS_PER_CPU_ACTOR) -> tuple[int, int]:
     """(min, max) actors of a model pool: ``requested`` > 0 caps it; 0 = one actor per GPU share
-    the cluster can offer, or one per ``CPUS_PER_CPU_ACTOR`` CPUs without GPUs."""
+    the cluster can offer, or one per ``cpus_each`` CPUs without GPUs."""
     if requested > 0:
         most = requested
     elif gpus_per_actor > 0:
         most = int(gpus_total // gpus_per_actor)
     else:
-        most = int(cpus_total // CPUS_PER_CPU_ACTOR)
+        most = int(cpus_total // cpus_each)
     most = max(1, most)
     return max(1, min(minimum, most)), most
 
@@ -74,10 +74,11 @@ class Placement:
     cpus_total: float
     min_actors: int
 
-    def pool(self, requested: int, gpus_each: float):
+    def pool(self, requested: int, gpus_each: float, cpus_each: float = CPUS_PER_CPU_ACTOR):
         from ray.data import ActorPoolStrategy
 
-        lo, hi = pool_size(requested, self.min_actors, self.gpus_total, gpus_each, self.cpus_total)
+        lo, hi = pool_size(requested, self.min_actors, self.gpus_total, gpus_each, self.cpus_total,
+                           cpus_each)
         # starts at its maximum: an archive job has work for every actor, and asking for them
         # all at once is what makes an autoscaling cluster launch its GPU workers now rather than
         # one ramp-up step at a time; Ray Data shrinks an idle pool down to --min-actors

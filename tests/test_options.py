@@ -177,8 +177,8 @@ def test_caption_help_is_grouped(capsys):
     entries = _help_entries(text)
     assert "retrieval" in entries["--strategy STRATEGY"]  # a choice the help once left out
     # all 50 options of the flat help before the grouping (48 flags + INPUT OUTPUT), none lost,
-    # + --unknown-size-sources, --unknown-block-bytes (added since)
-    assert sum(len(b) for b in blocks.values()) - 1 == 52
+    # + --unknown-size-sources, --unknown-block-bytes, --decode-in-actors (added since)
+    assert sum(len(b) for b in blocks.values()) - 1 == 53
 
 
 def test_caption_config_flat_and_grouped_agree():
