@@ -121,9 +121,12 @@ def _decode_kwargs(cfg: CaptionConfig, frame_size: int) -> dict:
                 frame_size=frame_size if cfg.mode == "audio+image" else 0)
 
 
-# CPUs per DecodeCaptionWrite actor: it decodes, runs the models and writes, one block at a
-# time on one core (torch_threads 1), so one actor per CPU keeps every core busy.
-DECODING_ACTOR_CPUS = 1.0
+# DecodeCaptionWrite actors: each decodes, runs the models and writes, one block at a time on
+# one core (torch_threads 1), so one actor per CPU keeps every core busy; each asks for less
+# than a whole CPU so that the todo list's read + repartition tasks (READ_CPUS each) can still
+# be scheduled: with 1.0 on a 2-CPU node the two actors took every CPU and the job hung
+# waiting for its input (seen in tests/test_decode_caption_write.py).
+DECODING_ACTOR_CPUS = 1.0 - 2 * READ_CPUS
 
 
 def _decode_caption_write_stage(cfg: CaptionConfig, sources, clap: str, decoder: str,
@@ -143,7 +146,7 @@ def _decode_caption_write_stage(cfg: CaptionConfig, sources, clap: str, decoder:
             clap_kwargs=clap_kwargs, captioner_kwargs=captioner_kwargs,
             encoder_batch=cfg.encoder_batch, captioner_batch=cfg.captioner_batch,
             embeddings=cfg.embeddings, node=_node),
-        compute=place.pool(cfg.captioner_actors, 0.0, cpus_each=DECODING_ACTOR_CPUS),
+        compute=place.pool(cfg.captioner_actors, 0.0, cpus_each=1.0),
         num_cpus=DECODING_ACTOR_CPUS, **_fault_env())
 
 
