@@ -433,7 +433,8 @@ def summary_text(m: dict) -> str:
     dup = m.get("sources_duplicate", 0)  # a manifest naming a URI twice: one source
     text = (f"run {m['run_id']} {m['status']}: {m['sources_captioned']} files captioned, "
             f"{m['sources_failed']} failed, {m['sources_skipped_done']} already done"
-            + (f" ({dup} duplicate listing entries ignored)" if dup else "") + "; "
+            + (f" ({dup} duplicate listing {'entry' if dup == 1 else 'entries'} ignored)"
+               if dup else "") + "; "
             f"{m['windows']} windows ({m['audio_hours']:.3f} h of audio) in {m['wall_s']:.1f} s "
             f"= {m['windows_per_s']:.2f} windows/s; failures: {m['failures_by_type'] or 'none'}")
     scored, low = m.get("windows_scored", 0), m.get("windows_low_confidence", 0)
