@@ -101,6 +101,9 @@ def format_status(m: dict, now: float | None = None) -> str:
         lines.append(f"  ETA: {_duration(m['eta_s'])} (at the rate since the first output)")
     if m.get("first_output_s") is not None:
         lines.append(f"  first output after {m['first_output_s']:.1f} s")
+    if m.get("sources_deferred"):  # unknown sizes past --unknown-block-bytes: a second round
+        lines.append(f"  rounds: {m.get('rounds', 0)} ({m['sources_deferred']} sources of unknown "
+                     "size deferred to the second, packed by their sizes)")
     return "\n".join(lines)
 
 

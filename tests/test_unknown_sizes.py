@@ -123,6 +123,10 @@ def test_deferred_sources_are_captioned_in_a_second_round(ray_local, tiny_model,
             attempt[u.rsplit("/", 1)[-1]] = name.rsplit("-", 1)[-1]
     assert attempt["a_big0.wav"] != attempt["c_big1.wav"] == attempt["b_tiny0.wav"]
     assert len(os.listdir(os.path.join(out, "_commits"))) >= 2
+    # overheard status says the run took a second round and why
+    from jobs.status import format_status, read_manifests
+    [run_m] = read_manifests(out)
+    assert "  rounds: 2 (6 sources of unknown size deferred" in format_status(run_m)
     # a missing file is retried by the next run (it may have appeared); nothing else is
     mf.make_tone(str(tmp_path / "d_missing0.wav"), seconds=1.0, sr=16000, channels=1)
     m2 = run(cfg)
