@@ -227,6 +227,8 @@ def _run_leased(cfg, t0, dali, clap, decoder, frame_size, lease, sources) -> dic
                     rounds=0, sources_deferred=0,
                     bundled_model=os.path.realpath(decoder).startswith(os.path.realpath(DEFAULT_MODEL)))
     manifest["damaged_parts"] = damaged  # renamed .damaged-*; their sources are redone
+    if cfg.limit:
+        manifest["limit"] = cfg.limit  # what was left for later is said (jobs.status.limit_text)
     if not plan.complete:
         manifest["listing_complete"] = False  # --limit stopped listing an ordered input early
     manifest["uncommitted_parts_removed"] = len(uncommitted)
@@ -431,12 +433,16 @@ def _count(manifest: dict, m: dict) -> None:
 
 def summary_text(m: dict) -> str:
     dup = m.get("sources_duplicate", 0)  # a manifest naming a URI twice: one source
-    text = (f"run {m['run_id']} {m['status']}: {m['sources_captioned']} files captioned, "
+    text = (f"run {m['run_id']} {m['status']}: {m['sources_captioned']} "
+            f"file{'s' * (m['sources_captioned'] != 1)} captioned, "
             f"{m['sources_failed']} failed, {m['sources_skipped_done']} already done"
             + (f" ({dup} duplicate listing {'entry' if dup == 1 else 'entries'} ignored)"
                if dup else "") + "; "
             f"{m['windows']} windows ({m['audio_hours']:.3f} h of audio) in {m['wall_s']:.1f} s "
             f"= {m['windows_per_s']:.2f} windows/s; failures: {m['failures_by_type'] or 'none'}")
+    from jobs.status import limit_text
+    if limit_text(m):
+        text += "\n" + limit_text(m)
     scored, low = m.get("windows_scored", 0), m.get("windows_low_confidence", 0)
     if scored:
         text += f"\nconfidence: {low} of {scored} windows below {LOW_CONFIDENCE:g}"
@@ -466,7 +472,9 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     if cfg.show:
         from jobs.show import format_rows, read_captions
-        print(format_rows(read_captions(cfg.output, run_id=m["run_id"]), cfg.show))
+        rows = format_rows(read_captions(cfg.output, run_id=m["run_id"]), cfg.show)
+        if rows:  # a run that captioned nothing prints no empty line
+            print(rows)
     if m.get("settings_differ"):
         d = ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in m["settings_differ"].items())
         print(f"note: {m['sources_skipped_done']} sources were already in {cfg.output} from a run "

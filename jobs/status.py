@@ -91,7 +91,8 @@ def format_status(m: dict, now: float | None = None) -> str:
              f"  sources: {done}/{todo} done ({m.get('sources_captioned', 0)} captioned, "
              f"{m.get('sources_failed', 0)} failed), {m.get('sources_skipped_done', 0)} already "
              f"done before this run, {m.get('sources_listed', 0)} listed"
-             + (f" (+{m['sources_duplicate']} duplicate entries)"
+             + (f" (+{m['sources_duplicate']} duplicate entr"
+                f"{'y' if m['sources_duplicate'] == 1 else 'ies'})"
                 if m.get("sources_duplicate") else ""),
              f"  windows: {m.get('windows', 0)} ({m.get('audio_hours', 0.0):.3f} h of audio), "
              f"{m.get('windows_per_s', 0.0):.2f} windows/s over {_duration(m.get('wall_s', 0.0))}",
@@ -101,6 +102,8 @@ def format_status(m: dict, now: float | None = None) -> str:
         lines.append(f"  ETA: {_duration(m['eta_s'])} (at the rate since the first output)")
     if m.get("first_output_s") is not None:
         lines.append(f"  first output after {m['first_output_s']:.1f} s")
+    if limit_text(m):
+        lines.append(f"  {limit_text(m)}")
     if m.get("sources_deferred"):  # unknown sizes past --unknown-block-bytes: a second round
         lines.append(f"  rounds: {m.get('rounds', 0)} ({m['sources_deferred']} sources of unknown "
                      "size deferred to the second, packed by their sizes)")
@@ -137,6 +140,28 @@ def _one_line(text: str, width: int = 160) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
+def limit_text(m: dict) -> str:
+    """What --limit left for a later run ("" when the run had no limit or left nothing)."""
+    if not m.get("limit"):
+        return ""
+    left = m.get("sources_listed", 0) - m.get("sources_skipped_done", 0) - m.get("sources_todo", 0)
+    more = "" if m.get("listing_complete", True) else "at least "
+    if left <= 0 and not more:
+        return ""
+    return (f"--limit {m['limit']} reached: {more}{max(left, 0)} more listed source"
+            f"{'s' * (left != 1)} left for a later run (rerun without --limit, or with a higher one)")
+
+
+def _without_uri(message: str, uri: str) -> str:
+    """A failure message without the source's own path where it repeats it (the line already
+    starts with the URI): "x.txt: corrupt: x.txt: cannot parse" -> "x.txt: corrupt: cannot parse"."""
+    message = str(message or "")
+    path = uri.split("#", 1)[0]
+    for p in dict.fromkeys((uri, path)):
+        message = message.replace(f"{p}: ", "")
+    return message
+
+
 def format_failures(t: pa.Table, limit: int | None = None) -> str:
     """Failed sources (a failed_sources table) grouped by error type, most frequent first: one
     line each, URI and message (``limit``: at most that many lines in all)."""
@@ -150,7 +175,8 @@ def format_failures(t: pa.Table, limit: int | None = None) -> str:
             if limit is not None and shown >= limit:
                 break
             later = "" if r["still_failing"] else " [captioned by a later run]"
-            lines.append(f"  {r['source_uri']}: {_one_line(r['message'])}{later}")
+            lines.append(f"  {r['source_uri']}: {_one_line(_without_uri(r['message'], r['source_uri']))}"
+                         f"{later}")
             shown += 1
     if limit is not None and t.num_rows > shown:
         lines.append(f"  ... {t.num_rows - shown} more")

@@ -144,8 +144,14 @@ def test_manifest_csv_input_and_limit(ray_local, tiny_model, archive, tmp_path):
     out = str(tmp_path / "out")
     m = run_job(dict(input=str(man), output=out, model=tiny_model, progress=False, limit=2))
     assert m["sources_listed"] == 3 and m["sources_todo"] == 2
+    # the summary and `overheard status` say what the limit left (a new user saw no hint)
+    from jobs.caption import summary_text
+    from jobs.status import format_status
+    left = "--limit 2 reached: 1 more listed source left for a later run"
+    assert left in summary_text(m) and left in format_status(m)
     m2 = run_job(dict(input=str(man), output=out, model=tiny_model, progress=False))
     assert m2["sources_skipped_done"] == 2 and m2["sources_todo"] == 1
+    assert "--limit" not in summary_text(m2)
     caps = read_dir(os.path.join(out, "captions"))
     assert len(set(caps["source_uri"].to_pylist())) == 3
 
