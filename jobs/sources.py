@@ -334,10 +334,57 @@ def _concat(tables: list[pa.Table]) -> pa.Table:
     return pa.concat_tables([_normal(t, loc) for t in tables])
 
 
+# a URI that may not be in normal local form: file://, or an absolute path whose part before
+# any '#' / '::' holds '//', '/./' or '/../' (or ends in '/.' / '/..')
+_ODD_LOCAL = r"^(file://|/[^#]*?(//|/\.\.?(/|#|::|$)))"
+
+
+def local_uri(uri: str) -> str:
+    """A local source URI in its one normal form: ``file://`` stripped, then for an absolute
+    path the part before any '#' (a media fragment ``#t=``, a tar / Parquet member) or '::'
+    normalised (``os.path.normpath``: '..', '.', '//'), the suffix kept as it is. Relative paths,
+    ``file://`` URIs that are not absolute and other protocols (s3://, ...) are left alone."""
+    p = uri[7:] if uri.startswith("file://") else uri
+    if not p.startswith("/"):
+        return uri
+    cut = min((i for i in (p.find("#"), p.find("::")) if i >= 0), default=len(p))
+    head = os.path.normpath(p[:cut])
+    if head.startswith("//"):  # normpath keeps a leading '//' (POSIX): one '/' names the same
+        head = "/" + head.lstrip("/")
+    return head + p[cut:]
+
+
+def _local_uris(t: pa.Table) -> pa.Table:
+    """``t`` with its local source URIs in normal form (:func:`local_uri`), so one file named
+    as /x.wav, file:///x.wav and /a/../x.wav is one source (the dedup then counts the repeats).
+    Only the URIs a regex flags go through Python; already normal ones (a folder listing's, an
+    S3 prefix's) are untouched."""
+    if t.num_rows == 0:
+        return t
+    col = t.column("source_uri")
+    odd = pc.fill_null(pc.match_substring_regex(col, _ODD_LOCAL), False)
+    mask = odd.to_numpy(zero_copy_only=False) if isinstance(odd, pa.Array) else \
+        odd.combine_chunks().to_numpy(zero_copy_only=False)
+    idx = np.flatnonzero(mask)
+    if len(idx) == 0:
+        return t
+    new = [local_uri(u) for u in col.take(pa.array(idx)).to_pylist()]
+    vals = col.to_pylist() if len(idx) * 4 > t.num_rows else None
+    if vals is None:
+        col = pc.replace_with_mask(col.combine_chunks(), pa.array(mask), pa.array(new, pa.string()))
+    else:
+        for i, u in zip(idx, new):
+            vals[i] = u
+        col = pa.array(vals, pa.string())
+    return t.set_column(t.column_names.index("source_uri"), "source_uri", col)
+
+
 def _numbered(chunks, output: str, counts: _Counts):
+    """The listing's chunks with local URIs in normal form (every listed URI passes here),
+    OUTPUT's own files left out, each row numbered in listing order (``__seq``)."""
     seq = 0
     for t, bound in chunks:
-        t = _outside(t, output)
+        t = _outside(_local_uris(t), output)
         t = t.append_column(_SEQ, pa.array(np.arange(seq, seq + t.num_rows, dtype=np.int64)))
         seq += t.num_rows
         counts.listed += t.num_rows

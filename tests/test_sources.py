@@ -259,3 +259,60 @@ def test_jsonl_in_chunks_matches_reading_it_whole(tmp_path):
             merged.setdefault(s[0], s)
     assert sorted(merged.values(), key=lambda s: s[0]) == layouts.read_jsonl(str(m))
     assert f"{m}#line=41" in merged  # line numbers as bytes.splitlines counts them
+
+
+def test_one_local_file_named_three_ways_is_one_source(tmp_path):
+    """/x/clip3.wav, file:///x/clip3.wav and /x/../x/clip3.wav name one file: one source (the
+    first entry's version wins), the other two counted as duplicates; a span fragment keeps its
+    suffix, s3:// and relative URIs are left as they are."""
+    d = tmp_path / "x"
+    d.mkdir()
+    clip = str(d / "clip3.wav")
+    alias = f"{tmp_path}/../{tmp_path.name}/x/./clip3.wav"
+    man = tmp_path / "m.csv"
+    man.write_text("uri,version\n" + "\n".join([
+        f"{clip},first", f"file://{clip},second", f"{tmp_path}/x/../x/clip3.wav,third",
+        f'"{alias}#t=1,2",span', "s3://b/../k//a.wav,s3", "rel/../a.wav,rel"]) + "\n")
+    p = _plan(str(man), tmp_path / "out")
+    assert _todo(p) == sorted([(clip, "first"), (f"{clip}#t=1,2", "span"),
+                               ("s3://b/../k//a.wav", "s3"), ("rel/../a.wav", "rel")])
+    assert (p.count, p.listed, p.duplicate) == (4, 4, 2)
+    # done sources in normal form are skipped whatever form the manifest names them in
+    p2 = _plan(str(man), tmp_path / "out2", done=pa.array([clip]))
+    assert (p2.count, p2.skipped_done, p2.duplicate) == (3, 1, 2)
+    # a JSONL line's file:// path and ../ path too
+    j = tmp_path / "m.jsonl"
+    j.write_text("\n".join(json.dumps({"audio_filepath": a}) for a in [
+        clip, f"file://{clip}", "x/../x/clip3.wav", "./x/clip3.wav"]) + "\n")
+    p3 = _plan(str(j), tmp_path / "out3")
+    assert [r[0] for r in p3.rows()] == [clip] and p3.duplicate == 3
+
+
+def test_jsonl_duplicates_are_counted_and_plain_lines_are_loose(tmp_path):
+    """11 lines naming 10 files: 10 sources and 1 duplicate (as a CSV manifest counts it); a line
+    naming only a file is a loose source (no locator: the decode task stats it), a line with
+    other keys or a span keeps its span locator; source ids as before."""
+    d = tmp_path / "clips"
+    d.mkdir()
+    names = [f"c{i}.wav" for i in range(10)]
+    j = d / "m.jsonl"
+    j.write_text("\n".join(json.dumps({"audio_filepath": n}) for n in names + ["c3.wav"]) + "\n")
+    p = _plan(str(j), tmp_path / "out")
+    rows = p.rows()
+    assert [r[0] for r in rows] == sorted(str(d / n) for n in names)
+    assert all(len(r) == 3 for r in rows)  # loose: null locator
+    assert (p.count, p.listed, p.duplicate) == (10, 10, 1)
+    csv = d / "m.csv"
+    csv.write_text("uri\n" + "\n".join(str(d / n) for n in names + ["c3.wav"]) + "\n")
+    pc_ = _plan(str(csv), tmp_path / "out_csv")
+    assert (pc_.listed, pc_.duplicate) == (p.listed, p.duplicate)
+    j2 = d / "m2.jsonl"
+    j2.write_text("\n".join(json.dumps(x) for x in [
+        {"audio_filepath": "c0.wav", "text": "hi"}, {"audio_filepath": "c1.wav", "size": 123},
+        {"audio_filepath": "c2.wav", "offset": 1}, {"audio_filepath": "c4.wav", "size": "x"}]))
+    got = {r[0]: r for r in _plan(str(j2), tmp_path / "out2").rows()}
+    assert got[str(d / "c0.wav")][3]["kind"] == "span" and got[str(d / "c0.wav")][3]["meta"]
+    # a "size" key is one of the line's keys (source_meta, as before): a span locator, its size
+    # used; a size that is not a number is unknown, not an error
+    assert got[str(d / "c1.wav")][2] == 123 and got[str(d / "c4.wav")][2] == 0
+    assert got[str(d / "c2.wav") + "#t=1"][3]["kind"] == "span"

@@ -151,3 +151,26 @@ def test_object_store_sources_are_stated_not_opened(s3_server, s3_bucket, tmp_pa
     assert list(gone) == [uris[-1]] and "stat before opening" in gone[uris[-1]]
     assert todo["source_uri"].to_pylist() == [uris[0], uris[1], uris[-1]]
     assert deferred == [dict(source_uri=u, source_version="", size=len(body)) for u in uris[2:4]]
+
+
+def test_jsonl_plain_lines_are_stated_and_deferred(ray_local, tiny_model, tmp_path):
+    """A JSONL manifest of plain file lines (no offset/duration, no size) is stat'ed and
+    deferred like the Parquet manifest above; its repeated line is counted as a duplicate."""
+    from jobs.caption import CaptionConfig, run
+
+    _, files = _archive(tmp_path)
+    man = tmp_path / "manifest.jsonl"
+    names = list(files) + ["b_tiny2.wav"]
+    man.write_text("\n".join(json.dumps({"audio_filepath": n}) for n in names) + "\n")
+    out = str(tmp_path / "out")
+    cfg = CaptionConfig(input=str(man), output=out, model=tiny_model, progress=False, show=0,
+                        unknown_size_sources=16, unknown_block_bytes=200_000)
+    m = run(cfg)
+    assert m["status"] == "completed" and m["rounds"] == 2, m
+    assert m["sources_deferred"] == 6 and m["sources_duplicate"] == 1
+    assert m["sources_todo"] == 10 and m["sources_captioned"] == 7 and m["sources_failed"] == 3
+    assert m["failures_by_type"] == {"not_found": 3}
+    from jobs.sink import read_table_dir
+    caps = read_table_dir(os.path.join(out, "captions"))
+    assert set(caps["source_uri"].to_pylist()) == {str(tmp_path / n) for n, s in files.items()
+                                                   if s}

@@ -286,24 +286,29 @@ def _lines(f) -> Iterator[tuple[int, bytes]]:
 
 
 def iter_jsonl(uri: str, chunk_lines: int = JSONL_CHUNK_LINES) -> Iterator[list[tuple]]:
-    """:func:`read_jsonl`'s sources in file order, ``chunk_lines`` lines at a time (the file is
-    streamed, never read whole); identical lines collapse within a chunk (the caption job's
-    listing dedups across chunks, first entry winning)."""
+    """:func:`read_jsonl`'s sources in file order, one per line (blank lines skipped),
+    ``chunk_lines`` lines at a time (the file is streamed, never read whole). Repeated lines are
+    NOT collapsed here: the caption job's listing (jobs/sources.py) dedups across chunks, first
+    entry winning, and counts the repeats as ``sources_duplicate`` as it does for CSV/Parquet
+    manifests; :func:`read_jsonl` collapses them itself."""
     base = (os.path.dirname(os.path.abspath(uri)) if storage.protocol_of(uri) == "file"
             else uri.rsplit("/", 1)[0])
-    out: dict[str, tuple] = {}
+    out: list[tuple] = []
     with storage.open_input(uri) as f:
         for n, raw in _lines(f):
             if len(out) >= chunk_lines:
-                yield list(out.values())
-                out = {}
+                yield out
+                out = []
             _jsonl_line(out, uri, base, n, raw)
     if out:
-        yield list(out.values())
+        yield out
 
 
-def _jsonl_line(out: dict, uri: str, base: str, n: int, raw: bytes) -> None:
-    """Add line ``n`` of manifest ``uri`` to ``out`` (source id -> source)."""
+def _jsonl_line(out: list, uri: str, base: str, n: int, raw: bytes) -> None:
+    """Append line ``n`` of manifest ``uri``'s source to ``out``. A line naming only a file (no
+    offset/duration, no other keys for source_meta) is a loose source (null locator, id the
+    file's URI), stat'ed and deferred by the decode task like a CSV row
+    (actors.windows.stat_unknown); a line with a span or other keys gets a ``span`` locator."""
     line = raw.strip()
     if not line:
         return
@@ -321,7 +326,7 @@ def _jsonl_line(out: dict, uri: str, base: str, n: int, raw: bytes) -> None:
             raise ValueError(f"bad span offset={rec.get('offset')!r} duration={dur!r}")
     except (ValueError, TypeError) as e:
         u = f"{uri}#line={n}"
-        out[u] = _fail(u, "", "corrupt", f"manifest line {n}: {e}")
+        out.append(_fail(u, "", "corrupt", f"manifest line {n}: {e}"))
         return
     file_uri = fp if ("://" in fp or fp.startswith("/")) else storage.join(base, fp)
     version = str(rec.get("version") or "")
@@ -329,14 +334,23 @@ def _jsonl_line(out: dict, uri: str, base: str, n: int, raw: bytes) -> None:
             if k not in ("audio_filepath", "offset", "duration", "version")}
     meta = _dumps(meta) if meta else None
     if off == 0 and dur is None:
-        out.setdefault(file_uri, (file_uri, version, int(rec.get("size") or 0),
-                                  _loc("span", file_uri, meta=meta)))
+        size = _line_size(rec.get("size"))
+        out.append((file_uri, version, size) if meta is None else
+                   (file_uri, version, size, _loc("span", file_uri, meta=meta)))
         return
     end = -1.0 if dur is None else off + dur
     sid = f"{file_uri}#t={fmt_s(off)}" + ("" if dur is None else f",{fmt_s(end)}")
     est = int((dur if dur is not None else 600.0) * SPAN_BYTES_PER_S)
-    out.setdefault(sid, (sid, version, est,
-                         _loc("span", file_uri, start_s=off, end_s=end, meta=meta)))
+    out.append((sid, version, est, _loc("span", file_uri, start_s=off, end_s=end, meta=meta)))
+
+
+def _line_size(n) -> int:
+    """A JSONL line's ``size`` as bytes; 0 (unknown: stat'ed by the decode task) otherwise."""
+    try:
+        v = int(n or 0)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+    return v if v > 0 else 0
 
 
 # -------------------------------------------------------------------------------- driver: listing
