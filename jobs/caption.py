@@ -62,7 +62,6 @@ from jobs.sink import commit, quarantine_damaged, remove_uncommitted
 from jobs.sources import open_listing, plan_sources
 from overheard import storage
 from overheard.confidence import LOW
-from overheard.layouts import LOCATOR_TYPE
 
 # below this a window counts as low-confidence in the summary (overheard.confidence.LOW: beyond the
 # 95th percentile of held-out in-world distances)
@@ -321,7 +320,7 @@ def _rounds(cfg, todo, clap, decoder, manifest, dali="", frame_size=0, lease=Non
                 manifest["sources_deferred"] += len(deferred)
             if stopped or deferred is None:
                 break
-            todo = [sources_table_of(deferred)]
+            todo = [deferred]  # packed like any todo list (jobs.blocks.pack_table: locator null)
     finally:
         if bar is not None:
             bar.close()
@@ -333,14 +332,6 @@ def _rounds(cfg, todo, clap, decoder, manifest, dali="", frame_size=0, lease=Non
         manifest["sources_incomplete"] = manifest["sources_todo"] - tally["committed"]
         if manifest["sources_incomplete"] and "status_final" not in manifest:
             manifest["status_final"] = "incomplete"
-
-
-def sources_table_of(deferred: pa.Table) -> pa.Table:
-    """Deferred sources (source_uri, source_version, size) -> the rows ``build`` takes."""
-    return pa.table({"source_uri": deferred.column("source_uri"),
-                     "source_version": deferred.column("source_version"),
-                     "size": deferred.column("size"),
-                     "locator": pa.nulls(deferred.num_rows, LOCATOR_TYPE)}, schema=SOURCE_TYPE)
 
 
 def _stream(cfg, todo, clap, decoder, manifest, dali="", frame_size=0, lease=None, bar=None,
