@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -145,17 +146,22 @@ def quarantine_damaged(output: str) -> list[str]:
     return moved
 
 
+def captioned_uris(output: str) -> Iterator[pa.Array]:
+    """The distinct URIs of each committed caption part, part by part (``source_uri`` only)."""
+    fs = storage.get_fs(output)[0]
+    for f in part_files(storage.join(output, "captions")):
+        yield pc.unique(pq.read_table(f, columns=["source_uri"], filesystem=fs)
+                        .column("source_uri").combine_chunks())
+
+
 def done_uris(output: str) -> pa.Array:
     """The sources a rerun skips, as one Arrow array of distinct URIs: those with captions, and
     those whose failure is permanent. Sources whose only failures are retryable (read errors,
     timeouts) are attempted again. Read part by part, one column (two for failures), each part
     reduced to its distinct URIs first: memory ~ the distinct URIs, ~100 B each (bench/scale.py
     (d): 1M done sources)."""
-    found = [pa.array([], pa.string())]
+    found = [pa.array([], pa.string())] + list(captioned_uris(output))
     fs = storage.get_fs(output)[0]
-    for f in part_files(storage.join(output, "captions")):
-        found.append(pc.unique(pq.read_table(f, columns=["source_uri"], filesystem=fs)
-                               .column("source_uri").combine_chunks()))
     for f in part_files(storage.join(output, "failures")):
         t = pq.read_table(f, columns=["source_uri", "retryable"], filesystem=fs)
         perm = t.filter(pc.invert(t.column("retryable")))
@@ -199,11 +205,8 @@ def failed_sources(output: str, run_id: str = "", later: bool = True) -> pa.Tabl
     only_retry = g.column("retryable_min").to_numpy(zero_copy_only=False).astype(bool)
     retry = last.column("source_uri").filter(pa.array(only_retry)).combine_chunks()
     captioned = np.zeros(len(retry), bool)
-    fs = storage.get_fs(output)[0]
-    for f in part_files(storage.join(output, "captions")) if len(retry) and later else []:
-        col = pq.read_table(f, columns=["source_uri"], filesystem=fs).column("source_uri")
-        captioned |= pc.is_in(retry, value_set=col.combine_chunks()).to_numpy(
-            zero_copy_only=False)
+    for uris in captioned_uris(output) if len(retry) and later else []:
+        captioned |= pc.is_in(retry, value_set=uris).to_numpy(zero_copy_only=False)
     resolved = np.zeros(last.num_rows, bool)
     resolved[np.flatnonzero(only_retry)] = captioned
     return last.append_column("still_failing", pa.array(~resolved))
