@@ -361,21 +361,12 @@ def _local_uris(t: pa.Table) -> pa.Table:
     S3 prefix's) are untouched."""
     if t.num_rows == 0:
         return t
-    col = t.column("source_uri")
-    odd = pc.fill_null(pc.match_substring_regex(col, _ODD_LOCAL), False)
-    mask = odd.to_numpy(zero_copy_only=False) if isinstance(odd, pa.Array) else \
-        odd.combine_chunks().to_numpy(zero_copy_only=False)
-    idx = np.flatnonzero(mask)
-    if len(idx) == 0:
+    col = t.column("source_uri").combine_chunks()
+    mask = pc.fill_null(pc.match_substring_regex(col, _ODD_LOCAL), False)
+    odd = col.filter(mask).to_pylist()
+    if not odd:
         return t
-    new = [local_uri(u) for u in col.take(pa.array(idx)).to_pylist()]
-    vals = col.to_pylist() if len(idx) * 4 > t.num_rows else None
-    if vals is None:
-        col = pc.replace_with_mask(col.combine_chunks(), pa.array(mask), pa.array(new, pa.string()))
-    else:
-        for i, u in zip(idx, new):
-            vals[i] = u
-        col = pa.array(vals, pa.string())
+    col = pc.replace_with_mask(col, mask, pa.array([local_uri(u) for u in odd], pa.string()))
     return t.set_column(t.column_names.index("source_uri"), "source_uri", col)
 
 
