@@ -2,8 +2,8 @@
 models on it, write its part.
 
 Columns in:  a decode block (``jobs.blocks.decode_blocks``: source_uri, source_version, ...,
-             block: int64), whole; or, with ``unpack``, rows that unpack into decode blocks
-             (the caption job's block rows, ``jobs.blocks.block_rows``: one per call).
+             block: int64), whole, as ``unpack`` makes them from the batch (the caption job's
+             block rows, ``jobs.blocks.block_rows``: one per call).
 Columns out: ``actors.part_writer.META_SCHEMA``, one row per part written (the block's).
 
 Why one process: split, a CPU-only run pays for decode task workers and part-writer workers (each
@@ -31,20 +31,20 @@ class DecodeCaptionWrite:
     ``write_part``'s (output, run_id, attempt); ``clap_kwargs`` / ``captioner_kwargs`` /
     ``encoder_batch``: ``ClapCaptioner``'s; ``embeddings``: keep ``audio_embedding`` in the part;
     ``node``: a callable giving the node id recorded with each part ("" when None);
-    ``unpack``: a callable turning a batch into its decode blocks (None: the batch is one)."""
+    ``unpack``: a callable turning a batch into its decode blocks (``jobs.blocks.unpack_blocks``,
+    passed in: actors import nothing from jobs/)."""
 
     def __init__(self, *, decode: dict, part: dict, clap_kwargs: dict, captioner_kwargs: dict,
                  encoder_batch: int, captioner_batch: int, embeddings: bool = True,
-                 node: Callable[[], str] | None = None,
-                 unpack: Callable[[pa.Table], Iterable[pa.Table]] | None = None):
+                 unpack: Callable[[pa.Table], Iterable[pa.Table]],
+                 node: Callable[[], str] | None = None):
         self.models = in_blocks(ClapCaptioner, captioner_batch)(clap_kwargs, captioner_kwargs,
                                                                 encoder_batch)
         self.decode, self.part, self.embeddings = decode, part, embeddings
         self.node, self.unpack = node, unpack
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        blocks = list(self.unpack(batch)) if self.unpack else [batch]
-        metas = [self._one(b) for b in blocks]
+        metas = [self._one(b) for b in self.unpack(batch)]
         return pa.concat_tables(metas) if metas else META_SCHEMA.empty_table()
 
     def _one(self, batch: pa.Table) -> pa.Table:

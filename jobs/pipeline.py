@@ -134,10 +134,9 @@ def _decode_caption_write_stage(cfg: CaptionConfig, sources, clap: str, decoder:
     """The whole job in one actor pool (no GPUs): decode blocks in, one metadata row per part
     out, as ``_writer``'s. Measured on the 130-min archive (README "Framework CPU per window")."""
     from actors.decode_caption_write import DecodeCaptionWrite
-
-    clap_kwargs, captioner_kwargs = model_kwargs(cfg, clap, decoder, place.device)
     from jobs.blocks import unpack_blocks
 
+    clap_kwargs, captioner_kwargs = model_kwargs(cfg, clap, decoder, place.device)
     return decode_input(cfg, sources).map_batches(
         DecodeCaptionWrite, batch_size=None, batch_format="pyarrow",
         fn_constructor_kwargs=dict(
