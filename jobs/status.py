@@ -154,11 +154,12 @@ def limit_text(m: dict) -> str:
 
 def _without_uri(message: str, uri: str) -> str:
     """A failure message without the source's own path where it repeats it (the line already
-    starts with the URI): "x.txt: corrupt: x.txt: cannot parse" -> "x.txt: corrupt: cannot parse"."""
+    starts with the URI): "x.txt: corrupt: x.txt: cannot parse" -> "x.txt: corrupt: cannot
+    parse"; an OS error's "No such file or directory: 'x.wav'" -> "No such file or directory"."""
     message = str(message or "")
     path = uri.split("#", 1)[0]
     for p in dict.fromkeys((uri, path)):
-        message = message.replace(f"{p}: ", "")
+        message = message.replace(f"{p}: ", "").replace(f": '{p}'", "")
     return message
 
 
